@@ -1,0 +1,27 @@
+"""The per-request hook through which constraints steer sampling, without the scheduler knowing them."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LogitsProcessor(Protocol):
+    """One instance per request, owned by it; called from the step loop only.
+
+    Each step: ``mask_logits`` on the request's logits row, then the sampled token goes to
+    ``accept_token``; then ``forced_tokens`` may return tokens to append without sampling
+    (jump-forward), over which the processor has already advanced. ``is_finished`` ends the
+    request (finish reason ``stop``) when the constraint can go no further.
+    """
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """In place on a ``[vocab]`` float row (the model's vocab may exceed the tokenizer's)."""
+
+    def accept_token(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool: ...
+
+    def forced_tokens(self) -> list[int]: ...

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random checkpoints built offline once per machine (cached by recipe hash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sglite.runtime.tiny_model import build_tiny_model
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory():
+    """``tiny_model_factory(family="llama", tokenizer="bpe", **recipe_overrides) -> Path``."""
+    built: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", tokenizer: str = "bpe", **overrides) -> Path:
+        key = (family, tokenizer, tuple(sorted(overrides.items())))
+        if key not in built:
+            built[key] = build_tiny_model(family, tokenizer=tokenizer, **overrides)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_path(tiny_model_factory) -> Path:
+    """The default tiny checkpoint: Llama architecture, byte-level BPE tokenizer."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_path(tiny_model_factory) -> Path:
+    """A Qwen2 checkpoint with a SentencePiece-style tokenizer (``▁``, ``<0x..>`` byte fallback)."""
+    return tiny_model_factory("qwen2", tokenizer="sentencepiece")
