@@ -1,0 +1,45 @@
+"""``python -m sglite COMMAND``: demo, serve, run, estimate."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m sglite COMMAND [ARGS]
+
+commands:
+  demo       run an extraction program on the embedded default model (or --model PATH_OR_HUB_ID)
+  serve      start the OpenAI-compatible HTTP server: serve --model PATH [--port 30000 ...]
+  run        batch job: run FILE.py:FUNCTION --input rows.jsonl --output out.jsonl [--model PATH]
+  estimate   memory estimate: estimate MODEL [--context N --batch B --dtype D]
+
+`python -m sglite COMMAND --help` describes each command's options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from sglite.demo import main_demo
+
+        return main_demo(rest)
+    if command == "serve":
+        from sglite.runtime.server.cli import main_serve
+
+        return main_serve(rest)
+    if command == "run":
+        from sglite.lang.batch_job import main_run
+
+        return main_run(rest)
+    if command == "estimate":
+        from sglite.runtime.memory import main_estimate
+
+        return main_estimate(rest)
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Engine configuration: one frozen dataclass, mapped one-to-one to CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of ``sglite.Engine`` (and of ``python -m sglite serve``)."""
+
+    max_total_tokens: int | None = None
+    """KV pool size in tokens; None sizes it from free memory (see ``python -m sglite estimate``)."""
+    max_running_requests: int = 64
+    """Most requests decoding at once."""
+    chunked_prefill_size: int = 512
+    """Most prompt tokens prefilled in one step; long prompts are split into chunks of this size."""
+    schedule_policy: str = "lpm"
+    """``lpm``: waiting requests with the longest cached prefix first; ``fcfs``: arrival order."""
+    disable_radix_cache: bool = False
+    """Turn prefix sharing off (for benchmarks): every request computes its whole prompt."""
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:1``…; None picks CUDA when available."""
+    dtype: str | None = None
+    """``float32``, ``bfloat16`` or ``float16``; None is float32 on CPU, bfloat16 on CUDA."""
+    context_length: int | None = None
+    """Most prompt + output tokens per request; None takes the model's ``max_position_embeddings``."""
+    jump_forward: bool = True
+    """Append text forced by a regex/JSON constraint without sampling it token by token."""
+    random_seed: int = 0
+    """Seeds the generators of requests that give no ``seed``."""
+
+    def __post_init__(self) -> None:
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        for name in ("max_running_requests", "chunked_prefill_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**options)

@@ -1,0 +1,69 @@
+"""Incremental detokenization and stop-string matching for one request's output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text without re-decoding the whole output each step.
+
+    Decoding a short window and diffing against the window's earlier text keeps tokenizers' context
+    effects (leading spaces of SentencePiece, multi-token UTF-8 characters) right: text that ends in
+    an incomplete character (U+FFFD) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # A few prompt tokens give the first output token its left context (e.g. "▁" handling).
+        self._ids: list[int] = list(prompt_ids[-4:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def append(self, token_ids: Sequence[int]) -> str:
+        """Add tokens; return the newly completed text (possibly empty)."""
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end, emit whatever was held back (even an incomplete character)."""
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
+
+
+def find_stop(text: str, stops: Sequence[str], search_from: int) -> tuple[int, str] | None:
+    """Earliest stop string that ends at or after ``search_from``: ``(start index, stop)``."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        idx = text.find(stop, max(0, search_from - len(stop) + 1))
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, stop)
+    return best
+
+
+def held_back_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the text tail that could still become a stop string; streaming withholds it."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                longest = max(longest, k)
+                break
+    return longest

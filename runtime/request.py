@@ -1,0 +1,97 @@
+"""One generation request and its state as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sglite.runtime.detokenizer import IncrementalDecoder
+from sglite.runtime.logits_processor import LogitsProcessor
+from sglite.runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """Owned by the scheduler once submitted; callers see it only through ``on_update`` snapshots."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    decoder: IncrementalDecoder
+    processor: LogitsProcessor | None = None
+    logprob_start_len: int = -1
+    """Return prompt-token logprobs from this position on (-1: none)."""
+    on_update: Callable[[Request, str, bool], None] | None = None
+    """Called from the step loop with (request, new text, finished)."""
+    generator: torch.Generator | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    slot_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    """Slots of the tokens whose K/V is computed (``kv_len`` of them), in order."""
+    tree_node: object | None = None
+    """The locked radix node covering ``slot_indices[:tree_len]`` (owned by the tree)."""
+    tree_len: int = 0
+    kv_len: int = 0
+    """Tokens of ``fill_ids`` whose K/V sits in ``slot_indices``."""
+    cached_tokens: int = 0
+    finish_type: str | None = None
+    finish_matched: int | str | None = None
+    text: str = ""
+    """Output text so far, stop strings trimmed."""
+    streamed_len: int = 0
+    output_token_logprobs: list[tuple[float, int, None]] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
+    input_token_logprobs: list[tuple[float | None, int, None]] = field(default_factory=list)
+    jump_forward_tokens: int = 0
+    pending_forced: list[int] = field(default_factory=list)
+    """Tokens forced by the constraint, appended to the output and awaiting their forward pass."""
+    created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    error: BaseException | None = None
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token the model must have seen: prompt then output."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def needs_prefill(self) -> bool:
+        """True while fill_ids has more than one token without K/V (one is fed by decode)."""
+        return len(self.fill_ids) - self.kv_len > 1 or not self.output_ids
+
+    def meta_info(self) -> dict:
+        info = {
+            "id": self.rid,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": (
+                None if self.finish_type is None else {"type": self.finish_type, "matched": self.finish_matched}
+            ),
+            "jump_forward_tokens": self.jump_forward_tokens,
+            "e2e_latency": time.perf_counter() - self.created,
+        }
+        if self.params.return_logprob or self.params.top_logprobs_num:
+            info["output_token_logprobs"] = list(self.output_token_logprobs)
+            if self.params.top_logprobs_num:
+                info["output_top_logprobs"] = list(self.output_top_logprobs)
+            if self.logprob_start_len >= 0:
+                info["input_token_logprobs"] = list(self.input_token_logprobs)
+        if self.error is not None:
+            info["error"] = str(self.error)
+        return info

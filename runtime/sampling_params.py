@@ -1,0 +1,147 @@
+"""Per-request sampling parameters, with SGLang's names and validation that names the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples and when it stops.
+
+        >>> SamplingParams.from_dict({"max_new_tokens": 16, "temperature": 0})
+        SamplingParams(max_new_tokens=16, ...)
+    """
+
+    max_new_tokens: int = 128
+    """Generate at most this many tokens; 0 only scores the prompt."""
+    min_new_tokens: int = 0
+    """EOS and stop tokens are masked until this many tokens exist."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 (or 0) keeps the whole vocabulary."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    """HF-style: logits of tokens already seen (prompt or output) are divided (>0) or multiplied (<0)."""
+    frequency_penalty: float = 0.0
+    """OpenAI-style: subtracted once per earlier occurrence in the output."""
+    presence_penalty: float = 0.0
+    """OpenAI-style: subtracted once if the token occurred in the output."""
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+    """Seeds this request's own generator: same seed, same sample, whatever else is batched."""
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    regex: str | None = None
+    json_schema: str | dict | None = None
+    choices: list[str] | None = None
+    """Constrain the output to exactly one of these strings."""
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
+        """Build and validate; an unknown key or a bad value raises ``ValueError`` naming the field."""
+        if params is None:
+            return cls()
+        if isinstance(params, SamplingParams):
+            params.validate()
+            return params
+        if not isinstance(params, dict):
+            raise ValueError(f"sampling_params must be a dict, got {type(params).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            )
+        values = {k: v for k, v in params.items() if v is not None or k in ("seed", "regex", "json_schema", "choices")}
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        if isinstance(values.get("stop_token_ids"), int) and not isinstance(values.get("stop_token_ids"), bool):
+            values["stop_token_ids"] = [values["stop_token_ids"]]
+        sp = cls(**values)
+        sp.validate()
+        return sp
+
+    def validate(self) -> None:
+        _check_int(self, "max_new_tokens", low=0)
+        _check_int(self, "min_new_tokens", low=0)
+        _check_int(self, "top_k", low=-1)
+        _check_int(self, "top_logprobs_num", low=0, high=100)
+        _check_float(self, "temperature", low=0.0, high=100.0)
+        _check_float(self, "top_p", low=0.0, high=1.0, low_open=True)
+        _check_float(self, "min_p", low=0.0, high=1.0)
+        _check_float(self, "repetition_penalty", low=0.0, high=100.0, low_open=True)
+        _check_float(self, "frequency_penalty", low=-2.0, high=2.0)
+        _check_float(self, "presence_penalty", low=-2.0, high=2.0)
+        for name in ("ignore_eos", "skip_special_tokens", "return_logprob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"sampling parameter '{name}' must be a bool, got {getattr(self, name)!r}")
+        if self.seed is not None:
+            _check_int(self, "seed", low=0, high=2**63 - 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"sampling parameter 'stop' must be a string or a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > 16:
+            raise ValueError(f"sampling parameter 'stop' allows at most 16 strings, got {len(self.stop)}")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"sampling parameter 'stop_token_ids' must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"sampling parameter 'min_new_tokens' ({self.min_new_tokens}) exceeds 'max_new_tokens' ({self.max_new_tokens})"
+            )
+        constraints = [n for n in ("regex", "json_schema", "choices") if getattr(self, n) is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"give at most one of regex, json_schema, choices; got {', '.join(constraints)}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"sampling parameter 'regex' must be a string, got {type(self.regex).__name__}")
+        if self.json_schema is not None and not isinstance(self.json_schema, (str, dict)):
+            # pydantic classes are accepted too; the constraint layer turns them into a schema
+            if not (isinstance(self.json_schema, type) and hasattr(self.json_schema, "model_json_schema")):
+                raise ValueError("sampling parameter 'json_schema' must be a JSON string, a dict or a pydantic model")
+        if self.choices is not None and (
+            not isinstance(self.choices, list) or not self.choices or not all(isinstance(c, str) for c in self.choices)
+        ):
+            raise ValueError(f"sampling parameter 'choices' must be a non-empty list of strings, got {self.choices!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_constraint(self) -> bool:
+        return self.regex is not None or self.json_schema is not None or self.choices is not None
+
+
+def _check_int(sp: SamplingParams, name: str, low: int | None = None, high: int | None = None) -> None:
+    value = getattr(sp, name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+        setattr(sp, name, value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"sampling parameter '{name}' must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"sampling parameter '{name}' must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"sampling parameter '{name}' must be <= {high}, got {value}")
+
+
+def _check_float(
+    sp: SamplingParams, name: str, low: float, high: float, low_open: bool = False
+) -> None:
+    value = getattr(sp, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"sampling parameter '{name}' must be a finite number, got {value!r}")
+    value = float(value)
+    setattr(sp, name, value)
+    if value < low or (low_open and value == low) or value > high:
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"sampling parameter '{name}' must be {bound} and <= {high}, got {value}")

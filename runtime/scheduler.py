@@ -1,0 +1,384 @@
+"""Continuous batching over a radix-cached KV pool.
+
+Every step the scheduler admits waiting requests (longest cached prefix first), gives each running
+request its next tokens — a prefill chunk under a token budget, one decode token, or a decode token
+plus text forced by a constraint — runs ONE forward over that ragged batch, samples, and retires
+finished requests into the radix tree so later requests reuse their KV.
+
+Slot ownership (checked by ``check_invariant``): a slot is free in the pool, owned by the radix tree,
+or owned by exactly one running request (``slot_indices[tree_len:]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from sglite.radix.slot_pool import KVSlotPool
+from sglite.radix.tree import RadixCache
+from sglite.runtime.config import EngineConfig
+from sglite.runtime.detokenizer import find_stop
+from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime.request import Request, RequestStatus
+from sglite.runtime.sampler import apply_penalties, sample, token_logprobs, top_logprobs
+
+logger = logging.getLogger(__name__)
+
+DECODE_HEADROOM = 8
+"""Free slots kept per running request at admission, so decoding rarely needs to preempt."""
+IN_BATCH_PREFIX_MIN = 32
+"""A waiting request that shares this many uncached tokens with one being prefilled waits for it."""
+LPM_QUEUE_LIMIT = 128
+"""Longest-prefix ordering costs a tree walk per waiting request; past this many, use arrival order."""
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Owns the waiting queue and the running batch; driven by the engine's step loop only."""
+
+    def __init__(
+        self,
+        forward: Callable[[ForwardBatch, torch.Tensor], torch.Tensor],
+        pool: KVSlotPool,
+        tree: RadixCache,
+        config: EngineConfig,
+        eos_token_ids: set[int],
+        context_length: int,
+    ) -> None:
+        self.forward = forward
+        self.pool = pool
+        self.tree = tree
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.context_length = context_length
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.stats = {
+            "forward_calls": 0,
+            "prefill_tokens_computed": 0,
+            "cache_hit_tokens_total": 0,
+            "prompt_tokens_total": 0,
+            "generation_tokens_total": 0,
+            "requests_total": 0,
+            "preemptions": 0,
+        }
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+        self.stats["requests_total"] += 1
+        self.stats["prompt_tokens_total"] += len(req.prompt_ids)
+
+    def abort(self, rid: str) -> None:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, "abort", None)
+                return
+        for req in self.running:
+            if req.rid == rid:
+                self._finish(req, "abort", None)
+                return
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fail_all(self, error: BaseException) -> None:
+        """A step raised: end every request with the error instead of leaving callers waiting."""
+        for req in list(self.running) + list(self.waiting):
+            req.error = error
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, "abort", None)
+
+    def check_invariant(self) -> None:
+        owned = sum(req.slot_indices.numel() - req.tree_len for req in self.running)
+        total = self.pool.num_free + self.tree.total_size + owned
+        if total != self.pool.size:
+            raise AssertionError(
+                f"KV slot leak: free {self.pool.num_free} + tree {self.tree.total_size} + requests {owned} "
+                f"!= pool {self.pool.size}"
+            )
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> None:
+        self._admit()
+        segments = self._build_segments()
+        if not segments:
+            return
+        self._run_batch(segments)
+
+    def _prefix_limit(self, req: Request) -> int:
+        """Most tokens that may come from the cache: the last token is always computed (its logits
+        are sampled), and prompt logprobs need logits from ``logprob_start_len - 1`` on."""
+        limit = len(req.fill_ids) - 1
+        if req.logprob_start_len >= 0:
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    def _admit(self) -> None:
+        if not self.waiting:
+            return
+        if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_QUEUE_LIMIT:
+            prefix_lens = {
+                req.rid: len(self.tree.match_prefix(req.fill_ids[: self._prefix_limit(req)])[0]) for req in self.waiting
+            }
+            # stable sort: equal prefixes keep arrival order
+            self.waiting.sort(key=lambda r: -prefix_lens[r.rid])
+        prefilling = [r for r in self.running if r.kv_len < len(r.prompt_ids)]
+        for req in list(self.waiting):
+            if len(self.running) >= self.config.max_running_requests:
+                break
+            ids = req.fill_ids
+            slots, node = self.tree.match_prefix(ids[: self._prefix_limit(req)])
+            if not self.tree.disable and any(
+                _common_prefix_len(ids, other.prompt_ids) - len(slots) >= IN_BATCH_PREFIX_MIN for other in prefilling
+            ):
+                continue  # its prefix is being computed right now; reuse it next step
+            self.tree.lock(node)
+            needed = len(ids) - len(slots) + DECODE_HEADROOM * (len(self.running) + 1)
+            if self.pool.num_free + self.tree.evictable_size < needed and self.running:
+                self.tree.unlock(node)
+                break  # hold back until running requests free memory
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            req.tree_node, req.tree_len, req.kv_len = node, len(slots), len(slots)
+            req.slot_indices = slots
+            if req.cached_tokens == 0:
+                req.cached_tokens = len(slots)
+                self.stats["cache_hit_tokens_total"] += len(slots)
+            self.running.append(req)
+            prefilling.append(req)
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        slots = self.pool.alloc(n)
+        if slots is None:
+            self.tree.evict(n - self.pool.num_free)
+            slots = self.pool.alloc(n)
+        return slots
+
+    def _build_segments(self) -> list[tuple[Request, int]]:
+        """Pick each running request's new tokens for this step and give them slots."""
+        budget = self.config.chunked_prefill_size
+        segments: list[tuple[Request, int]] = []
+        for req in list(self.running):
+            if req.finished or req not in self.running:
+                continue
+            pending = len(req.fill_ids) - req.kv_len
+            in_prefill = req.kv_len < len(req.prompt_ids) or pending > 1 + len(req.pending_forced)
+            n = min(pending, budget) if in_prefill else pending
+            if n <= 0:
+                continue
+            slots = self._alloc(n)
+            while slots is None and not in_prefill and self._preempt(keep=req):
+                slots = self._alloc(n)
+            if slots is None and in_prefill:
+                n = min(n, self.pool.num_free + self.tree.evictable_size)
+                slots = self._alloc(n) if n > 0 else None
+            if slots is None:
+                if not in_prefill:  # nothing left to preempt: it cannot grow in this pool
+                    self._finish(req, "length", None)
+                continue
+            if in_prefill:
+                budget -= n
+            req.slot_indices = torch.cat([req.slot_indices, slots])
+            segments.append((req, n))
+        return [(r, n) for r, n in segments if r in self.running]
+
+    def _preempt(self, keep: Request) -> bool:
+        """Retract the most recently admitted other request (its KV goes to the tree; it recomputes later)."""
+        for victim in reversed(self.running):
+            if victim is not keep:
+                self._release(victim)
+                self.running.remove(victim)
+                victim.status = RequestStatus.WAITING
+                self.waiting.insert(0, victim)
+                self.stats["preemptions"] += 1
+                return True
+        return False
+
+    def _release(self, req: Request) -> None:
+        """Hand the request's computed KV to the tree (which frees duplicates) and drop its lock."""
+        kv = req.kv_len
+        if kv:
+            self.tree.insert(req.fill_ids[:kv], req.slot_indices[:kv])
+        self.pool.free(req.slot_indices[kv:])
+        if req.tree_node is not None:
+            self.tree.unlock(req.tree_node)
+        req.slot_indices = torch.empty(0, dtype=torch.int64)
+        req.tree_node, req.tree_len, req.kv_len = None, 0, 0
+
+    def _cache_prefix(self, req: Request) -> None:
+        """After prefill, publish the prompt's KV in the tree so concurrent requests can share it."""
+        if self.tree.disable or req.kv_len <= req.tree_len:
+            return
+        ids = req.fill_ids[: req.kv_len]
+        self.tree.insert(ids, req.slot_indices[: req.kv_len])
+        slots, node = self.tree.match_prefix(ids)
+        self.tree.lock(node)
+        if req.tree_node is not None:
+            self.tree.unlock(req.tree_node)
+        req.tree_node, req.tree_len = node, len(slots)
+        req.slot_indices = torch.cat([slots, req.slot_indices[req.kv_len :]])
+
+    # ---- forward, sample, bookkeeping --------------------------------------------------------
+    def _run_batch(self, segments: list[tuple[Request, int]]) -> None:
+        input_ids, positions, out_slots, kv_slots, prefix_lens, extend_lens = [], [], [], [], [], []
+        logit_rows: list[int] = []
+        sample_rows: dict[str, int] = {}  # rid -> index into the logits returned
+        prompt_rows: dict[str, tuple[int, int]] = {}  # rid -> (first logits index, count)
+        offset = 0
+        for req, n in segments:
+            start = req.kv_len
+            ids = req.fill_ids
+            input_ids.extend(ids[start : start + n])
+            positions.append(torch.arange(start, start + n))
+            out_slots.append(req.slot_indices[start : start + n])
+            kv_slots.append(req.slot_indices[: start + n])
+            prefix_lens.append(start)
+            extend_lens.append(n)
+            if req.logprob_start_len >= 0 and start < len(req.prompt_ids) - 1:
+                rows_end = min(start + n, len(req.prompt_ids) - 1)
+                prompt_rows[req.rid] = (len(logit_rows), rows_end - start)
+                logit_rows.extend(range(offset, offset + rows_end - start))
+            if start + n == len(ids):
+                sample_rows[req.rid] = len(logit_rows)
+                logit_rows.append(offset + n - 1)
+            offset += n
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.cat(positions),
+            out_slots=torch.cat(out_slots),
+            prefix_lens=prefix_lens,
+            extend_lens=extend_lens,
+            kv_slots=kv_slots,
+        )
+        logits = self.forward(batch, torch.tensor(logit_rows, dtype=torch.int64)).float().cpu()
+        self.stats["forward_calls"] += 1
+
+        to_sample: list[Request] = []
+        for req, n in segments:
+            start = req.kv_len
+            req.kv_len += n
+            if start < len(req.prompt_ids):
+                self.stats["prefill_tokens_computed"] += min(n, len(req.prompt_ids) - start)
+            if req.rid in prompt_rows:
+                self._record_prompt_logprobs(req, start, logits, *prompt_rows[req.rid])
+            if req.kv_len == len(req.prompt_ids) and not req.output_ids:
+                self._cache_prefix(req)
+            if req.rid in sample_rows:
+                req.pending_forced = []
+                if len(req.output_ids) >= req.params.max_new_tokens:
+                    self._finish(req, "length", None)  # max_new_tokens == 0: scoring only
+                else:
+                    to_sample.append(req)
+        if to_sample:
+            self._sample_and_append(to_sample, logits[[sample_rows[r.rid] for r in to_sample]])
+
+    def _record_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor, first: int, count: int) -> None:
+        prompt = req.prompt_ids
+        if start == 0 and req.logprob_start_len == 0:
+            req.input_token_logprobs.append((None, prompt[0], None))
+        targets = torch.tensor(prompt[start + 1 : start + 1 + count], dtype=torch.int64)
+        lps = token_logprobs(logits[first : first + count], targets).tolist()
+        for pos, (lp, tok) in enumerate(zip(lps, targets.tolist()), start=start + 1):
+            if pos >= req.logprob_start_len:
+                req.input_token_logprobs.append((lp, tok, None))
+
+    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        raw = logits.clone()
+        for row, req in enumerate(reqs):
+            if req.processor is not None:
+                req.processor.mask_logits(logits[row])
+            if len(req.output_ids) < req.params.min_new_tokens:
+                banned = list((self.eos_token_ids | set(req.params.stop_token_ids)) & set(range(logits.shape[-1])))
+                logits[row, banned] = float("-inf")
+        penalised = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty]
+        if penalised:
+            sub = logits[penalised]
+            apply_penalties(
+                sub,
+                [reqs[i].params for i in penalised],
+                [torch.tensor(reqs[i].fill_ids, dtype=torch.int64) for i in penalised],
+                [torch.tensor(reqs[i].output_ids, dtype=torch.int64) for i in penalised],
+            )
+            logits[penalised] = sub
+        next_ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        want_lp = [i for i, r in enumerate(reqs) if r.params.return_logprob or r.params.top_logprobs_num]
+        lps = token_logprobs(raw, torch.tensor(next_ids)).tolist() if want_lp else []
+        for row, (req, token) in enumerate(zip(reqs, next_ids)):
+            if req.params.return_logprob or req.params.top_logprobs_num:
+                req.output_token_logprobs.append((lps[row], token, None))
+                if req.params.top_logprobs_num:
+                    values, ids = top_logprobs(raw[row : row + 1], req.params.top_logprobs_num)
+                    req.output_top_logprobs.append([(v, i, None) for v, i in zip(values[0].tolist(), ids[0].tolist())])
+            try:
+                self._append_token(req, token)
+            except Exception as exc:  # a processor bug ends its request, not the engine
+                logger.exception("request %s failed while appending a token", req.rid)
+                req.error = exc
+                self._finish(req, "abort", None)
+
+    def _append_token(self, req: Request, token: int) -> None:
+        if req.first_token_time is None:
+            import time
+
+            req.first_token_time = time.perf_counter()
+        req.output_ids.append(token)
+        self.stats["generation_tokens_total"] += 1
+        sp = req.params
+        if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+            if req.processor is not None:
+                req.processor.accept_token(token)
+            self._finish(req, "stop", token)
+            return
+        new_tokens = [token]
+        if req.processor is not None:
+            req.processor.accept_token(token)
+            room = min(sp.max_new_tokens - len(req.output_ids), self.context_length - len(req.fill_ids))
+            forced = req.processor.forced_tokens()[: max(room, 0)] if not req.processor.is_finished() else []
+            if forced:
+                req.output_ids.extend(forced)
+                req.pending_forced = list(forced)
+                req.jump_forward_tokens += len(forced)
+                new_tokens += forced
+                if sp.return_logprob or sp.top_logprobs_num:  # forced text has probability 1 under the constraint
+                    req.output_token_logprobs.extend((0.0, t, None) for t in forced)
+                    if sp.top_logprobs_num:
+                        req.output_top_logprobs.extend([[(0.0, t, None)] for t in forced])
+        delta = req.decoder.append(new_tokens)
+        req.text += delta
+        if sp.stop and delta:
+            hit = find_stop(req.text, sp.stop, len(req.text) - len(delta))
+            if hit is not None:
+                req.text = req.text[: hit[0]]
+                self._finish(req, "stop", hit[1], flush=False)
+                return
+        if req.processor is not None and req.processor.is_finished():
+            self._finish(req, "stop", None)
+        elif len(req.output_ids) >= sp.max_new_tokens or len(req.fill_ids) >= self.context_length:
+            self._finish(req, "length", None)
+        elif req.on_update is not None:
+            req.on_update(req, False)
+
+    def _finish(self, req: Request, finish_type: str, matched: int | str | None, flush: bool = True) -> None:
+        if req.finished:
+            return
+        if req in self.running:
+            self._release(req)
+            self.running.remove(req)
+        if flush and finish_type != "abort":
+            req.text += req.decoder.flush()
+        req.status = RequestStatus.FINISHED
+        req.finish_type, req.finish_matched = finish_type, matched
+        if req.on_update is not None:
+            req.on_update(req, True)
