@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-from sglite.lang import *  # noqa: F401,F403  (the program API: function, gen, select, Runtime, ...)
-from sglite.lang import __all__ as _lang_all
-
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -22,15 +19,24 @@ _LAZY = {
     "SamplingParams": "sglite.runtime.sampling_params",
 }
 
-__all__ = [*_lang_all, *_LAZY, "__version__"]
-
 
 def __getattr__(name: str):
-    # The engine pulls in torch and transformers; import it only when asked for.
-    if name in _LAZY:
-        import importlib
+    # Imported on first use: the engine pulls in torch and transformers, and `import sglite.runtime...`
+    # (the server, the tests) should not pay for the language layer. The program API (function, gen,
+    # select, Runtime, ...) comes from sglite.lang.
+    import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+    if name.startswith("_") or name.startswith("pytest"):  # probes by tools, never the program API
+        raise AttributeError(f"module 'sglite' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY.get(name, "sglite.lang"))
+    if name in _LAZY or name in getattr(module, "__all__", ()):
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'sglite' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    import sglite.lang
+
+    return sorted({*globals(), *_LAZY, *sglite.lang.__all__})

@@ -1,0 +1,140 @@
+"""The per-request logits processor: one FSM state, advanced token by token.
+
+``build_logits_processor`` is the constraint layer's front door. It runs in the caller's
+thread (compiling, or hitting the caches, before the request is queued); the processor it
+returns is then driven by the step loop through ``runtime.logits_processor.LogitsProcessor``:
+
+    >>> proc = build_logits_processor(tokenizer, vocab_size, regex=r"\\d{3}-\\d{4}")  # doctest: +SKIP
+    >>> proc.mask_logits(logits_row)          # forbidden tokens -> -inf, in place
+    >>> proc.accept_token(sampled_id)
+    >>> proc.forced_tokens()                  # jump-forward: ids to append unsampled
+    >>> proc.is_finished()                    # accepting and nothing more allowed (or EOS taken)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from sglite.constraints.compiler import CompiledFSM, compile_fsm, regex_for_choices
+from sglite.constraints.errors import ConstraintError
+from sglite.constraints.json_schema import SchemaInput, schema_to_regex
+from sglite.constraints.jump_forward import plan_jump_forward
+from sglite.constraints.vocabulary import get_vocabulary
+
+
+class FSMLogitsProcessor:
+    """Masks a request's logits to the tokens its regex FSM allows; owned by one request.
+
+    Not thread-safe: only the step loop calls it after construction.
+    """
+
+    def __init__(self, fsm: CompiledFSM, tokenizer, vocab_size: int, *, jump_forward: bool = True) -> None:
+        self.fsm = fsm
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.jump_forward = jump_forward
+        self.state: int = fsm.initial_state
+        """The current FSM state (``fsm_state``)."""
+        self.jump_forward_tokens = 0
+        """How many tokens ``forced_tokens`` has returned over the request's life."""
+        self.violation: str | None = None
+        """Set (and the processor finished) if a token outside the mask was accepted."""
+        self._eos_accepted = False
+
+    @property
+    def regex(self) -> str:
+        """The regex this processor enforces (after anchors were stripped)."""
+        return self.fsm.regex
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set every forbidden token of the ``[vocab]`` row to ``-inf``, in place (one ``masked_fill_``)."""
+        mask = self.fsm.disallowed_mask(self.state, logits.shape[-1], logits.device)
+        logits.masked_fill_(mask, float("-inf"))
+
+    def accept_token(self, token_id: int) -> None:
+        """Advance over a sampled token; EOS in an accepting state finishes the request."""
+        if self.is_finished():
+            return
+        token_id = int(token_id)
+        if token_id in self.fsm.vocabulary.eos_token_ids:
+            if self.fsm.is_final(self.state):
+                self._eos_accepted = True
+            else:
+                self.violation = f"EOS token {token_id} before the constraint was satisfied"
+            return
+        next_state = self.fsm.next_state(self.state, token_id)
+        if next_state is None:
+            # Only a caller bypassing the mask gets here; stop rather than corrupt the output.
+            self.violation = f"token {token_id} is not allowed in FSM state {self.state}"
+            return
+        self.state = next_state
+
+    def is_finished(self) -> bool:
+        """True once EOS was accepted, or the state accepts and allows nothing but EOS."""
+        if self._eos_accepted or self.violation is not None:
+            return True
+        return self.fsm.is_final(self.state) and not self.fsm.has_continuation(self.state)
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the constraint forces next (already accepted here); ``[]`` when none or disabled."""
+        if not self.jump_forward or self.is_finished():
+            return []
+        plan = plan_jump_forward(self.fsm, self.state, self.tokenizer)
+        if plan.token_ids:
+            self.state = plan.end_state
+            self.jump_forward_tokens += len(plan.token_ids)
+        return plan.token_ids
+
+    def allowed_token_ids(self) -> list[int]:
+        """The ids ``mask_logits`` leaves alone in the current state (sorted; for tests and tools)."""
+        return sorted(t for t in self.fsm.allowed_tokens(self.state) if t < self.vocab_size)
+
+    def __repr__(self) -> str:
+        return f"FSMLogitsProcessor(regex={self.fsm.regex[:60]!r}, state={self.state}, finished={self.is_finished()})"
+
+
+def build_logits_processor(
+    tokenizer,
+    vocab_size: int,
+    *,
+    regex: str | None = None,
+    json_schema: SchemaInput | None = None,
+    choices: list[str] | None = None,
+    whitespace_pattern: str | None = None,
+    jump_forward: bool = True,
+    eos_token_ids: Iterable[int] | None = None,
+) -> FSMLogitsProcessor:
+    """A fresh processor constraining output to ``regex``, ``json_schema`` or one of ``choices``.
+
+    Exactly one of the three must be given. ``vocab_size`` is the model's logits width (ids at
+    or beyond the tokenizer's length are always masked). ``whitespace_pattern`` applies to
+    JSON schemas (default compact, no whitespace). ``eos_token_ids`` adds stop ids beyond
+    ``tokenizer.eos_token_id`` (e.g. the model's ``generation_config.eos_token_id``); each is
+    allowed exactly where the constraint accepts. Compiles are cached, so repeated constraints
+    cost only a dictionary lookup. Raises ``ConstraintError`` (a ``ValueError``) on bad input.
+
+        >>> proc = build_logits_processor(tok, 2048, choices=["yes", "no"])  # doctest: +SKIP
+        >>> proc.jump_forward_tokens                                        # doctest: +SKIP
+        0
+    """
+    given = [name for name, value in (("regex", regex), ("json_schema", json_schema), ("choices", choices))
+             if value is not None]
+    if len(given) != 1:
+        raise ConstraintError(
+            f"give exactly one of regex, json_schema, choices; got {', '.join(given) if given else 'none'}"
+        )
+    if whitespace_pattern is not None and json_schema is None:
+        raise ConstraintError("whitespace_pattern only applies to json_schema")
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ConstraintError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if json_schema is not None:
+        pattern = schema_to_regex(json_schema, whitespace_pattern)
+    elif choices is not None:
+        pattern = regex_for_choices(choices)
+    else:
+        pattern = regex
+    vocabulary = get_vocabulary(tokenizer, eos_token_ids)
+    fsm = compile_fsm(pattern, vocabulary)
+    return FSMLogitsProcessor(fsm, tokenizer, vocab_size, jump_forward=jump_forward)

@@ -1,0 +1,215 @@
+"""JSON schema in, regex out: normalise the input, check it, and hand it to outlines-core.
+
+A schema may arrive as a ``dict``, a JSON string or a pydantic ``BaseModel`` subclass. It is
+parsed (errors name the JSON position), checked against the Draft 2020-12 meta-schema
+(errors name the keyword and its path), then compiled to a regex by outlines-core. Numeric
+``minimum``/``maximum`` bounds, which outlines-core ignores, are compiled here
+(``numeric_range``) and spliced into its regex.
+
+Whitespace is compact by default (``whitespace_pattern=""``): ``{"a":1,"b":[2,3]}``. It is
+still valid JSON, costs the fewest tokens, and leaves the model no freedom to ramble in
+whitespace. Pass e.g. ``r"[ ]?"`` for outlines' own default.
+
+    >>> import json, re
+    >>> rx = schema_to_regex({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
+    ...                       "required": ["n"]})
+    >>> bool(re.fullmatch(rx, '{"n":42}')), bool(re.fullmatch(rx, '{"n":0}'))
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from decimal import Decimal
+from typing import Any, Union
+
+from outlines_core.json_schema import build_regex_from_schema
+
+from sglite.constraints.errors import ConstraintError
+from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
+
+SchemaInput = Union[str, dict, bool, type]
+"""What ``json_schema=`` accepts: a JSON string, a dict, or a pydantic model class."""
+
+COMPACT_WHITESPACE = ""
+"""The default whitespace pattern: no whitespace between JSON tokens."""
+
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+# Keywords whose values are one subschema, a list of them, or a name -> subschema map.
+_ONE_SCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+# Keywords outlines-core rejects; named in errors so the user knows what to drop.
+_UNSUPPORTED = ("not", "if", "then", "else", "dependentSchemas", "contains", "propertyNames",
+                "unevaluatedProperties", "unevaluatedItems")
+
+
+def normalize_schema(schema: SchemaInput) -> dict | bool:
+    """Parse and validate ``schema`` into a JSON-schema ``dict`` (or ``bool``).
+
+    Raises ``ConstraintError`` for malformed JSON (with line/column), for a type that is not a
+    schema, and for anything the Draft 2020-12 meta-schema rejects (with keyword and path).
+    """
+    if isinstance(schema, type):
+        model_json_schema = getattr(schema, "model_json_schema", None)
+        if model_json_schema is None:
+            raise ConstraintError(
+                f"json_schema: class {schema.__name__} is not a pydantic BaseModel; "
+                "pass a pydantic model, a dict or a JSON string"
+            )
+        parsed: Any = model_json_schema()
+    elif isinstance(schema, str):
+        try:
+            parsed = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise ConstraintError(
+                f"json_schema is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
+            ) from None
+    elif isinstance(schema, (dict, bool)):
+        parsed = schema
+    else:
+        raise ConstraintError(
+            f"json_schema must be a dict, a JSON string or a pydantic model class; got {type(schema).__name__}"
+        )
+    if not isinstance(parsed, (dict, bool)):
+        raise ConstraintError(f"json_schema must be a JSON object, got a JSON {type(parsed).__name__}")
+    _check_meta_schema(parsed)
+    return parsed
+
+
+def _check_meta_schema(schema: dict | bool) -> None:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise ConstraintError(
+            f"json_schema is not a valid JSON Schema (Draft 2020-12): at {where}: {error.message} "
+            f"(keyword {error.validator!r})"
+        )
+
+
+def schema_to_regex(schema: SchemaInput, whitespace_pattern: str | None = None) -> str:
+    """The regex of every JSON document valid under ``schema`` (as far as outlines-core supports).
+
+    ``whitespace_pattern`` is the regex allowed between JSON tokens; ``None`` means compact
+    (``""``). Raises ``ConstraintError`` naming the problem for bad or unsupported schemas.
+
+        >>> schema_to_regex({"enum": ["red", "green"]})
+        '("red"|"green")'
+    """
+    parsed = normalize_schema(schema)
+    if parsed is True:
+        parsed = {}
+    elif parsed is False:
+        raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
+    nonce = secrets.token_hex(4)
+    rewritten, numeric = _extract_bounded_numbers(parsed, nonce)
+    whitespace = COMPACT_WHITESPACE if whitespace_pattern is None else whitespace_pattern
+    try:
+        regex = build_regex_from_schema(json.dumps(rewritten), whitespace)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConstraintError(_unsupported_message(parsed, str(exc))) from None
+    for placeholder, number_regex in numeric.items():
+        quoted = f'"{placeholder}"'
+        if quoted not in regex:
+            raise ConstraintError(f"internal: bounded number placeholder {placeholder} vanished from the regex")
+        regex = regex.replace(quoted, number_regex)
+    return regex
+
+
+def _extract_bounded_numbers(schema: Any, nonce: str) -> tuple[Any, dict[str, str]]:
+    """Swap each bounded ``integer``/``number`` subschema for a unique string ``const``.
+
+    outlines-core renders the ``const`` as the literal ``"placeholder"`` and the caller splices
+    in the exact range regex; walking only subschema positions keeps ``enum``/``const`` data intact.
+    """
+    numeric: dict[str, str] = {}
+
+    def walk(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") in ("integer", "number") and any(k in node for k in _BOUND_KEYS):
+            if "enum" not in node and "const" not in node:
+                placeholder = f"sglitenum{len(numeric)}x{nonce}"
+                numeric[placeholder] = _bounded_number_regex(node)
+                return {"const": placeholder}
+        out = dict(node)
+        for key in _ONE_SCHEMA:
+            if isinstance(out.get(key), dict):
+                out[key] = walk(out[key])
+        for key in _SCHEMA_LIST:
+            if isinstance(out.get(key), list):
+                out[key] = [walk(s) for s in out[key]]
+        for key in _SCHEMA_MAP:
+            if isinstance(out.get(key), dict):
+                out[key] = {name: walk(s) for name, s in out[key].items()}
+        return out
+
+    return walk(schema), numeric
+
+
+def _bounded_number_regex(node: dict) -> str:
+    low, low_exclusive = _tightest(node, "minimum", "exclusiveMinimum", lower=True)
+    high, high_exclusive = _tightest(node, "maximum", "exclusiveMaximum", lower=False)
+    if node["type"] == "integer":
+        # Integers: an exclusive or fractional bound tightens to the next whole number inside.
+        low_int = None if low is None else (math.floor(low) + 1 if low_exclusive else math.ceil(low))
+        high_int = None if high is None else (math.ceil(high) - 1 if high_exclusive else math.floor(high))
+        return integer_range_regex(low_int, high_int)
+    return number_range_regex(low, high, exclusive_minimum=low_exclusive, exclusive_maximum=high_exclusive)
+
+
+def _tightest(node: dict, inclusive_key: str, exclusive_key: str, *, lower: bool) -> tuple[Decimal | None, bool]:
+    """The binding bound among ``minimum``/``exclusiveMinimum`` (or the maximum pair)."""
+    candidates = []
+    if inclusive_key in node:
+        candidates.append((Decimal(str(node[inclusive_key])), False))
+    if exclusive_key in node:
+        candidates.append((Decimal(str(node[exclusive_key])), True))
+    if not candidates:
+        return None, False
+    # For a lower bound the larger value binds; on a tie the exclusive one is stricter.
+    if lower:
+        return max(candidates, key=lambda c: (c[0], c[1]))
+    return min(candidates, key=lambda c: (c[0], not c[1]))
+
+
+def _unsupported_message(schema: Any, detail: str) -> str:
+    found = _find_keyword(schema, _UNSUPPORTED, "")
+    detail = detail.split("\n")[0].strip()
+    if found is not None:
+        keyword, path = found
+        return (
+            f"json_schema uses {keyword!r} at {path or '(root)'}, which the constraint compiler "
+            f"(outlines-core) does not support; remove it or express it with anyOf/enum ({detail})"
+        )
+    return f"json_schema is not supported by the constraint compiler (outlines-core): {detail}"
+
+
+def _find_keyword(node: Any, keywords: tuple[str, ...], path: str) -> tuple[str, str] | None:
+    if not isinstance(node, dict):
+        return None
+    for keyword in keywords:
+        if keyword in node:
+            return keyword, path
+    children: list[tuple[str, Any]] = []
+    for key in _ONE_SCHEMA:
+        if isinstance(node.get(key), dict):
+            children.append((f"{path}/{key}", node[key]))
+    for key in _SCHEMA_LIST:
+        if isinstance(node.get(key), list):
+            children.extend((f"{path}/{key}/{i}", s) for i, s in enumerate(node[key]))
+    for key in _SCHEMA_MAP:
+        if isinstance(node.get(key), dict):
+            children.extend((f"{path}/{key}/{name}", s) for name, s in node[key].items())
+    for child_path, child in children:
+        found = _find_keyword(child, keywords, child_path)
+        if found is not None:
+            return found
+    return None

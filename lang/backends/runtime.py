@@ -1,0 +1,104 @@
+"""``sgl.Runtime``: programs run against an in-process ``sglite.Engine``.
+
+    >>> import sglite as sgl
+    >>> runtime = sgl.Runtime("path/to/model")          # doctest: +SKIP
+    >>> sgl.set_default_backend(runtime)                # doctest: +SKIP
+    >>> ...                                             # run programs
+    >>> runtime.shutdown()                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sglite.lang.backends.native import NativeBackend
+from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
+
+MODEL_ENV = "SGLITE_MODEL"
+"""Environment variable naming the model ``Runtime()`` loads when given none."""
+
+
+def default_model_path() -> str:
+    """``$SGLITE_MODEL`` if set, else the embedded tiny Llama checkpoint (built offline on first use)."""
+    configured = os.environ.get(MODEL_ENV)
+    if configured:
+        return configured
+    from sglite.runtime.tiny_model import build_tiny_model
+
+    return str(build_tiny_model("llama"))
+
+
+class Runtime(NativeBackend):
+    """An in-process engine as a program backend.
+
+    ``model_path`` defaults to ``$SGLITE_MODEL``, else the embedded tiny model. Chat turns are
+    rendered with the tokenizer's own chat template unless ``chat_template`` names one
+    (``"chatml"``, ``"llama-3"``, ``"qwen"``, ``"mistral"``) or is a ``ChatTemplate``. Other keyword
+    arguments go to ``sglite.Engine`` (e.g. ``disable_radix_cache=True``, ``max_total_tokens``).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        chat_template: str | ChatTemplate | None = None,
+        **engine_options: Any,
+    ) -> None:
+        from sglite.runtime.engine import Engine
+
+        self.model_path = str(model_path) if model_path is not None else default_model_path()
+        self.engine = Engine(self.model_path, **engine_options)
+        if chat_template is None and getattr(self.engine.tokenizer, "chat_template", None):
+            self.chat_template: ChatTemplate = TokenizerChatTemplate(self.engine.tokenizer, name=self.model_path)
+        else:
+            self.chat_template = resolve_chat_template(chat_template, self.model_path)
+
+    def _generate(self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0):
+        return self.engine.generate(
+            **_prompt_argument(prompt),
+            sampling_params=sampling_params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+        )
+
+    def _generate_stream(
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0
+    ) -> Iterator[dict]:
+        return self.engine.generate(
+            **_prompt_argument(prompt),
+            sampling_params=sampling_params,
+            stream=True,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+        )
+
+    def get_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer."""
+        return self.engine.tokenizer
+
+    def flush_cache(self) -> bool:
+        self.engine.flush_cache()
+        return True
+
+    def get_server_info(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, **self.engine.get_stats()}
+
+    def shutdown(self) -> None:
+        """Stop the engine (idempotent)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _prompt_argument(prompt: str | list) -> dict[str, Any]:
+    """Token-id prompts travel as ``input_ids`` (as in the HTTP protocol), text as ``prompt``."""
+    is_ids = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
+    return {"input_ids": prompt} if is_ids else {"prompt": prompt}

@@ -1,0 +1,136 @@
+"""``sgl.RuntimeEndpoint``: programs run against a sglite (or SGLang) server's ``POST /generate``.
+
+    >>> backend = sgl.RuntimeEndpoint("http://127.0.0.1:30000")   # doctest: +SKIP
+    >>> sgl.set_default_backend(backend)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from sglite.lang.backends.native import NativeBackend
+from sglite.lang.chat_template import ChatTemplate, resolve_chat_template
+
+
+class EndpointError(RuntimeError):
+    """The server failed (5xx) or answered something that is not the native protocol."""
+
+
+class RuntimeEndpoint(NativeBackend):
+    """A remote engine as a program backend, over HTTP (``httpx``).
+
+    The chat template is ``chat_template`` when given (a name such as ``"llama-3"`` or a
+    ``ChatTemplate``), else guessed from the served model's name (``GET /v1/models``), else ChatML.
+    A 4xx answer (bad sampling parameter, invalid regex) raises ``ValueError`` with the server's message.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        chat_template: str | ChatTemplate | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.model_name = self._served_model_name() if chat_template is None else ""
+        self.chat_template = resolve_chat_template(chat_template, self.model_name)
+
+    def _served_model_name(self) -> str:
+        import httpx
+
+        try:
+            response = self.client.get("/v1/models")
+            if response.status_code == 200:
+                models = response.json().get("data") or []
+                return str(models[0].get("id", "")) if models else ""
+        except (httpx.HTTPError, ValueError):
+            pass  # an endpoint without /v1/models still works, with the default template
+        return ""
+
+    def _payload(self, prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> dict[str, Any]:
+        is_ids = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
+        return {
+            "input_ids" if is_ids else "text": prompt,
+            "sampling_params": sampling_params,
+            "return_logprob": return_logprob,
+            "logprob_start_len": logprob_start_len,
+            "top_logprobs_num": top_logprobs_num,
+        }
+
+    def _generate(self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0):
+        payload = self._payload(prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+        response = self.client.post("/generate", json=payload)
+        _raise_for_status(response.status_code, response.text)
+        return _restore_tuples(response.json())
+
+    def _generate_stream(
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0
+    ) -> Iterator[dict]:
+        payload = self._payload(prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+        with self.client.stream("POST", "/generate", json={**payload, "stream": True}) as response:
+            if response.status_code >= 400:
+                _raise_for_status(response.status_code, response.read().decode("utf-8", "replace"))
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators and SSE comments (keep-alives)
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise EndpointError(f"the server failed mid-stream: {chunk['error']}")
+                yield _restore_tuples(chunk)
+
+    def flush_cache(self) -> bool:
+        response = self.client.post("/flush_cache")
+        return response.status_code == 200
+
+    def get_server_info(self) -> dict[str, Any]:
+        response = self.client.get("/get_server_info")
+        _raise_for_status(response.status_code, response.text)
+        return response.json()
+
+    def shutdown(self) -> None:
+        """Close the HTTP connections (the server keeps running)."""
+        self.client.close()
+
+
+def _raise_for_status(status: int, body: str) -> None:
+    if status < 400:
+        return
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:500]
+    if status < 500:
+        raise ValueError(f"the server rejected the request ({status}): {message}")
+    raise EndpointError(f"the server failed ({status}): {message}")
+
+
+def _restore_tuples(value: Any) -> Any:
+    """JSON turns the engine's ``(logprob, token_id, text)`` tuples into lists; make them tuples again."""
+    if isinstance(value, list):
+        return [_restore_tuples(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _restore_logprobs(k, v) for k, v in value.items()}
+    return value
+
+
+def _restore_logprobs(key: str, value: Any) -> Any:
+    if key == "meta_info" and isinstance(value, dict):
+        return {k: _as_tuples(v) if k.endswith("logprobs") else v for k, v in value.items()}
+    return _restore_tuples(value)
+
+
+def _as_tuples(value: Any) -> Any:
+    if isinstance(value, list) and value and isinstance(value[0], list) and value[0] and not isinstance(value[0][0], list):
+        return [tuple(v) for v in value]
+    if isinstance(value, list):
+        return [_as_tuples(v) for v in value]
+    return value

@@ -1,0 +1,89 @@
+"""``python -m sglite serve --model PATH [server flags] [engine flags]``.
+
+Server flags come from ``ServerConfig``, engine flags from ``EngineConfig``, one flag per field:
+
+    python -m sglite serve --model ~/models/qwen2.5-0.5b --port 8000 --api-key sk-local --rate-limit 60/min \\
+        --max-running-requests 32 --schedule-policy lpm
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.flags import add_dataclass_flags, dataclass_values
+
+API_KEY_ENV = "SGLITE_API_KEY"
+"""Read when ``--api-key`` is not given, so the key need not appear in the process list."""
+
+
+def parse_rate_limit(text: str) -> int:
+    """``60`` or ``60/min`` (requests per minute) -> 60."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*(?:min|m|minute))?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected requests per minute like '60' or '60/min', got {text!r}")
+    return int(match.group(1))
+
+
+parse_rate_limit.__name__ = "rate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sglite.runtime.config import EngineConfig
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sglite serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models), SGLang's native /generate, /health and Prometheus /metrics.",
+    )
+    parser.add_argument("--model", "--model-path", dest="model", required=True, help="checkpoint directory (or hub id when online)")
+    add_dataclass_flags(parser.add_argument_group("server"), ServerConfig, types_override={"rate_limit": parse_rate_limit})
+    add_dataclass_flags(parser.add_argument_group("engine"), EngineConfig)
+    return parser
+
+
+def main_serve(argv: list[str] | None = None) -> int:
+    """Parse flags, load the engine, serve until SIGINT/SIGTERM; the exit status (2 for bad flags)."""
+    import uvicorn
+
+    import sglite
+    from sglite.runtime.config import EngineConfig
+    from sglite.runtime.server.app import create_app
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        server_values = dataclass_values(args, ServerConfig)
+        if "api_key" not in server_values and os.environ.get(API_KEY_ENV):
+            server_values["api_key"] = os.environ[API_KEY_ENV]
+        try:
+            server_config = ServerConfig(**server_values)
+            engine_options = dataclass_values(args, EngineConfig)
+            EngineConfig(**engine_options)  # flag errors before the (slow) model load
+        except ValueError as exc:
+            parser.error(str(exc))
+    except SystemExit as exc:  # --help, or argparse's usage error
+        return exc.code if isinstance(exc.code, int) else 2
+
+    logging.basicConfig(level=server_config.log_level.upper() if server_config.log_level != "trace" else "DEBUG")
+    try:
+        engine = sglite.Engine(args.model, **engine_options)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(engine, server_config, owns_engine=True)
+    try:
+        uvicorn.run(
+            app,
+            host=server_config.host,
+            port=server_config.port,
+            log_level=server_config.log_level,
+            timeout_graceful_shutdown=server_config.graceful_shutdown_timeout,
+        )
+    finally:
+        engine.shutdown()  # idempotent; covers a failed bind, where the app's shutdown never ran
+    return 0

@@ -1,0 +1,103 @@
+"""POST /generate: SGLang's native API, the engine's arguments in and its dicts out (used by lang's RuntimeEndpoint).
+
+    curl -s localhost:30000/generate -H 'Content-Type: application/json' \\
+        -d '{"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}'
+
+A batch (``text`` or ``input_ids`` as a list of prompts) answers a list; streamed, each chunk of a
+batch carries its prompt's ``index``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sglite.runtime.server.body import read_json_body
+from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.errors import invalid_request
+from sglite.runtime.server.logprobs import FLOOR_LOGPROB
+from sglite.runtime.server.protocol import GenerateRequest
+from sglite.runtime.server.streaming import (
+    SSE_DONE,
+    AsyncEngine,
+    Chunk,
+    SSEResponse,
+    generate_all,
+    merge_streams,
+    new_request_id,
+    open_stream,
+    sse,
+)
+
+
+def json_safe(value: Any) -> Any:
+    """Engine output with non-finite floats made JSON-legal (-inf logprob -> OpenAI's -9999 floor)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(-FLOOR_LOGPROB, value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class NativeServing:
+    """``POST /generate`` over one shared engine."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    async def generate(self, request: Request) -> Response:
+        req = GenerateRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        if (req.text is None) == (req.input_ids is None):
+            raise invalid_request("give exactly one of 'text' or 'input_ids'", param="text")
+        source: Any = req.text if req.text is not None else req.input_ids
+        single = isinstance(source, str) or (bool(source) and isinstance(source[0], int))
+        prompts = [source] if single else list(source)
+        if not prompts:
+            raise invalid_request("the batch of prompts is empty", param="text" if req.text is not None else "input_ids")
+        if len(prompts) > self.config.max_choices:
+            raise invalid_request(f"a batch holds at most {self.config.max_choices} prompts, got {len(prompts)}", param="text")
+        params = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params or {}] * len(prompts)
+        if len(params) != len(prompts):
+            raise invalid_request(f"got {len(params)} sampling_params for {len(prompts)} prompts", param="sampling_params")
+        rids = [req.rid] if isinstance(req.rid, str) else req.rid or [new_request_id("gen") for _ in prompts]
+        if len(rids) != len(prompts):
+            raise invalid_request(f"got {len(rids)} rids for {len(prompts)} prompts", param="rid")
+        calls = list(zip(prompts, params, rids))
+        kwargs = {
+            "return_logprob": req.return_logprob,
+            "logprob_start_len": req.logprob_start_len,
+            "top_logprobs_num": req.top_logprobs_num,
+        }
+        if not req.stream:
+            outputs = await generate_all(request, self.engine, calls, **kwargs)
+            return JSONResponse(json_safe(outputs[0] if single else outputs))
+        streams = []
+        try:
+            for prompt, sampling_params, rid in calls:
+                streams.append(await open_stream(self.engine, prompt, sampling_params, rid, **kwargs))
+        except BaseException:
+            for rid in rids[: len(streams)]:
+                self.engine.abort(rid)
+            raise
+        return SSEResponse(self._events(streams, rids, single))
+
+    async def _events(self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool) -> AsyncIterator[str]:
+        finished: set[int] = set()
+        try:
+            async for index, chunk in merge_streams(streams):
+                if chunk.get("finished"):
+                    finished.add(index)
+                yield sse(json.dumps(json_safe(chunk if single else {**chunk, "index": index})))
+            yield SSE_DONE
+        finally:
+            for index, rid in enumerate(rids):
+                if index not in finished:
+                    self.engine.abort(rid)

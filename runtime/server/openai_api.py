@@ -1,0 +1,344 @@
+"""Handlers of /v1/chat/completions, /v1/completions and /v1/models over one shared engine.
+
+Each choice of each prompt is its own engine request (its own rid), so the engine batches them with
+everything else and any one can be aborted; all prompts are tokenized here, so prompt lengths are
+known up front (context-length errors, echo, logprob text offsets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sglite.runtime.server.body import read_json_body
+from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.errors import APIError, invalid_request
+from sglite.runtime.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from sglite.runtime.server.metrics import ServerMetrics
+from sglite.runtime.server.protocol import (
+    INT64_MAX,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from sglite.runtime.server.streaming import (
+    SSE_DONE,
+    AsyncEngine,
+    Chunk,
+    SSEResponse,
+    generate_all,
+    merge_streams,
+    new_request_id,
+    open_stream,
+    sse,
+)
+
+Call = tuple[list[int], dict[str, Any], str]  # (prompt ids, sampling params, rid)
+
+LEGACY_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for /v1/completions (chat defaults to the rest of the context)."""
+
+
+def finish_reason(meta_info: dict[str, Any]) -> str:
+    """OpenAI's ``finish_reason``; an abort not caused by this client means the server is going away."""
+    if meta_info.get("error"):
+        raise APIError(500, f"generation failed: {meta_info['error']}")
+    reason = (meta_info.get("finish_reason") or {}).get("type")
+    if reason == "abort":
+        raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
+    return "length" if reason == "length" else "stop"
+
+
+def usage_of(meta_infos: Sequence[dict[str, Any]], n: int) -> Usage:
+    """Usage over ``n`` choices per prompt: each prompt counted once, every completion token counted."""
+    prompt = sum(m["prompt_tokens"] for m in meta_infos[::n])
+    cached = sum(max(m.get("cached_tokens", 0) for m in meta_infos[i : i + n]) for i in range(0, len(meta_infos), n))
+    completion = sum(m["completion_tokens"] for m in meta_infos)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def _tail(values: Sequence[Any] | None, count: int) -> list[Any]:
+    """The last ``count`` entries; chunk meta_info lists are cumulative, the new tokens are at the end."""
+    return list(values[len(values) - count :]) if values and count else []
+
+
+class OpenAIServing:
+    """The OpenAI-compatible endpoints; one instance per app."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics, model_name: str) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.model_name = model_name
+        self.strings = TokenStrings(engine.tokenizer)
+
+    # ---- /v1/models ---------------------------------------------------------------------
+    async def list_models(self) -> JSONResponse:
+        card = ModelCard(id=self.model_name, max_model_len=self.engine.context_length)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    # ---- shared -------------------------------------------------------------------------
+    def _calls(self, prompts: list[list[int]], req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, prefix: str) -> list[Call]:
+        if len(prompts) * req.n > self.config.max_choices:
+            raise invalid_request(
+                f"{len(prompts)} prompt(s) x n={req.n} is more than this server's limit of {self.config.max_choices} choices",
+                param="n",
+            )
+        calls = []
+        context = self.engine.context_length
+        for ids in prompts:
+            if not ids:
+                raise invalid_request("prompt is empty: give at least one token", param="prompt")
+            if len(ids) >= context or (max_tokens is not None and len(ids) + max_tokens > context):
+                requested = len(ids) + (max_tokens or 1)
+                raise invalid_request(
+                    f"This model's maximum context length is {context} tokens. However, you requested {requested} tokens "
+                    f"({len(ids)} in the prompt, {max_tokens or 1} for the completion). Reduce the prompt or max_tokens.",
+                    param="messages" if prefix == "chatcmpl" else "prompt",
+                    code="context_length_exceeded",
+                )
+            params = req.sampling_params(max_tokens if max_tokens is not None else context - len(ids))
+            for choice in range(req.n):
+                choice_params = dict(params)
+                if "seed" in params and choice:
+                    # Same seed for every choice would make n identical samples.
+                    choice_params["seed"] = (params["seed"] + choice) % (INT64_MAX + 1)
+                calls.append((ids, choice_params, new_request_id(prefix)))
+        return calls
+
+    def _observe_stream(self, arrival: float, times: dict[int, float], index: int, new_tokens: int) -> None:
+        now = time.perf_counter()
+        if new_tokens:
+            if index not in times:
+                self.metrics.ttft.observe(now - arrival)
+            else:
+                gap = (now - times[index]) / new_tokens
+                for _ in range(new_tokens):
+                    self.metrics.inter_token_latency.observe(gap)
+            times[index] = now
+
+    async def _open_streams(self, calls: list[Call], **kwargs: Any) -> list[AsyncIterator[Chunk]]:
+        streams: list[AsyncIterator[Chunk]] = []
+        try:
+            for ids, params, rid in calls:
+                streams.append(await open_stream(self.engine, ids, params, rid, **kwargs))
+        except BaseException:
+            for _, _, rid in calls[: len(streams)]:
+                self.engine.abort(rid)
+            raise
+        return streams
+
+    def _abort_unfinished(self, calls: list[Call], finished: set[int]) -> None:
+        for index, (_, _, rid) in enumerate(calls):
+            if index not in finished:
+                self.engine.abort(rid)
+
+    # ---- /v1/chat/completions -----------------------------------------------------------
+    def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        from jinja2 import TemplateError
+
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            ids = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except (TemplateError, ValueError) as exc:
+            raise invalid_request(f"the model's chat template rejected these messages: {exc}", param="messages") from exc
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.perf_counter()
+        req = ChatCompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        if req.top_logprobs and not req.logprobs:
+            raise invalid_request("top_logprobs requires logprobs=true", param="top_logprobs")
+        try:
+            constraint = req.constraint()
+        except ValueError as exc:
+            raise invalid_request(str(exc), param="response_format") from exc
+        prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, req.messages)
+        calls = self._calls([prompt_ids], req, req.max_new_tokens(), "chatcmpl")
+        for _, params, _ in calls:
+            params.update(constraint)
+        kwargs = {"return_logprob": True, "top_logprobs_num": req.top_logprobs or 0} if req.logprobs else {}
+        response_id = new_request_id("chatcmpl")
+        if req.stream:
+            streams = await self._open_streams(calls, **kwargs)
+            return SSEResponse(self._chat_events(req, calls, streams, response_id, arrival))
+        outputs = await generate_all(request, self.engine, calls, **kwargs)
+        choices = []
+        for index, out in enumerate(outputs):
+            meta = out["meta_info"]
+            logprobs = (
+                chat_logprobs(self.strings, meta.get("output_token_logprobs", []), meta.get("output_top_logprobs"))
+                if req.logprobs
+                else None
+            )
+            choices.append(
+                ChatChoice(index=index, message=AssistantMessage(content=out["text"]), logprobs=logprobs, finish_reason=finish_reason(meta))
+            )
+            self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
+        usage = usage_of([out["meta_info"] for out in outputs], req.n)
+        return JSONResponse(ChatCompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage).model_dump(mode="json"))
+
+    async def _chat_events(
+        self, req: ChatCompletionRequest, calls: list[Call], streams: list[AsyncIterator[Chunk]], response_id: str, arrival: float
+    ) -> AsyncIterator[str]:
+        def event(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            chunk = ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
+            return sse(chunk.model_dump_json())
+
+        created = int(time.time())
+        finished: set[int] = set()
+        last_meta: dict[int, dict[str, Any]] = {}
+        token_times: dict[int, float] = {}
+        try:
+            for index in range(len(calls)):
+                yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+            async for index, chunk in merge_streams(streams):
+                meta = chunk["meta_info"]
+                new_ids = chunk["output_ids"]
+                self._observe_stream(arrival, token_times, index, len(new_ids))
+                logprobs = None
+                if req.logprobs and new_ids:
+                    logprobs = chat_logprobs(
+                        self.strings,
+                        _tail(meta.get("output_token_logprobs"), len(new_ids)),
+                        _tail(meta.get("output_top_logprobs"), len(new_ids)),
+                    )
+                reason = None
+                if chunk["finished"]:
+                    finished.add(index)
+                    last_meta[index] = meta
+                    reason = finish_reason(meta)
+                    self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
+                if chunk["text"] or logprobs is not None or reason is not None:
+                    delta = ChatDelta(content=chunk["text"]) if chunk["text"] else ChatDelta()
+                    yield event([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)])
+            if req.include_usage_chunk:
+                yield event([], usage_of([last_meta[i] for i in range(len(calls))], req.n))
+            yield SSE_DONE
+        except APIError as exc:
+            # Headers are already sent: report in-band, as OpenAI does; the SDK raises on it.
+            yield sse(json.dumps(exc.body()))
+            yield SSE_DONE
+        finally:
+            self._abort_unfinished(calls, finished)
+
+    # ---- /v1/completions ----------------------------------------------------------------
+    def _completion_prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        # The engine tokenizes strings the same way (tokenizer.encode); doing it here gives the lengths up front.
+        return [self.engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.perf_counter()
+        req = CompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        prompts = req.prompts()
+        if len(prompts) * req.n > self.config.max_choices:  # checked before tokenizing a huge batch
+            raise invalid_request(f"too many choices: {len(prompts)} prompt(s) x n={req.n} > {self.config.max_choices}", param="n")
+        prompt_ids = await asyncio.to_thread(self._completion_prompt_ids, prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else LEGACY_DEFAULT_MAX_TOKENS
+        calls = self._calls(prompt_ids, req, max_tokens, "cmpl")
+        kwargs: dict[str, Any] = {}
+        if req.logprobs is not None:
+            kwargs = {"return_logprob": True, "top_logprobs_num": req.logprobs, "logprob_start_len": 0 if req.echo else -1}
+        prompt_texts = [self._prompt_text(p) for p in prompts] if req.echo or req.logprobs is not None else [""] * len(prompts)
+        response_id = new_request_id("cmpl")
+        if req.stream:
+            streams = await self._open_streams(calls, **kwargs)
+            return SSEResponse(self._completion_events(req, calls, streams, prompt_texts, response_id, arrival))
+        outputs = await generate_all(request, self.engine, calls, **kwargs)
+        choices = []
+        for index, out in enumerate(outputs):
+            meta = out["meta_info"]
+            prompt_text = prompt_texts[index // req.n]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs, _ = self._legacy_logprobs(meta, len(out["output_ids"]), req.echo, True, prompt_text)
+            text = (prompt_text if req.echo else "") + out["text"]
+            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(meta)))
+            self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
+        usage = usage_of([out["meta_info"] for out in outputs], req.n)
+        return JSONResponse(CompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage).model_dump(mode="json"))
+
+    def _legacy_logprobs(self, meta: dict[str, Any], new_tokens: int, echo: bool, first: bool, prompt_text: str, offset: int | None = None):
+        entries = _tail(meta.get("output_token_logprobs"), new_tokens)
+        tops: list[Any] = _tail(meta.get("output_top_logprobs"), new_tokens) or [None] * len(entries)
+        if echo and first:
+            prompt_entries = list(meta.get("input_token_logprobs", []))
+            entries, tops = prompt_entries + entries, [None] * len(prompt_entries) + tops
+        if offset is None:
+            offset = 0 if echo else len(prompt_text)
+        return completion_logprobs(self.strings, entries, tops, offset)
+
+    async def _completion_events(
+        self,
+        req: CompletionRequest,
+        calls: list[Call],
+        streams: list[AsyncIterator[Chunk]],
+        prompt_texts: list[str],
+        response_id: str,
+        arrival: float,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        finished: set[int] = set()
+        last_meta: dict[int, dict[str, Any]] = {}
+        offsets: dict[int, int] = {}  # per choice: text offset of its next logprob token
+        started: set[int] = set()
+        token_times: dict[int, float] = {}
+
+        def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            chunk = CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
+            return sse(chunk.model_dump_json())
+
+        try:
+            async for index, chunk in merge_streams(streams):
+                meta = chunk["meta_info"]
+                new_ids = chunk["output_ids"]
+                self._observe_stream(arrival, token_times, index, len(new_ids))
+                first = index not in started
+                started.add(index)
+                prompt_text = prompt_texts[index // req.n]
+                text = (prompt_text if req.echo and first else "") + chunk["text"]
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, offsets[index] = self._legacy_logprobs(meta, len(new_ids), req.echo, first, prompt_text, offsets.get(index))
+                reason = None
+                if chunk["finished"]:
+                    finished.add(index)
+                    last_meta[index] = meta
+                    reason = finish_reason(meta)
+                    self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
+                if text or (logprobs is not None and logprobs.tokens) or reason is not None:
+                    yield event([CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)])
+            if req.include_usage_chunk:
+                yield event([], usage_of([last_meta[i] for i in range(len(calls))], req.n))
+            yield SSE_DONE
+        except APIError as exc:
+            yield sse(json.dumps(exc.body()))
+            yield SSE_DONE
+        finally:
+            self._abort_unfinished(calls, finished)

@@ -1,0 +1,175 @@
+"""Driving engine requests from HTTP handlers: submit, merge streams, SSE framing, abort on disconnect.
+
+Every engine request a handler starts gets a request id chosen here, so the handler can always
+``engine.abort(rid)`` it, whichever way the client goes away (stream closed, connection dropped,
+server shutting down). An aborted request frees its KV slots (or hands them to the radix cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from sglite.runtime.server.errors import APIError, invalid_request
+
+logger = logging.getLogger("sglite.server")
+
+Chunk = dict[str, Any]
+
+
+class AsyncEngine(Protocol):
+    """The part of ``sglite.Engine`` the server uses."""
+
+    tokenizer: Any
+    context_length: int
+
+    async def async_generate(self, prompt: Any = None, sampling_params: Any = None, stream: bool = False, **kwargs: Any) -> Any: ...
+
+    def abort(self, rid: str) -> None: ...
+
+    def get_stats(self) -> dict[str, int | float]: ...
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _engine_error(exc: Exception) -> APIError:
+    """Map what ``async_generate`` raises before queuing to an HTTP error; re-raise anything else (a bug)."""
+    if isinstance(exc, ValueError):  # includes constraints.ConstraintError: the client's input is bad
+        return invalid_request(str(exc))
+    if isinstance(exc, RuntimeError) and "shut down" in str(exc):
+        return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
+    raise exc
+
+
+async def open_stream(engine: AsyncEngine, prompt: str | list[int], params: dict[str, Any], rid: str, **kwargs: Any) -> AsyncIterator[Chunk]:
+    """Validate and start one streamed engine request; bad input raises a 400 before any byte is sent."""
+    try:
+        stream = engine.async_generate(prompt, params, stream=True, rid=rid, **kwargs)
+        if inspect.isawaitable(stream):
+            stream = await stream
+    except (ValueError, RuntimeError) as exc:
+        raise _engine_error(exc) from exc
+    return stream
+
+
+async def generate_all(
+    request: Request, engine: AsyncEngine, calls: Sequence[tuple[str | list[int], dict[str, Any], str]], **kwargs: Any
+) -> list[Chunk]:
+    """Run ``(prompt, sampling_params, rid)`` engine requests concurrently; all results, in order.
+
+    If the client disconnects first, every unfinished request is aborted and ``ClientDisconnected`` raised.
+    """
+
+    async def one(prompt: str | list[int], params: dict[str, Any], rid: str) -> Chunk:
+        try:
+            return await engine.async_generate(prompt, params, rid=rid, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise _engine_error(exc) from exc
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(*call) for call in calls)))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            for _, _, rid in calls:
+                engine.abort(rid)
+
+
+class ClientDisconnected(APIError):
+    """The client went away before its response was ready (nginx's 499; nobody reads the body)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client disconnected", code="client_disconnected")
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (call only after the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Interleave several engine streams as ``(index, chunk)`` in arrival order."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except Exception as exc:  # surfaced to the consumer below
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def sse(payload: str) -> str:
+    """One server-sent event carrying ``payload`` (OpenAI's framing: ``data: ...`` and a blank line)."""
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its generator, even when the client vanished.
+
+    Starlette cancels the send loop on disconnect but leaves the generator suspended until garbage
+    collection; closing it here (shielded from that cancellation) runs the handler's ``finally``,
+    which aborts the engine requests at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if self._on_close is not None:
+                    result = self._on_close()
+                    if inspect.isawaitable(result):
+                        await result

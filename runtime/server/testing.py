@@ -1,0 +1,63 @@
+"""Run a real server on a free loopback port inside the current process (tests, notebooks, benchmarks).
+
+    >>> from sglite.runtime.server.testing import serve_in_thread
+    >>> with serve_in_thread(engine) as url:
+    ...     openai.OpenAI(base_url=f"{url}/v1", api_key="none").models.list()
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import uvicorn
+
+from sglite.runtime.server.app import create_app
+from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.streaming import AsyncEngine
+
+
+@contextmanager
+def serve_in_thread(
+    engine: AsyncEngine, config: ServerConfig | None = None, *, startup_timeout: float = 30.0
+) -> Iterator[str]:
+    """Serve ``create_app(engine, config)`` with uvicorn in a daemon thread; yield its base URL.
+
+    The socket is bound before the thread starts (port 0 = a free one), so the URL is valid the
+    moment it is yielded. On exit the server stops accepting, open streams get
+    ``config.graceful_shutdown_timeout`` seconds, and the thread is joined; the engine keeps running.
+    """
+    config = replace(config or ServerConfig(log_level="warning"), host="127.0.0.1", port=0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, config),
+            log_level=config.log_level,
+            timeout_graceful_shutdown=config.graceful_shutdown_timeout,
+            lifespan="on",
+        )
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sglite-server-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError("the test server exited during startup; see the log above")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError(f"the test server did not start within {startup_timeout} s")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=config.graceful_shutdown_timeout + 10)
+        sock.close()

@@ -1,0 +1,266 @@
+"""The engine against transformers: same greedy tokens, cache on or off, alone or batched."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sglite
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Parser:\n    def __init__(self, text):",
+    "The quick brown fox",
+    "for i in range(10):\n    print(i",
+    '{"name": "Alice", "age":',
+    "# Copyright",
+    "x = [1, 2, 3]\ny = ",
+]
+GREEDY = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
+
+
+def hf_greedy(path, prompts, max_new_tokens=32):
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        gen = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+        )
+        outs.append(gen[0, ids.shape[1] :].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path):
+    with sglite.Engine(str(llama_path), max_total_tokens=4096, chunked_prefill_size=64) as eng:
+        yield eng
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_matches_transformers_batched(tiny_model_factory, family):
+    path = tiny_model_factory(family)
+    expected = hf_greedy(path, PROMPTS)
+    with sglite.Engine(str(path), max_total_tokens=2048) as eng:
+        got = eng.generate(PROMPTS, GREEDY)
+        alone = [eng.generate(p, GREEDY) for p in PROMPTS[:2]]
+        eng.check_invariant()
+    assert [g["output_ids"] for g in got] == expected
+    assert [a["output_ids"] for a in alone] == expected[:2]
+
+
+def test_greedy_matches_transformers_cache_off_and_chunked(llama_path, engine):
+    expected = hf_greedy(llama_path, PROMPTS[:4])
+    with sglite.Engine(str(llama_path), disable_radix_cache=True, chunked_prefill_size=3) as off:
+        assert [o["output_ids"] for o in off.generate(PROMPTS[:4], GREEDY)] == expected
+        off.check_invariant()
+    # cache on, twice: the second round hits the cache for every prompt
+    first = engine.generate(PROMPTS[:4], GREEDY)
+    second = engine.generate(PROMPTS[:4], GREEDY)
+    assert [o["output_ids"] for o in first] == expected
+    assert [o["output_ids"] for o in second] == expected
+    assert all(o["meta_info"]["cached_tokens"] > 0 for o in second)
+
+
+def test_sentencepiece_model_matches_transformers(sentencepiece_path):
+    expected = hf_greedy(sentencepiece_path, PROMPTS[:3], max_new_tokens=16)
+    with sglite.Engine(str(sentencepiece_path)) as eng:
+        got = eng.generate(PROMPTS[:3], {**GREEDY, "max_new_tokens": 16})
+    assert [g["output_ids"] for g in got] == expected
+
+
+def test_shared_prefix_is_computed_once(engine):
+    tok = engine.tokenizer
+    rng = random.Random(0)
+    prefix = [rng.randrange(10, len(tok) - 10) for _ in range(220)]
+    engine.generate(prefix + [11, 12, 13], {"max_new_tokens": 2})
+    before = engine.get_stats()["prefill_tokens_computed"]
+    out = engine.generate(prefix + [21, 22, 23, 24], {"max_new_tokens": 2})
+    computed = engine.get_stats()["prefill_tokens_computed"] - before
+    assert out["meta_info"]["cached_tokens"] >= 200
+    assert computed == 224 - out["meta_info"]["cached_tokens"] <= 24
+
+
+def test_logprobs_match_transformers(llama_path, engine):
+    prompt = "def parse(self, text):"
+    out = engine.generate(prompt, {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+                          return_logprob=True, top_logprobs_num=3, logprob_start_len=0)
+    tok = AutoTokenizer.from_pretrained(llama_path)
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
+    ids = tok(prompt).input_ids + out["output_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    n_prompt = out["meta_info"]["prompt_tokens"]
+    for k, (lp, tid, _) in enumerate(out["meta_info"]["output_token_logprobs"]):
+        assert tid == ids[n_prompt + k]
+        assert lp == pytest.approx(logp[n_prompt + k - 1, tid].item(), abs=1e-4)
+    inputs = out["meta_info"]["input_token_logprobs"]
+    assert inputs[0][0] is None and [t for _, t, _ in inputs] == ids[:n_prompt]
+    for pos in range(1, n_prompt):
+        assert inputs[pos][0] == pytest.approx(logp[pos - 1, ids[pos]].item(), abs=1e-4)
+    top = out["meta_info"]["output_top_logprobs"][0]
+    assert [t for _, t, _ in top] == logp[n_prompt - 1].topk(3).indices.tolist()
+
+
+def test_prompt_logprobs_from_a_cached_prefix(engine):
+    """Scoring continuations (what `select` does) still works when the prefix is cached."""
+    prefix = engine.tokenizer.encode("The answer is")
+    engine.generate(prefix, {"max_new_tokens": 1})
+    outs = engine.generate([prefix + [100, 101], prefix + [200]], {"max_new_tokens": 0},
+                           return_logprob=True, logprob_start_len=len(prefix))
+    assert [len(o["meta_info"]["input_token_logprobs"]) for o in outs] == [2, 1]
+    assert all(lp < 0 for o in outs for lp, _, _ in o["meta_info"]["input_token_logprobs"])
+    assert outs[0]["output_ids"] == [] and outs[0]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_stop_conditions(engine):
+    base = engine.generate("import os", {**GREEDY, "max_new_tokens": 24})
+    text, ids = base["text"], base["output_ids"]
+    stop_str = text[5:8]
+    cut = engine.generate("import os", {**GREEDY, "max_new_tokens": 24, "stop": [stop_str]})
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_str}
+    assert cut["text"] == text[: text.index(stop_str)]
+    stop_id = ids[6]
+    by_id = engine.generate("import os", {**GREEDY, "stop_token_ids": [stop_id]})
+    assert by_id["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    assert by_id["output_ids"] == ids[: ids.index(stop_id) + 1]
+    short = engine.generate("import os", {**GREEDY, "max_new_tokens": 5})
+    assert short["output_ids"] == ids[:5] and short["meta_info"]["finish_reason"]["type"] == "length"
+    eos = engine.tokenizer.eos_token_id
+    with_min = engine.generate("import os", {"max_new_tokens": 12, "min_new_tokens": 12, "stop_token_ids": ids[:3],
+                                             "temperature": 1.0, "seed": 3})
+    assert len(with_min["output_ids"]) == 12 and not set(with_min["output_ids"]) & ({eos} | set(ids[:3]))
+
+
+def test_streaming_concatenates_to_the_final_text(engine):
+    chunks = list(engine.generate("class A:", {**GREEDY, "max_new_tokens": 16}, stream=True))
+    whole = engine.generate("class A:", {**GREEDY, "max_new_tokens": 16})
+    assert len(chunks) > 2 and chunks[-1]["finished"]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [t for c in chunks for t in c["output_ids"]] == whole["output_ids"]
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(engine):
+    params = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234}
+    alone = engine.generate("def f(x):", params)["output_ids"]
+    batched = engine.generate(["x = 1", "def f(x):", "import re"], [{"max_new_tokens": 8}, params, {"max_new_tokens": 4}])
+    assert batched[1]["output_ids"] == alone
+    other = engine.generate("def f(x):", {**params, "seed": 99})["output_ids"]
+    assert other != alone
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from sglite.runtime.sampler import apply_penalties
+    from sglite.runtime.sampling_params import SamplingParams
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    seen = torch.tensor([3, 7, 7, 20])
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(seen.unsqueeze(0), logits[:1].clone())
+    got = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=1.7), SamplingParams()],
+                          [seen, seen], [seen, seen])
+    assert torch.allclose(got[0], expected[0]) and torch.equal(got[1], logits[1])
+    freq = apply_penalties(logits.clone(), [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)],
+                           [seen], [seen])
+    assert freq[0, 7] == pytest.approx(logits[0, 7].item() - 2 * 0.5 - 0.25)
+    assert freq[0, 1] == logits[0, 1]
+
+
+def test_penalties_reach_the_engine(engine):
+    prompt_ids = engine.tokenizer.encode("a a a a b b b b")
+    out = engine.generate(prompt_ids, {**GREEDY, "max_new_tokens": 32, "repetition_penalty": 100.0})["output_ids"]
+    assert len(set(out)) == len(out) and not set(out) & set(prompt_ids)
+    out = engine.generate(prompt_ids, {**GREEDY, "max_new_tokens": 32, "presence_penalty": 2.0,
+                                       "frequency_penalty": 2.0})
+    assert out["meta_info"]["completion_tokens"] == 32
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", None, "prompt"),
+        ([], None, "prompt"),
+        ("x " * 5000, None, "context length"),
+        ("hi", {"max_new_tokens": -1}, "max_new_tokens"),
+        ("hi", {"temprature": 0.5}, "temprature"),
+        ("hi", {"top_p": 0}, "top_p"),
+        ("hi", {"temperature": "hot"}, "temperature"),
+        ("hi", {"stop": [1, 2]}, "stop"),
+        ("hi", {"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
+        ([10**9], None, "vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, prompt, params, field):
+    with pytest.raises(ValueError, match=field):
+        engine.generate(prompt, params)
+    assert engine.generate("ok", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    engine.check_invariant()
+
+
+def test_unknown_engine_option_is_an_error(llama_path):
+    with pytest.raises(ValueError, match="max_total_tokenz"):
+        sglite.Engine(str(llama_path), max_total_tokenz=10)
+
+
+@pytest.mark.slow
+def test_tiny_pool_evicts_and_preempts_but_completes_everything(llama_path):
+    prompts = [f"def function_{i}(argument):\n    return argument * {i}" for i in range(12)]
+    expected = hf_greedy(llama_path, prompts, max_new_tokens=24)
+    # 12 requests x ~40 tokens in a 160-slot pool: eviction and preemption must both happen
+    with sglite.Engine(str(llama_path), max_total_tokens=160, chunked_prefill_size=32) as eng:
+        got = eng.generate(prompts, {**GREEDY, "max_new_tokens": 24})
+        stats = eng.get_stats()
+        eng.check_invariant()
+    assert [g["output_ids"] for g in got] == expected
+    assert stats["preemptions"] > 0
+    assert stats["pool_free"] + stats["cached_tokens_in_tree"] == stats["pool_size"]
+
+
+@pytest.mark.slow
+def test_fuzzed_concurrent_workload_keeps_the_slot_invariant(llama_path):
+    import threading
+
+    rng = random.Random(7)
+    vocab = 2000
+    stems = [[rng.randrange(10, vocab) for _ in range(rng.randrange(5, 60))] for _ in range(4)]
+    with sglite.Engine(str(llama_path), max_total_tokens=400, chunked_prefill_size=48, max_running_requests=6) as eng:
+        errors = []
+
+        def client(seed):
+            r = random.Random(seed)
+            for _ in range(6):
+                prompt = r.choice(stems)[: r.randrange(1, 60)] + [r.randrange(10, vocab) for _ in range(r.randrange(1, 20))]
+                params = {"max_new_tokens": r.randrange(0, 20), "temperature": r.choice([0, 1.0])}
+                try:
+                    if r.random() < 0.2:
+                        for i, _ in enumerate(eng.generate(prompt, params, stream=True)):
+                            if i == 2:
+                                break  # abandon the stream: the request is aborted
+                    else:
+                        out = eng.generate(prompt, params)
+                        assert len(out["output_ids"]) <= params["max_new_tokens"]
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        import time
+
+        deadline = time.time() + 10
+        while eng.get_stats()["num_running"] + eng.get_stats()["num_waiting"] and time.time() < deadline:
+            time.sleep(0.05)
+        eng.check_invariant()
+        stats = eng.get_stats()
+        assert stats["pool_free"] + stats["cached_tokens_in_tree"] == stats["pool_size"]
