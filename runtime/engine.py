@@ -52,7 +52,11 @@ class Engine:
         max_pos = getattr(self.model_config, "max_position_embeddings", None) or 4096
         self.context_length = min(self.config.context_length or max_pos, max_pos)
         pool_size = pool_size_for(
-            self.model_config, self.runner.dtype, self.runner.device, requested=self.config.max_total_tokens
+            self.model_config,
+            self.runner.dtype,
+            self.runner.device,
+            requested=self.config.max_total_tokens,
+            context_length=self.context_length,
         )
         self.pool = self.runner.make_pool(pool_size)
         self.tree = RadixCache(self.pool, disable=self.config.disable_radix_cache)

@@ -63,7 +63,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory but has no config.json; point at a Hugging Face model directory")
+            raise ModelNotFoundError(
+                f"{path} is a directory but has no config.json; point at a Hugging Face model directory"
+            )
         return path.absolute()
     if path.exists() or _looks_like_local_path(name):
         raise ModelNotFoundError(f"model directory {path} does not exist (or is not a directory)")
@@ -109,7 +111,9 @@ def weight_files(model_dir: Path) -> list[Path]:
         files = [model_dir / shard for shard in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelNotFoundError(f"{model_dir}: shards listed in {SAFETENSORS_INDEX} are missing: {', '.join(missing)}")
+            raise ModelNotFoundError(
+                f"{model_dir}: shards listed in {SAFETENSORS_INDEX} are missing: {', '.join(missing)}"
+            )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -187,20 +191,3 @@ def load_model(
     model.eval().requires_grad_(False)
     return model, config
 
-
-def eos_token_ids(model_dir: str | os.PathLike, config: PretrainedConfig | None = None) -> list[int]:
-    """Every end-of-sequence id the checkpoint declares (generation_config.json, then config.json).
-
-    Chat models often end turns with a token that only generation_config.json lists.
-    """
-    model_dir = Path(model_dir)
-    ids: list[int] = []
-    sources = [config.eos_token_id if config is not None else None]
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        sources.insert(0, json.loads(gen_config.read_text()).get("eos_token_id"))
-    for source in sources:
-        for token_id in source if isinstance(source, list) else [source]:
-            if token_id is not None and token_id not in ids:
-                ids.append(int(token_id))
-    return ids

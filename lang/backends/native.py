@@ -90,9 +90,12 @@ class NativeBackend(Backend):
         if choices_method.requires_unconditional_logprobs:
             ids = [[tid for _, tid, _ in e[boundary - start:]] for e in entries]
             bare = self._generate(ids, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0)
-            unconditional = [[tuple(t) for t in out["meta_info"]["input_token_logprobs"]] for out in bare]
-            # Keep the alignment with `scored` when its leading None entry was dropped.
-            unconditional = [u[len(u) - len(s):] for u, s in zip(unconditional, scored)]
+            unconditional = []
+            for tokens, out, s in zip(ids, bare, scored):
+                entries = [tuple(t) for t in out["meta_info"]["input_token_logprobs"]]
+                # Leading tokens without a logprob may be reported as (None, id) or left out.
+                entries = [(None, tid, None) for tid in tokens[: len(tokens) - len(entries)]] + entries
+                unconditional.append(entries[len(entries) - len(s):])  # aligned with `scored`
 
         decision = choices_method(
             choices=list(choices),

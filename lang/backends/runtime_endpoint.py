@@ -93,6 +93,8 @@ class RuntimeEndpoint(NativeBackend):
 
     def get_server_info(self) -> dict[str, Any]:
         response = self.client.get("/get_server_info")
+        if response.status_code == 404:  # servers without SGLang's info route still have a name
+            return {"base_url": self.base_url, "model": self.model_name or self._served_model_name()}
         _raise_for_status(response.status_code, response.text)
         return response.json()
 

@@ -81,11 +81,11 @@ class AttentionMetadata:
         ``k > position - w`` (the same rule as transformers). Cached per window size.
         """
         if sliding_window not in self._masks:
-            key_positions = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)
+            key = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)[None, None, :]
             query = self.query_positions[:, :, None]
-            visible = (key_positions[None, None, :] <= query) & (key_positions[None, None, :] < self.kv_lens[:, None, None])
+            visible = (key <= query) & (key < self.kv_lens[:, None, None])
             if sliding_window is not None:
-                visible &= key_positions[None, None, :] > query - sliding_window
+                visible &= key > query - sliding_window
             self._masks[sliding_window] = visible[:, None, :, :]
         return self._masks[sliding_window]
 

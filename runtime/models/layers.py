@@ -87,11 +87,14 @@ class RotaryEmbedding(nn.Module):
 
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if inv_freq.numel() * 2 != head_dim:
-            raise ValueError(f"partial rotary embeddings are not supported (rotary dim {inv_freq.numel() * 2} != head_dim {head_dim})")
+            rotary_dim = inv_freq.numel() * 2
+            raise ValueError(f"partial rotary embeddings are not supported (rotary dim {rotary_dim} != {head_dim})")
         self.inv_freq = inv_freq.float()
         self.attention_scaling = float(scaling)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[T, head_dim]`` in ``dtype``, for absolute ``positions`` ``[T]``.
 
         Computed per forward (once, shared by all layers) rather than read from a table sized to

@@ -118,7 +118,9 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, pool: KVSlotPool) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         if pool.kv.dtype != hidden.dtype:
-            raise ValueError(f"KV pool dtype {pool.kv.dtype} != model dtype {hidden.dtype}; build the pool with dtype=model.dtype")
+            raise ValueError(
+                f"KV pool dtype {pool.kv.dtype} != model dtype {hidden.dtype}; build the pool with dtype=model.dtype"
+            )
         meta = AttentionMetadata.from_batch(batch, device=hidden.device)
         cos, sin = self.rotary_emb(batch.positions, dtype=hidden.dtype)
         for layer in self.layers:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
+from sglite.constraints.vocabulary import get_vocabulary
 from sglite.runtime.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 LogprobEntry = Sequence[Any]  # (logprob | None, token_id, text | None), as the engine returns them
 
 # What OpenAI reports for a token whose probability underflowed (a masked or filtered token).
 FLOOR_LOGPROB = -9999.0
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def finite_logprob(value: float) -> float:
@@ -22,22 +20,11 @@ def finite_logprob(value: float) -> float:
     return value if math.isfinite(value) else FLOOR_LOGPROB
 
 
-@lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte-to-printable-character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
 class TokenStrings:
     """Token id -> the text and UTF-8 bytes OpenAI reports for it; cached per id.
+
+    Bytes come from the constraint layer's byte vocabulary (exact even for a token that is half
+    of a multi-byte character); special tokens, which have no bytes there, are decoded as text.
 
         >>> strings = TokenStrings(engine.tokenizer)
         >>> strings.text(283), strings.bytes(283)
@@ -51,22 +38,15 @@ class TokenStrings:
         cached = self._cache.get(token_id)
         if cached is not None:
             return cached
-        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
-        if piece.startswith("▁") and not text.startswith(" "):
-            text = " " + text  # SentencePiece decoders drop a leading space on a lone token
-        raw = text.encode("utf-8")
-        if "\ufffd" in text:
-            # Part of a multi-byte character: recover its real bytes from the vocabulary piece.
-            match = _BYTE_TOKEN.match(piece)
-            decoder = _byte_level_decoder()
-            if match:
-                raw = bytes([int(match.group(1), 16)])
-            elif piece and all(c in decoder for c in piece):
-                raw = bytes(decoder[c] for c in piece)
+        table = get_vocabulary(self.tokenizer).token_bytes
+        raw = table[token_id] if 0 <= token_id < len(table) else None
+        if raw is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = text.encode("utf-8")
+        else:
+            text = raw.decode("utf-8", errors="replace")
         entry = (text, list(raw))
-        if len(self._cache) < 1_000_000:
-            self._cache[token_id] = entry
+        self._cache[token_id] = entry
         return entry
 
     def text(self, token_id: int) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -125,6 +125,12 @@ class ChatMessage(_StrictModel):
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for a {self.role} message")
+        return self
 
     def text(self) -> str:
         if self.content is None:

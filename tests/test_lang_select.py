@@ -1,0 +1,105 @@
+"""``select`` scores every choice in one batched call; its numbers must equal transformers' log-softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sglite as sgl
+
+PREFIX = "Question: is the sky blue?\nAnswer: "
+CHOICES = ["yes", "no", "maybe not", "Yes!"]
+
+
+@pytest.fixture(scope="module")
+def runtime(llama_path):
+    backend = sgl.Runtime(llama_path)
+    yield backend
+    backend.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(llama_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+
+
+def token_logprobs(model, ids: list[int]) -> list[float]:
+    """logp(ids[j] | ids[:j]) for j >= 1, straight from transformers."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [logprobs[j - 1, ids[j]].item() for j in range(1, len(ids))]
+
+
+@sgl.function
+def answer(s, method):
+    s += PREFIX + sgl.select("choice", choices=CHOICES, choices_method=method)
+
+
+def run(runtime, method=sgl.token_length_normalized):
+    return answer.run(method=method, backend=runtime)
+
+
+def test_select_scores_match_transformers(runtime, hf_model):
+    state = run(runtime)
+    meta = state.get_meta_info("choice")
+    tokenizer = runtime.get_tokenizer()
+    start = meta["logprob_start_len"]
+    for choice, scored, normalized in zip(CHOICES, meta["input_token_logprobs"], meta["normalized_prompt_logprobs"]):
+        ids = tokenizer.encode(PREFIX + choice)
+        assert [tid for _, tid, _ in scored] == ids[start:]  # joint tokenization, scored from the boundary
+        expected = token_logprobs(hf_model, ids)[start - 1:]
+        assert [lp for lp, _, _ in scored] == pytest.approx(expected, abs=2e-3)
+        assert normalized == pytest.approx(sum(expected) / len(expected), abs=2e-3)
+    best = max(range(len(CHOICES)), key=lambda i: meta["normalized_prompt_logprobs"][i])
+    assert state["choice"] == CHOICES[best]
+    assert state.text() == PREFIX + CHOICES[best]
+
+
+def test_select_scores_from_where_joint_tokenization_parts(runtime):
+    # The prefix ends in a space that BPE merges into the next word: " yes" is one token,
+    # so scoring must start one token before the prefix's own last token.
+    tokenizer = runtime.get_tokenizer()
+    meta = run(runtime).get_meta_info("choice")
+    prefix_ids = tokenizer.encode(PREFIX)
+    joint = [tokenizer.encode(PREFIX + c) for c in CHOICES]
+    common = min(next((i for i, (a, b) in enumerate(zip(prefix_ids, ids)) if a != b), len(prefix_ids)) for ids in joint)
+    assert common < len(prefix_ids)
+    assert meta["logprob_start_len"] == common
+
+
+def test_select_prefix_hits_the_cache(runtime):
+    run(runtime)
+    meta = run(runtime).get_meta_info("choice")
+    assert meta["cached_tokens"] > 0
+
+
+def test_greedy_token_selection_compares_tokens_in_order(runtime):
+    meta = run(runtime, sgl.greedy_token_selection).get_meta_info("choice")
+    rows = [[lp for lp, _, _ in scored] for scored in meta["input_token_logprobs"]]
+    width = max(map(len, rows))
+    padded = [r + [float("-inf")] * (width - len(r)) for r in rows]
+    assert answer.run(method=sgl.greedy, backend=runtime)["choice"] == CHOICES[padded.index(max(padded))]
+
+
+def test_unconditional_likelihood_normalized_uses_bare_choice_logprobs(runtime, hf_model):
+    state = run(runtime, sgl.unconditional_likelihood_normalized)
+    meta = state.get_meta_info("choice")
+    scores = []
+    for scored, bare in zip(meta["input_token_logprobs"], meta["unconditional_token_logprobs"]):
+        ids = [tid for _, tid, _ in scored]
+        assert [tid for _, tid, _ in bare] == ids
+        expected_bare = [None] + token_logprobs(hf_model, ids)
+        assert [lp for lp, _, _ in bare][1:] == pytest.approx(expected_bare[1:], abs=2e-3)
+        diffs = [c[0] - (u[0] or 0.0) for c, u in zip(scored, bare)]
+        scores.append(sum(diffs) / len(diffs))
+    assert state["choice"] == CHOICES[scores.index(max(scores))]
+
+
+def test_select_rejects_bad_choices():
+    with pytest.raises(sgl.LangError, match="non-empty strings"):
+        sgl.select("x", choices=[])
+    with pytest.raises(sgl.LangError, match="non-empty strings"):
+        sgl.select("x", choices=["a", ""])
