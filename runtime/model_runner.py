@@ -7,31 +7,21 @@ import torch
 from sglite.radix.slot_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def pick_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
 class ModelRunner:
     """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None) -> None:
-        from sglite.runtime.model_loader import load_model
+        from sglite.runtime.model_loader import load_model, resolve_dtype
 
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
-        self.model.eval()
 
     def make_pool(self, size: int) -> KVSlotPool:
         m = self.model

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests never reach a model hub: a mistyped model id must fail fast, not try a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sglite.runtime.tiny_model import build_tiny_model
 

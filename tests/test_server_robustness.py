@@ -317,9 +317,10 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts_it(server, engine)
 def test_shutdown_with_an_open_stream_aborts_it(engine):
     config = ServerConfig(graceful_shutdown_timeout=0.5, log_level="critical")
     started = time.monotonic()
-    with serve_in_thread(engine, config) as url:
-        response = httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=60).__enter__()
+    with httpx.Client(timeout=60) as client, serve_in_thread(engine, config) as url:
+        response = client.send(client.build_request("POST", f"{url}/v1/chat/completions", json=LONG), stream=True)
         next(line for line in response.iter_lines() if line)
+        # Leaving serve_in_thread shuts the server down while this stream is still open.
     assert time.monotonic() - started < 15
     wait_idle(engine, timeout=5)
     response.close()

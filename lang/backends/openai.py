@@ -64,7 +64,7 @@ class OpenAI(Backend):
         request: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": params.max_new_tokens,
-            "stop": ([stop] if isinstance(stop, str) else list(stop)) or None,
+            "stop": ([stop] if isinstance(stop, str) else list(stop or [])) or None,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "frequency_penalty": params.frequency_penalty,

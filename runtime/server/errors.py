@@ -64,12 +64,13 @@ def validation_error_to_api_error(errors: list[dict[str, Any]] | Any) -> APIErro
     """Turn pydantic/FastAPI validation errors into one 400 that names the bad field.
 
     FastAPI would answer 422 with its own shape; OpenAI clients expect 400 and ``error.message``.
-    For a union field pydantic reports one error per member; the deepest one is the informative one.
+    For a union field pydantic reports one error per member; the deepest one is the informative
+    one, and among equals a broken constraint ("too short") says more than a type mismatch.
     """
     errors = list(errors)
     if not errors:
         return invalid_request("invalid request body")
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
     param = ".".join(_field_path(first.get("loc", ()))) or None
     kind = first.get("type", "")
     detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
