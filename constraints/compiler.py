@@ -28,10 +28,10 @@ from outlines_core import json_schema as oc_json
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.vocabulary import TokenVocabulary
 
-INT_REGEX = oc_json.INTEGER
+INT_REGEX = r"-?(?:0|[1-9][0-9]*)"
 """A JSON/Python integer literal: optional ``-``, no leading zeros."""
-FLOAT_REGEX = oc_json.NUMBER
-"""A JSON number (parses with ``float``): sign, fraction and exponent optional."""
+FLOAT_REGEX = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+"""A JSON number (also parses with ``float``): sign, fraction and exponent optional."""
 BOOL_REGEX = r"(?:True|False)"
 """A Python ``bool`` literal (``gen(dtype=bool)``); JSON booleans come from schemas."""
 STRING_REGEX = oc_json.STRING
@@ -266,7 +266,7 @@ class _CompileCache:
                 index = Index(regex, vocabulary.outlines)
             except (ValueError, RuntimeError, OverflowError) as exc:
                 message = str(exc)
-                if "incompatible" in message:
+                if "incompatible" in message and _find_unsupported(regex)[0] is None:
                     raise ConstraintError(
                         f"the tokenizer cannot spell regex {regex!r}: {message.splitlines()[0]}"
                     ) from None
