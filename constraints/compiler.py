@@ -26,7 +26,7 @@ from outlines_core import Index
 from outlines_core import json_schema as oc_json
 
 from sglite.constraints.errors import ConstraintError
-from sglite.constraints.vocabulary import TokenVocabulary
+from sglite.constraints.vocabulary import ACCEPT_SENTINEL, ACCEPT_SENTINEL_ID, TokenVocabulary
 
 INT_REGEX = r"-?(?:0|[1-9][0-9]*)"
 """A JSON/Python integer literal: optional ``-``, no leading zeros."""
@@ -137,6 +137,8 @@ def diagnose_regex(regex: str, detail: str) -> ConstraintError:
     try:
         re.compile(regex)
     except re.error as exc:
+        if exc.msg.startswith((r"bad escape \p", r"bad escape \P")):
+            return ConstraintError(f"invalid regex {regex!r}: unknown Unicode class at position {exc.pos}")
         return ConstraintError(f"invalid regex {regex!r}: {exc.msg} at position {exc.pos}")
     return ConstraintError(f"invalid regex {regex!r}: {detail.splitlines()[0] if detail else 'rejected'}")
 
@@ -178,6 +180,13 @@ class CompiledFSM:
 
     Shared by every request using the same constraint; its caches are filled lazily from the
     step loop (plain dict writes, safe under the GIL).
+
+    The index is built for ``(?:regex)`` followed by ``ACCEPT_SENTINEL``, and a state accepts
+    iff the sentinel token leads to one of outlines-core's final states. Why: outlines-core
+    0.2.14 reads regex-automata's one-byte-delayed match flag as "match here", so it drops
+    every token that ends one byte after a complete match without itself completing one
+    (``ab(cd)?`` never reaches ``abcd``; ``12`` never continues with ``.``). With the sentinel
+    no real token can complete a match, so no transition is lost.
     """
 
     MASK_CACHE_BYTES = 16 << 20
@@ -188,34 +197,46 @@ class CompiledFSM:
         self.vocabulary = vocabulary
         self.index = index
         self.initial_state: int = index.get_initial_state()
-        self.final_states: frozenset[int] = frozenset(index.get_final_states())
+        self._sentinel_finals = frozenset(index.get_final_states())
+        self._excluded = frozenset({ACCEPT_SENTINEL_ID, vocabulary.outlines.get_eos_token_id()})
         self._masks: OrderedDict[tuple[int, int, torch.device], torch.Tensor] = OrderedDict()
+        self._accepting: dict[int, bool] = {}
         self._has_continuation: dict[int, bool] = {}
         self.forced_bytes: dict[int, bytes] = {}
         """Jump-forward memo: state -> bytes every continuation starts with (see ``jump_forward``)."""
 
+    def text_tokens(self, state: int) -> list[int]:
+        """Ids of the real (non-EOS) tokens allowed in ``state``."""
+        excluded = self._excluded
+        return [t for t in self.index.get_allowed_tokens(state) or [] if t not in excluded]
+
     def allowed_tokens(self, state: int) -> list[int]:
-        """Ids allowed in ``state``, EOS (all of the vocabulary's EOS ids) included when accepting."""
-        allowed = self.index.get_allowed_tokens(state) or []
-        if state in self.final_states:
-            allowed = list(set(allowed) | self.vocabulary.eos_token_ids)
+        """Ids allowed in ``state``: its text tokens, plus every EOS id when it accepts."""
+        allowed = self.text_tokens(state)
+        if self.is_final(state):
+            allowed.extend(self.vocabulary.eos_token_ids)
         return allowed
 
     def next_state(self, state: int, token_id: int) -> int | None:
-        """The state after ``token_id`` (EOS excluded), or ``None`` if the token is not allowed."""
-        if token_id in self.vocabulary.eos_token_ids:
+        """The state after text token ``token_id``, or ``None`` if it is not allowed (or is EOS)."""
+        if token_id in self._excluded or token_id in self.vocabulary.eos_token_ids:
             return None
         return self.index.get_next_state(state, token_id)
 
     def is_final(self, state: int) -> bool:
-        return state in self.final_states
+        """Whether the text so far matches the whole regex (so EOS may come next)."""
+        known = self._accepting.get(state)
+        if known is None:
+            after = self.index.get_next_state(state, ACCEPT_SENTINEL_ID)
+            known = after is not None and after in self._sentinel_finals
+            self._accepting[state] = known
+        return known
 
     def has_continuation(self, state: int) -> bool:
         """Whether any non-EOS token is allowed in ``state``."""
         known = self._has_continuation.get(state)
         if known is None:
-            eos = self.vocabulary.eos_token_ids
-            known = any(t not in eos for t in self.index.get_allowed_tokens(state) or [])
+            known = bool(self.text_tokens(state))
             self._has_continuation[state] = known
         return known
 
@@ -234,6 +255,12 @@ class CompiledFSM:
         while len(self._masks) > max(8, self.MASK_CACHE_BYTES // max(width, 1)):
             self._masks.popitem(last=False)
         return mask
+
+
+def _with_sentinel(regex: str) -> str:
+    # In verbose mode a trailing "# comment" would swallow the closing parenthesis.
+    inner = regex + "\n" if re.search(r"\(\?[a-zA-Z-]*x", regex) else regex
+    return f"(?:{inner})\\x{{{ord(ACCEPT_SENTINEL):X}}}"
 
 
 class _CompileCache:
@@ -263,12 +290,14 @@ class _CompileCache:
                     return fsm
                 self.misses += 1
             try:
-                index = Index(regex, vocabulary.outlines)
+                index = Index(_with_sentinel(regex), vocabulary.outlines)
             except (ValueError, RuntimeError, OverflowError) as exc:
                 message = str(exc)
                 if "incompatible" in message and _find_unsupported(regex)[0] is None:
+                    missing = re.search(r"characters: (\[.*?\])", message)
                     raise ConstraintError(
-                        f"the tokenizer cannot spell regex {regex!r}: {message.splitlines()[0]}"
+                        f"the tokenizer cannot spell regex {regex!r}: no token produces "
+                        f"{missing.group(1) if missing else 'some required character'}"
                     ) from None
                 raise diagnose_regex(regex, message) from None
             finally:
@@ -304,7 +333,35 @@ def compile_fsm(regex: str, vocabulary: TokenVocabulary) -> CompiledFSM:
     """
     if not isinstance(regex, str):
         raise ConstraintError(f"regex must be a string, got {type(regex).__name__}")
-    return _cache.get(normalize_regex(regex), vocabulary)
+    regex = normalize_regex(regex)
+    _check_groups_balanced(regex)
+    return _cache.get(regex, vocabulary)
+
+
+def _check_groups_balanced(regex: str) -> None:
+    """Reject unbalanced parentheses up front: wrapped as ``(?:regex)``, ``a)|(b`` would parse."""
+    i, in_class, opened = 0, False, []
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if regex[i + 1 : i + 2] == "]":
+                i += 2
+                continue
+        elif char == "(":
+            opened.append(i)
+        elif char == ")":
+            if not opened:
+                raise ConstraintError(f"invalid regex {regex!r}: unbalanced parenthesis at position {i}")
+            opened.pop()
+        i += 1
+    if opened:
+        raise ConstraintError(f"invalid regex {regex!r}: missing ) for the group opened at position {opened[-1]}")
 
 
 def compile_cache_info() -> dict[str, int]:

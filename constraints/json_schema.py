@@ -4,7 +4,8 @@ A schema may arrive as a ``dict``, a JSON string or a pydantic ``BaseModel`` sub
 parsed (errors name the JSON position), checked against the Draft 2020-12 meta-schema
 (errors name the keyword and its path), then compiled to a regex by outlines-core. Numeric
 ``minimum``/``maximum`` bounds, which outlines-core ignores, are compiled here
-(``numeric_range``) and spliced into its regex.
+(``numeric_range``) and spliced into its regex, as are the string formats in
+``FORMAT_REGEXES`` (``ipv4``, and JSON-safe ``time``/``email``/``uri``).
 
 Whitespace is compact by default (``whitespace_pattern=""``): ``{"a":1,"b":[2,3]}``. It is
 still valid JSON, costs the fewest tokens, and leaves the model no freedom to ramble in
@@ -37,6 +38,20 @@ COMPACT_WHITESPACE = ""
 """The default whitespace pattern: no whitespace between JSON tokens."""
 
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+_URI_CHAR = r'[^\s"\\\x00-\x1f\x7f{exclude}]'  # needs no JSON escape
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+FORMAT_REGEXES: dict[str, str] = {
+    # outlines-core's own "time" has a stray "\\." (invalid JSON escape) and no offsets.
+    "time": r"(?:2[0-3]|[01][0-9]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:2[0-3]|[01][0-9]):[0-5][0-9])?",
+    # Dot-atom addresses only: outlines-core's quoted local part would put raw quotes in the JSON.
+    "email": r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]*[a-z0-9])?",
+    "uri": r"(?:https?|ftp)://(?:[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}|localhost)(?::[0-9]{1,5})?"
+    + f"(?:/{_URI_CHAR.format(exclude='?#')}*)?(?:\\?{_URI_CHAR.format(exclude='#')}*)?(?:#{_URI_CHAR.format(exclude='')}*)?",
+    "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+}
+"""String formats compiled here instead of by outlines-core (the regex between the quotes)."""
 
 # Keywords whose values are one subschema, a list of them, or a name -> subschema map.
 _ONE_SCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
@@ -87,10 +102,11 @@ def _check_meta_schema(schema: dict | bool) -> None:
 
     error = best_match(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema))
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        path = [str(p) for p in error.absolute_path]
+        keyword = path[-1] if path else error.validator
         raise ConstraintError(
-            f"json_schema is not a valid JSON Schema (Draft 2020-12): at {where}: {error.message} "
-            f"(keyword {error.validator!r})"
+            f"json_schema is not a valid JSON Schema (Draft 2020-12): keyword {keyword!r} at "
+            f"/{'/'.join(path)}: {error.message}"
         )
 
 
@@ -109,36 +125,42 @@ def schema_to_regex(schema: SchemaInput, whitespace_pattern: str | None = None) 
     elif parsed is False:
         raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
     nonce = secrets.token_hex(4)
-    rewritten, numeric = _extract_bounded_numbers(parsed, nonce)
+    rewritten, overrides = _extract_overrides(parsed, nonce)
     whitespace = COMPACT_WHITESPACE if whitespace_pattern is None else whitespace_pattern
     try:
         regex = build_regex_from_schema(json.dumps(rewritten), whitespace)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ConstraintError(_unsupported_message(parsed, str(exc))) from None
-    for placeholder, number_regex in numeric.items():
+    for placeholder, override in overrides.items():
         quoted = f'"{placeholder}"'
         if quoted not in regex:
-            raise ConstraintError(f"internal: bounded number placeholder {placeholder} vanished from the regex")
-        regex = regex.replace(quoted, number_regex)
+            raise ConstraintError(f"internal: schema placeholder {placeholder} vanished from the regex")
+        regex = regex.replace(quoted, f"(?:{override})")
     return regex
 
 
-def _extract_bounded_numbers(schema: Any, nonce: str) -> tuple[Any, dict[str, str]]:
-    """Swap each bounded ``integer``/``number`` subschema for a unique string ``const``.
+def _extract_overrides(schema: Any, nonce: str) -> tuple[Any, dict[str, str]]:
+    """Swap each subschema compiled here (bounded numbers, ``FORMAT_REGEXES``) for a unique ``const``.
 
     outlines-core renders the ``const`` as the literal ``"placeholder"`` and the caller splices
-    in the exact range regex; walking only subschema positions keeps ``enum``/``const`` data intact.
+    in the exact regex; walking only subschema positions keeps ``enum``/``const`` data intact.
     """
-    numeric: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+
+    def placeholder(regex: str) -> dict:
+        name = f"sglite{len(overrides)}x{nonce}"
+        overrides[name] = regex
+        return {"const": name}
 
     def walk(node: Any) -> Any:
         if not isinstance(node, dict):
             return node
-        if node.get("type") in ("integer", "number") and any(k in node for k in _BOUND_KEYS):
-            if "enum" not in node and "const" not in node:
-                placeholder = f"sglitenum{len(numeric)}x{nonce}"
-                numeric[placeholder] = _bounded_number_regex(node)
-                return {"const": placeholder}
+        if "enum" not in node and "const" not in node:
+            if node.get("type") in ("integer", "number") and any(k in node for k in _BOUND_KEYS):
+                return placeholder(_bounded_number_regex(node))
+            plain_string = not any(k in node for k in ("pattern", "minLength", "maxLength"))
+            if node.get("type") == "string" and plain_string and node.get("format") in FORMAT_REGEXES:
+                return placeholder(f'"{FORMAT_REGEXES[node["format"]]}"')
         out = dict(node)
         for key in _ONE_SCHEMA:
             if isinstance(out.get(key), dict):
@@ -151,7 +173,7 @@ def _extract_bounded_numbers(schema: Any, nonce: str) -> tuple[Any, dict[str, st
                 out[key] = {name: walk(s) for name, s in out[key].items()}
         return out
 
-    return walk(schema), numeric
+    return walk(schema), overrides
 
 
 def _bounded_number_regex(node: dict) -> str:
@@ -161,8 +183,14 @@ def _bounded_number_regex(node: dict) -> str:
         # Integers: an exclusive or fractional bound tightens to the next whole number inside.
         low_int = None if low is None else (math.floor(low) + 1 if low_exclusive else math.ceil(low))
         high_int = None if high is None else (math.ceil(high) - 1 if high_exclusive else math.floor(high))
-        return integer_range_regex(low_int, high_int)
-    return number_range_regex(low, high, exclusive_minimum=low_exclusive, exclusive_maximum=high_exclusive)
+        try:
+            return integer_range_regex(low_int, high_int)
+        except ConstraintError as exc:
+            raise ConstraintError(f"json_schema: {exc}") from None
+    try:
+        return number_range_regex(low, high, exclusive_minimum=low_exclusive, exclusive_maximum=high_exclusive)
+    except ConstraintError as exc:
+        raise ConstraintError(f"json_schema: {exc}") from None
 
 
 def _tightest(node: dict, inclusive_key: str, exclusive_key: str, *, lower: bool) -> tuple[Decimal | None, bool]:

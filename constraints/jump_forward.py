@@ -53,7 +53,7 @@ def _forced(fsm: CompiledFSM, state: int, depth: int, active: set[int]) -> bytes
     token_bytes = fsm.vocabulary.token_bytes
     spellings = [
         (token_id, token_bytes[token_id])
-        for token_id in fsm.index.get_allowed_tokens(state) or []
+        for token_id in fsm.text_tokens(state)
         if token_id < len(token_bytes) and token_bytes[token_id]
     ]
     # Cheap exact answer for most states (free text): two tokens disagree on the first byte.
@@ -70,7 +70,7 @@ def _forced(fsm: CompiledFSM, state: int, depth: int, active: set[int]) -> bytes
             if not prefix:
                 break
             continue
-        next_state = fsm.index.get_next_state(state, token_id)
+        next_state = fsm.next_state(state, token_id)
         tail = b"" if next_state is None else _forced(fsm, next_state, depth + 1, active)
         if next_state is not None and tail == b"" and next_state not in fsm.forced_bytes:
             exact = False

@@ -11,6 +11,11 @@ it produces:
 * special tokens are left out, so the FSM never allows them; EOS is passed to outlines-core
   separately and is allowed exactly in accepting states.
 
+The outlines-core vocabulary also carries one synthetic token, ``ACCEPT_SENTINEL``: the
+compiler appends that character to every regex and reads "this state accepts" off its
+transition (see ``compiler.CompiledFSM``). Tokens containing byte ``0xF4`` (the lead byte of
+U+100000..U+10FFFF, private-use plane 16) are left out so no real token can spell it.
+
     >>> from transformers import AutoTokenizer                                  # doctest: +SKIP
     >>> vocab = get_vocabulary(AutoTokenizer.from_pretrained(path))             # doctest: +SKIP
     >>> vocab.token_bytes[vocab.bytes_to_ids[b" the"][0]]                       # doctest: +SKIP
@@ -29,6 +34,12 @@ from typing import Iterable
 from outlines_core import Vocabulary
 
 from sglite.constraints.errors import ConstraintError
+
+ACCEPT_SENTINEL = "\U0010FFFF"
+"""Appended to every compiled regex; its transition marks accepting states."""
+ACCEPT_SENTINEL_ID = 0x7FFF_FFF0
+"""The synthetic token id spelling ``ACCEPT_SENTINEL`` (beyond any real vocabulary)."""
+_SENTINEL_LEAD = ACCEPT_SENTINEL.encode("utf-8")[0]
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_PIECE = "\u2581"  # SentencePiece's "▁"
@@ -49,7 +60,7 @@ class TokenVocabulary:
     outlines: Vocabulary = field(repr=False)
     """The outlines-core vocabulary (``token_bytes`` without specials, primary EOS)."""
     bytes_to_ids: dict[bytes, list[int]] = field(repr=False)
-    """Inverse of ``token_bytes`` (several ids may spell the same bytes)."""
+    """Inverse of ``token_bytes`` over the tokens constraints may use (several ids may share bytes)."""
 
     def __len__(self) -> int:
         return len(self.token_bytes)
@@ -124,7 +135,8 @@ def _build(tokenizer, key: tuple, extra_eos: Iterable[int] | None) -> TokenVocab
 
     bytes_to_ids: dict[bytes, list[int]] = {}
     for token_id, spelled in enumerate(table):
-        if spelled:  # empty spellings would loop the FSM in place; leave them out
+        # Empty spellings would loop the FSM in place; 0xF4 could spell the sentinel.
+        if spelled and _SENTINEL_LEAD not in spelled:
             bytes_to_ids.setdefault(spelled, []).append(token_id)
     if not bytes_to_ids:
         raise ConstraintError("the tokenizer has no ordinary tokens to constrain")
@@ -132,7 +144,9 @@ def _build(tokenizer, key: tuple, extra_eos: Iterable[int] | None) -> TokenVocab
     primary_eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else None
     if primary_eos is None:
         primary_eos = min(eos_ids) if eos_ids else size  # an id no token uses
-    outlines = Vocabulary(int(primary_eos), bytes_to_ids)
+    outlines_map = dict(bytes_to_ids)
+    outlines_map[ACCEPT_SENTINEL.encode("utf-8")] = [ACCEPT_SENTINEL_ID]
+    outlines = Vocabulary(int(primary_eos), outlines_map)
     return TokenVocabulary(
         key=key,
         kind=kind,

@@ -20,8 +20,14 @@ from sglite.lang.ir import Expr, ExprList, Gen, GenParams, LangError, RoleBegin,
 from sglite.lang.program import Program
 
 
-def function(func: Callable[..., Any] | None = None) -> Program | Callable[[Callable[..., Any]], Program]:
-    """Decorate a program: a function whose first parameter ``s`` is its ``ProgramState``."""
+def function(
+    func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None
+) -> Program | Callable[[Callable[..., Any]], Program]:
+    """Decorate a program: a function whose first parameter ``s`` is its ``ProgramState``.
+
+    ``@sgl.function`` and ``@sgl.function()`` both work; ``num_api_spec_tokens`` (SGLang's API
+    speculative execution) is accepted for compatibility and has no effect.
+    """
     if func is None:
         return Program
     return Program(func)

@@ -138,10 +138,13 @@ def main_run(argv: Sequence[str] | None = None) -> int:
     try:
         program = load_program(args.target)
         rows = read_rows(args.input)
-        completed_rows(args.output)  # refuse a foreign output file before loading the model
+        already = completed_rows(args.output)  # refuse a foreign output file before loading the model
     except (BatchJobError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if all(i in already for i in range(len(rows))):
+        print(f"all {len(rows)} rows are already in {args.output}; nothing to do", file=sys.stderr)
+        return 0
     backend = Runtime(args.model)
     try:
         written, failed = run_job(program, backend, rows, args.output, args.threads, not args.no_progress)

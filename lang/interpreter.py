@@ -133,6 +133,9 @@ class StreamExecutor:
             try:
                 if self.error_ is None:
                     self._execute(expr)
+                else:  # skipped after a failure: its variables will never come, wake their readers
+                    for name in variable_names(expr):
+                        self._var_events[name].set()
             except BaseException as exc:  # re-raised in the program's thread by sync()/get_var()
                 if hasattr(exc, "add_note") and where:
                     exc.add_note(f"raised while running {type(expr).__name__} appended at:\n  {where}")
@@ -193,7 +196,7 @@ class StreamExecutor:
         """The program has returned and every node it queued has run."""
         return self.program_done.is_set() and self._unfinished == 0
 
-    def wait_for_chunks(self, index: int, timeout: float = 0.1) -> tuple[list[StreamChunk], bool]:
+    def wait_for_chunks(self, index: int, timeout: float) -> tuple[list[StreamChunk], bool]:
         """Chunks from ``index`` on (waiting up to ``timeout`` for some), and whether no more will come."""
         with self._cond:
             if len(self.chunks) <= index and not self.is_done() and self.error_ is None:
@@ -317,3 +320,27 @@ class StreamExecutor:
         self.messages_.append({"role": role, "content": self.text_[self._role_start:]})
         self._open_role = None
         self._append(self.chat_template.role_suffix(prior, role))
+
+
+class ChunkCursor:
+    """Reads a state's stream log from the start, optionally only one variable's pieces."""
+
+    def __init__(self, executor: StreamExecutor, var_name: str | None) -> None:
+        self.executor = executor
+        self.var_name = var_name
+        self.index = 0
+        self.finished = False
+
+    def poll(self, timeout: float = 0.1) -> list[StreamChunk]:
+        """New matching chunks (waiting up to ``timeout``); sets ``finished`` when none can follow."""
+        # A variable's event is set after its last chunk is logged, so check it first.
+        var_done = self.var_name is not None and self.executor.var_finished(self.var_name)
+        chunks, done = self.executor.wait_for_chunks(self.index, 0.0 if var_done else timeout)
+        self.index += len(chunks)
+        self.finished = done or var_done
+        return [c for c in chunks if self.var_name is None or c.var_name == self.var_name]
+
+    def raise_if_failed(self) -> None:
+        """After the last chunk: re-raise the program's error, if it failed."""
+        if self.executor.error_ is not None:
+            raise self.executor.error_

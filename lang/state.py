@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sglite.lang.interpreter import StreamExecutor
+from sglite.lang.interpreter import ChunkCursor, StreamExecutor
 from sglite.lang.ir import (
     ConcatenateAndAppend,
     Expr,
@@ -130,35 +130,19 @@ class ProgramState:
 
         With ``run(stream=True)`` pieces arrive token by token; otherwise one piece per node.
         """
-        for chunk in self._chunks(var_name):
-            yield chunk.text
-
-    def _chunks(self, var_name: str | None):
-        executor, index = self.stream_executor, 0
-        while True:
-            chunks, done = executor.wait_for_chunks(index)
-            index += len(chunks)
-            for chunk in chunks:
-                if var_name is None or chunk.var_name == var_name:
-                    yield chunk
-            if done or (var_name is not None and executor.var_finished(var_name) and not chunks):
-                break
-        if executor.error_ is not None:
-            raise executor.error_
+        cursor = ChunkCursor(self.stream_executor, var_name)
+        while not cursor.finished:
+            for chunk in cursor.poll():
+                yield chunk.text
+        cursor.raise_if_failed()
 
     async def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> AsyncIterator:
         """``text_iter`` for asyncio; with ``return_meta_data`` yields ``(text, meta_info)`` pairs."""
-        executor, index = self.stream_executor, 0
-        while True:
-            chunks, done = await asyncio.to_thread(executor.wait_for_chunks, index)
-            index += len(chunks)
-            for chunk in chunks:
-                if var_name is None or chunk.var_name == var_name:
-                    yield (chunk.text, chunk.meta_info) if return_meta_data else chunk.text
-            if done or (var_name is not None and executor.var_finished(var_name) and not chunks):
-                break
-        if executor.error_ is not None:
-            raise executor.error_
+        cursor = ChunkCursor(self.stream_executor, var_name)
+        while not cursor.finished:
+            for chunk in await asyncio.to_thread(cursor.poll):
+                yield (chunk.text, chunk.meta_info) if return_meta_data else chunk.text
+        cursor.raise_if_failed()
 
     def _repr_html_(self) -> str:
         from sglite.lang.notebook import render_state_html

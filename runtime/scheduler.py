@@ -271,6 +271,8 @@ class Scheduler:
             req.kv_len += n
             if start < len(req.prompt_ids):
                 self.stats["prefill_tokens_computed"] += min(n, len(req.prompt_ids) - start)
+            if start == 0 and req.logprob_start_len == 0:  # the first token has no logprob
+                req.input_token_logprobs.append((None, req.prompt_ids[0], None))
             if req.rid in prompt_rows:
                 self._record_prompt_logprobs(req, start, logits, *prompt_rows[req.rid])
             if req.kv_len == len(req.prompt_ids) and not req.output_ids:
@@ -286,8 +288,6 @@ class Scheduler:
 
     def _record_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor, first: int, count: int) -> None:
         prompt = req.prompt_ids
-        if start == 0 and req.logprob_start_len == 0:
-            req.input_token_logprobs.append((None, prompt[0], None))
         targets = torch.tensor(prompt[start + 1 : start + 1 + count], dtype=torch.int64)
         lps = token_logprobs(logits[first : first + count], targets).tolist()
         for pos, (lp, tok) in enumerate(zip(lps, targets.tolist()), start=start + 1):

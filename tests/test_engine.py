@@ -104,6 +104,8 @@ def test_logprobs_match_transformers(llama_path, engine):
     assert inputs[0][0] is None and [t for _, t, _ in inputs] == ids[:n_prompt]
     for pos in range(1, n_prompt):
         assert inputs[pos][0] == pytest.approx(logp[pos - 1, ids[pos]].item(), abs=1e-4)
+    one = engine.generate(ids[:1], {"max_new_tokens": 1}, return_logprob=True, logprob_start_len=0)
+    assert one["meta_info"]["input_token_logprobs"] == [(None, ids[0], None)]
     top = out["meta_info"]["output_top_logprobs"][0]
     assert [t for _, t, _ in top] == logp[n_prompt - 1].topk(3).indices.tolist()
 

@@ -184,6 +184,17 @@ def test_run_batch_keeps_input_order_and_hits_the_cache(runtime):
     assert "Item 4 is" in positional[1].text()
 
 
+def test_run_batch_reraises_a_failing_program(runtime):
+    @sgl.function(num_api_spec_tokens=64)  # SGLang's decorator arguments are accepted
+    def fragile(s, n):
+        s += f"n={n}" + sgl.gen("v", max_tokens=1)
+        if n == 2:
+            raise ValueError(f"program {n} failed")
+
+    with pytest.raises(ValueError, match="program 2 failed"):
+        fragile.run_batch([{"n": i} for i in range(4)])
+
+
 def test_bind_and_call(runtime):
     bound = qa.bind(question="Bound?")
     assert bound()["answer"] and "Bound?" in bound.run().text()
@@ -245,6 +256,11 @@ def test_run_without_backend_says_how_to_set_one():
             qa.run(question="q")
     finally:
         sgl.set_default_backend(saved)
+
+
+def test_display_stream_prints_outside_notebooks(runtime, capsys):
+    state = sgl.display_stream(qa.run(question="Printed?", stream=True))
+    assert capsys.readouterr().out == state.text() + "\n"
 
 
 def test_state_renders_html_with_variable_spans(runtime):

@@ -19,7 +19,7 @@ import sglite as sgl
 
 @sgl.function
 def summarize(s, text):
-    s += "Text: " + text + "\\nSummary:" + sgl.gen("summary", max_tokens=48, ignore_eos=True, temperature=0)
+    s += "Text: " + text + "\\nSummary:" + sgl.gen("summary", max_tokens=16, ignore_eos=True, temperature=0)
     return len(text)
 '''
 

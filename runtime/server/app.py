@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from sglite.runtime.server.metrics import ServerMetrics
 from sglite.runtime.server.native_api import NativeServing
 from sglite.runtime.server.openai_api import OpenAIServing
 from sglite.runtime.server.rate_limit import RateLimiter, retry_after_header
-from sglite.runtime.server.streaming import AsyncEngine
+from sglite.runtime.server.streaming import AsyncEngine, InflightRequests
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/health", "/metrics")
 
@@ -112,9 +113,18 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     config = config or ServerConfig()
     model_name = served_model_name(engine, config)
     metrics = ServerMetrics(engine, model_name)
-    openai = OpenAIServing(engine, config, metrics, model_name)
-    native = NativeServing(engine, config)
+    inflight = InflightRequests(engine)
+    openai = OpenAIServing(inflight, config, metrics, model_name)
+    native = NativeServing(inflight, config)
     shutting_down = asyncio.Event()
+
+    async def drain(timeout: float) -> None:
+        """Shutdown, first half: give open requests ``timeout`` s, then abort the rest in the engine."""
+        shutting_down.set()
+        deadline = time.monotonic() + timeout
+        while len(inflight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        inflight.abort_all()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +137,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.state.engine = engine
     app.state.config = config
     app.state.metrics = metrics
+    app.state.drain = drain  # called by GracefulServer.shutdown (see server.py)
     install_error_handlers(app)
     app.add_middleware(CountRequests, metrics=metrics)
 

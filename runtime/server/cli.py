@@ -48,11 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_serve(argv: list[str] | None = None) -> int:
     """Parse flags, load the engine, serve until SIGINT/SIGTERM; the exit status (2 for bad flags)."""
-    import uvicorn
-
     import sglite
     from sglite.runtime.config import EngineConfig
     from sglite.runtime.server.app import create_app
+    from sglite.runtime.server.server import GracefulServer
 
     parser = build_parser()
     try:
@@ -75,15 +74,13 @@ def main_serve(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 1
-    app = create_app(engine, server_config, owns_engine=True)
+    server = GracefulServer(create_app(engine, server_config, owns_engine=True), server_config)
     try:
-        uvicorn.run(
-            app,
-            host=server_config.host,
-            port=server_config.port,
-            log_level=server_config.log_level,
-            timeout_graceful_shutdown=server_config.graceful_shutdown_timeout,
-        )
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after its graceful shutdown
+        pass
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind the port
+        return exc.code if isinstance(exc.code, int) else 1
     finally:
-        engine.shutdown()  # idempotent; covers a failed bind, where the app's shutdown never ran
-    return 0
+        engine.shutdown()  # idempotent; covers a failed start, where the app's shutdown never ran
+    return 0 if server.started else 1

@@ -24,13 +24,13 @@ from sglite.runtime.server.logprobs import FLOOR_LOGPROB
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     SSE_DONE,
-    AsyncEngine,
     Chunk,
+    InflightRequests,
     SSEResponse,
     generate_all,
     merge_streams,
     new_request_id,
-    open_stream,
+    open_streams,
     sse,
 )
 
@@ -49,8 +49,8 @@ def json_safe(value: Any) -> Any:
 class NativeServing:
     """``POST /generate`` over one shared engine."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, inflight: InflightRequests, config: ServerConfig) -> None:
+        self.inflight = inflight
         self.config = config
 
     async def generate(self, request: Request) -> Response:
@@ -77,27 +77,17 @@ class NativeServing:
             "top_logprobs_num": req.top_logprobs_num,
         }
         if not req.stream:
-            outputs = await generate_all(request, self.engine, calls, **kwargs)
+            outputs = await generate_all(request, self.inflight, calls, **kwargs)
             return JSONResponse(json_safe(outputs[0] if single else outputs))
-        streams = []
-        try:
-            for prompt, sampling_params, rid in calls:
-                streams.append(await open_stream(self.engine, prompt, sampling_params, rid, **kwargs))
-        except BaseException:
-            for rid in rids[: len(streams)]:
-                self.engine.abort(rid)
-            raise
+        streams = await open_streams(self.inflight, calls, **kwargs)
         return SSEResponse(self._events(streams, rids, single))
 
     async def _events(self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool) -> AsyncIterator[str]:
-        finished: set[int] = set()
         try:
             async for index, chunk in merge_streams(streams):
                 if chunk.get("finished"):
-                    finished.add(index)
+                    self.inflight.release([rids[index]], abort=False)
                 yield sse(json.dumps(json_safe(chunk if single else {**chunk, "index": index})))
             yield SSE_DONE
         finally:
-            for index, rid in enumerate(rids):
-                if index not in finished:
-                    self.engine.abort(rid)
+            self.inflight.release(rids, abort=True)  # those still running: the client left

@@ -13,8 +13,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
@@ -32,6 +33,7 @@ from sglite.runtime.server.protocol import (
     ChatDelta,
     ChatMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -41,13 +43,13 @@ from sglite.runtime.server.protocol import (
 )
 from sglite.runtime.server.streaming import (
     SSE_DONE,
-    AsyncEngine,
     Chunk,
+    InflightRequests,
     SSEResponse,
     generate_all,
     merge_streams,
     new_request_id,
-    open_stream,
+    open_streams,
     sse,
 )
 
@@ -80,6 +82,11 @@ def usage_of(meta_infos: Sequence[dict[str, Any]], n: int) -> Usage:
     )
 
 
+def json_response(model: BaseModel) -> Response:
+    """Serialize with pydantic-core (faster than ``json.dumps`` of ``model_dump()``)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def _tail(values: Sequence[Any] | None, count: int) -> list[Any]:
     """The last ``count`` entries; chunk meta_info lists are cumulative, the new tokens are at the end."""
     return list(values[len(values) - count :]) if values and count else []
@@ -88,25 +95,34 @@ def _tail(values: Sequence[Any] | None, count: int) -> list[Any]:
 class OpenAIServing:
     """The OpenAI-compatible endpoints; one instance per app."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics, model_name: str) -> None:
-        self.engine = engine
+    def __init__(
+        self, inflight: InflightRequests, config: ServerConfig, metrics: ServerMetrics, model_name: str
+    ) -> None:
+        self.inflight = inflight
+        self.engine = inflight.engine
         self.config = config
         self.metrics = metrics
         self.model_name = model_name
-        self.strings = TokenStrings(engine.tokenizer)
+        self.strings = TokenStrings(self.engine.tokenizer)
 
     # ---- /v1/models ---------------------------------------------------------------------
-    async def list_models(self) -> JSONResponse:
+    async def list_models(self) -> Response:
         card = ModelCard(id=self.model_name, max_model_len=self.engine.context_length)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return json_response(ModelList(data=[card]))
 
     # ---- shared -------------------------------------------------------------------------
-    def _calls(self, prompts: list[list[int]], req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, prefix: str) -> list[Call]:
-        if len(prompts) * req.n > self.config.max_choices:
+    def _check_choices(self, n_prompts: int, n: int) -> None:
+        if n_prompts * n > self.config.max_choices:
             raise invalid_request(
-                f"{len(prompts)} prompt(s) x n={req.n} is more than this server's limit of {self.config.max_choices} choices",
+                f"{n_prompts} prompt(s) x n={n} is more than this server's limit of {self.config.max_choices} choices",
                 param="n",
             )
+
+    def _calls(
+        self, prompts: list[list[int]], req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, prompt_param: str
+    ) -> list[Call]:
+        """One engine request per choice per prompt, after the checks that need the prompt's length."""
+        self._check_choices(len(prompts), req.n)
         calls = []
         context = self.engine.context_length
         for ids in prompts:
@@ -117,7 +133,7 @@ class OpenAIServing:
                 raise invalid_request(
                     f"This model's maximum context length is {context} tokens. However, you requested {requested} tokens "
                     f"({len(ids)} in the prompt, {max_tokens or 1} for the completion). Reduce the prompt or max_tokens.",
-                    param="messages" if prefix == "chatcmpl" else "prompt",
+                    param=prompt_param,
                     code="context_length_exceeded",
                 )
             params = req.sampling_params(max_tokens if max_tokens is not None else context - len(ids))
@@ -126,7 +142,7 @@ class OpenAIServing:
                 if "seed" in params and choice:
                     # Same seed for every choice would make n identical samples.
                     choice_params["seed"] = (params["seed"] + choice) % (INT64_MAX + 1)
-                calls.append((ids, choice_params, new_request_id(prefix)))
+                calls.append((ids, choice_params, new_request_id("req")))
         return calls
 
     def _observe_stream(self, arrival: float, times: dict[int, float], index: int, new_tokens: int) -> None:
@@ -139,22 +155,6 @@ class OpenAIServing:
                 for _ in range(new_tokens):
                     self.metrics.inter_token_latency.observe(gap)
             times[index] = now
-
-    async def _open_streams(self, calls: list[Call], **kwargs: Any) -> list[AsyncIterator[Chunk]]:
-        streams: list[AsyncIterator[Chunk]] = []
-        try:
-            for ids, params, rid in calls:
-                streams.append(await open_stream(self.engine, ids, params, rid, **kwargs))
-        except BaseException:
-            for _, _, rid in calls[: len(streams)]:
-                self.engine.abort(rid)
-            raise
-        return streams
-
-    def _abort_unfinished(self, calls: list[Call], finished: set[int]) -> None:
-        for index, (_, _, rid) in enumerate(calls):
-            if index not in finished:
-                self.engine.abort(rid)
 
     # ---- /v1/chat/completions -----------------------------------------------------------
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
@@ -177,15 +177,15 @@ class OpenAIServing:
         except ValueError as exc:
             raise invalid_request(str(exc), param="response_format") from exc
         prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, req.messages)
-        calls = self._calls([prompt_ids], req, req.max_new_tokens(), "chatcmpl")
+        calls = self._calls([prompt_ids], req, req.max_new_tokens(), "messages")
         for _, params, _ in calls:
             params.update(constraint)
         kwargs = {"return_logprob": True, "top_logprobs_num": req.top_logprobs or 0} if req.logprobs else {}
         response_id = new_request_id("chatcmpl")
         if req.stream:
-            streams = await self._open_streams(calls, **kwargs)
+            streams = await open_streams(self.inflight, calls, **kwargs)
             return SSEResponse(self._chat_events(req, calls, streams, response_id, arrival))
-        outputs = await generate_all(request, self.engine, calls, **kwargs)
+        outputs = await generate_all(request, self.inflight, calls, **kwargs)
         choices = []
         for index, out in enumerate(outputs):
             meta = out["meta_info"]
@@ -199,7 +199,7 @@ class OpenAIServing:
             )
             self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
         usage = usage_of([out["meta_info"] for out in outputs], req.n)
-        return JSONResponse(ChatCompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage).model_dump(mode="json"))
+        return json_response(ChatCompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
     async def _chat_events(
         self, req: ChatCompletionRequest, calls: list[Call], streams: list[AsyncIterator[Chunk]], response_id: str, arrival: float
@@ -209,7 +209,6 @@ class OpenAIServing:
             return sse(chunk.model_dump_json())
 
         created = int(time.time())
-        finished: set[int] = set()
         last_meta: dict[int, dict[str, Any]] = {}
         token_times: dict[int, float] = {}
         try:
@@ -228,7 +227,7 @@ class OpenAIServing:
                     )
                 reason = None
                 if chunk["finished"]:
-                    finished.add(index)
+                    self.inflight.release([calls[index][2]], abort=False)
                     last_meta[index] = meta
                     reason = finish_reason(meta)
                     self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
@@ -243,7 +242,7 @@ class OpenAIServing:
             yield sse(json.dumps(exc.body()))
             yield SSE_DONE
         finally:
-            self._abort_unfinished(calls, finished)
+            self.inflight.release([rid for _, _, rid in calls], abort=True)  # those still running: client left
 
     # ---- /v1/completions ----------------------------------------------------------------
     def _completion_prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -257,20 +256,19 @@ class OpenAIServing:
         arrival = time.perf_counter()
         req = CompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
         prompts = req.prompts()
-        if len(prompts) * req.n > self.config.max_choices:  # checked before tokenizing a huge batch
-            raise invalid_request(f"too many choices: {len(prompts)} prompt(s) x n={req.n} > {self.config.max_choices}", param="n")
+        self._check_choices(len(prompts), req.n)  # before tokenizing a huge batch
         prompt_ids = await asyncio.to_thread(self._completion_prompt_ids, prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else LEGACY_DEFAULT_MAX_TOKENS
-        calls = self._calls(prompt_ids, req, max_tokens, "cmpl")
+        calls = self._calls(prompt_ids, req, max_tokens, "prompt")
         kwargs: dict[str, Any] = {}
         if req.logprobs is not None:
             kwargs = {"return_logprob": True, "top_logprobs_num": req.logprobs, "logprob_start_len": 0 if req.echo else -1}
         prompt_texts = [self._prompt_text(p) for p in prompts] if req.echo or req.logprobs is not None else [""] * len(prompts)
         response_id = new_request_id("cmpl")
         if req.stream:
-            streams = await self._open_streams(calls, **kwargs)
+            streams = await open_streams(self.inflight, calls, **kwargs)
             return SSEResponse(self._completion_events(req, calls, streams, prompt_texts, response_id, arrival))
-        outputs = await generate_all(request, self.engine, calls, **kwargs)
+        outputs = await generate_all(request, self.inflight, calls, **kwargs)
         choices = []
         for index, out in enumerate(outputs):
             meta = out["meta_info"]
@@ -282,9 +280,12 @@ class OpenAIServing:
             choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(meta)))
             self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
         usage = usage_of([out["meta_info"] for out in outputs], req.n)
-        return JSONResponse(CompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage).model_dump(mode="json"))
+        return json_response(CompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
-    def _legacy_logprobs(self, meta: dict[str, Any], new_tokens: int, echo: bool, first: bool, prompt_text: str, offset: int | None = None):
+    def _legacy_logprobs(
+        self, meta: dict[str, Any], new_tokens: int, echo: bool, first: bool, prompt_text: str, offset: int | None = None
+    ) -> tuple[CompletionLogprobs, int]:
+        """Legacy logprobs of the last ``new_tokens`` outputs (and, on the first chunk with echo, of the prompt)."""
         entries = _tail(meta.get("output_token_logprobs"), new_tokens)
         tops: list[Any] = _tail(meta.get("output_top_logprobs"), new_tokens) or [None] * len(entries)
         if echo and first:
@@ -304,7 +305,6 @@ class OpenAIServing:
         arrival: float,
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        finished: set[int] = set()
         last_meta: dict[int, dict[str, Any]] = {}
         offsets: dict[int, int] = {}  # per choice: text offset of its next logprob token
         started: set[int] = set()
@@ -328,7 +328,7 @@ class OpenAIServing:
                     logprobs, offsets[index] = self._legacy_logprobs(meta, len(new_ids), req.echo, first, prompt_text, offsets.get(index))
                 reason = None
                 if chunk["finished"]:
-                    finished.add(index)
+                    self.inflight.release([calls[index][2]], abort=False)
                     last_meta[index] = meta
                     reason = finish_reason(meta)
                     self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
@@ -341,4 +341,4 @@ class OpenAIServing:
             yield sse(json.dumps(exc.body()))
             yield SSE_DONE
         finally:
-            self._abort_unfinished(calls, finished)
+            self.inflight.release([rid for _, _, rid in calls], abort=True)  # those still running: client left

@@ -8,10 +8,8 @@ server shutting down). An aborted request frees its KV slots (or hands them to t
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -20,8 +18,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Send
 
 from sglite.runtime.server.errors import APIError, invalid_request
-
-logger = logging.getLogger("sglite.server")
 
 Chunk = dict[str, Any]
 
@@ -55,21 +51,49 @@ def _engine_error(exc: Exception) -> APIError:
 async def open_stream(engine: AsyncEngine, prompt: str | list[int], params: dict[str, Any], rid: str, **kwargs: Any) -> AsyncIterator[Chunk]:
     """Validate and start one streamed engine request; bad input raises a 400 before any byte is sent."""
     try:
-        stream = engine.async_generate(prompt, params, stream=True, rid=rid, **kwargs)
-        if inspect.isawaitable(stream):
-            stream = await stream
+        return await engine.async_generate(prompt, params, stream=True, rid=rid, **kwargs)
     except (ValueError, RuntimeError) as exc:
         raise _engine_error(exc) from exc
-    return stream
+
+
+class InflightRequests:
+    """Engine requests this app started and has not seen finish: the owner of "what to abort".
+
+    Handlers register rids when they submit and release them when done; at shutdown the app
+    aborts whatever is left, so open streams end with an error event instead of being cut.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._rids: set[str] = set()
+
+    def add(self, rids: Iterable[str]) -> None:
+        self._rids.update(rids)
+
+    def release(self, rids: Iterable[str], abort: bool) -> None:
+        """Forget ``rids``; with ``abort`` also stop them in the engine (unknown or finished ids are ignored)."""
+        for rid in rids:
+            if rid in self._rids:
+                self._rids.discard(rid)
+                if abort:
+                    self.engine.abort(rid)
+
+    def abort_all(self) -> None:
+        for rid in list(self._rids):
+            self.engine.abort(rid)
+
+    def __len__(self) -> int:
+        return len(self._rids)
 
 
 async def generate_all(
-    request: Request, engine: AsyncEngine, calls: Sequence[tuple[str | list[int], dict[str, Any], str]], **kwargs: Any
+    request: Request, inflight: InflightRequests, calls: Sequence[tuple[str | list[int], dict[str, Any], str]], **kwargs: Any
 ) -> list[Chunk]:
     """Run ``(prompt, sampling_params, rid)`` engine requests concurrently; all results, in order.
 
     If the client disconnects first, every unfinished request is aborted and ``ClientDisconnected`` raised.
     """
+    engine = inflight.engine
 
     async def one(prompt: str | list[int], params: dict[str, Any], rid: str) -> Chunk:
         try:
@@ -77,19 +101,40 @@ async def generate_all(
         except (ValueError, RuntimeError) as exc:
             raise _engine_error(exc) from exc
 
+    rids = [rid for _, _, rid in calls]
+    inflight.add(rids)
     work = asyncio.ensure_future(asyncio.gather(*(one(*call) for call in calls)))
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    succeeded = False
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        raise ClientDisconnected()
+        if not work.done():
+            raise ClientDisconnected()
+        outputs = work.result()
+        succeeded = True
+        return outputs
     finally:
         watcher.cancel()
         if not work.done():
             work.cancel()
-            for _, _, rid in calls:
-                engine.abort(rid)
+        # gather does not stop the siblings of a request that failed: abort them all.
+        inflight.release(rids, abort=not succeeded)
+
+
+async def open_streams(
+    inflight: InflightRequests, calls: Sequence[tuple[str | list[int], dict[str, Any], str]], **kwargs: Any
+) -> list[AsyncIterator[Chunk]]:
+    """``open_stream`` for each call, registered in ``inflight``; all or none (a 400 aborts those opened)."""
+    streams: list[AsyncIterator[Chunk]] = []
+    rids = [rid for _, _, rid in calls]
+    inflight.add(rids)
+    try:
+        for prompt, params, rid in calls:
+            streams.append(await open_stream(inflight.engine, prompt, params, rid, **kwargs))
+    except BaseException:
+        inflight.release(rids, abort=True)
+        raise
+    return streams
 
 
 class ClientDisconnected(APIError):
@@ -157,9 +202,8 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None] | None] | None = None) -> None:
+    def __init__(self, content: AsyncIterator[str]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -169,7 +213,3 @@ class SSEResponse(StreamingResponse):
                 aclose = getattr(self.body_iterator, "aclose", None)
                 if aclose is not None:
                     await aclose()
-                if self._on_close is not None:
-                    result = self._on_close()
-                    if inspect.isawaitable(result):
-                        await result

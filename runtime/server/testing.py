@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-import uvicorn
-
 from sglite.runtime.server.app import create_app
 from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.server import CANCEL_BACKSTOP_S, GracefulServer
 from sglite.runtime.server.streaming import AsyncEngine
 
 
@@ -28,22 +27,16 @@ def serve_in_thread(
     """Serve ``create_app(engine, config)`` with uvicorn in a daemon thread; yield its base URL.
 
     The socket is bound before the thread starts (port 0 = a free one), so the URL is valid the
-    moment it is yielded. On exit the server stops accepting, open streams get
-    ``config.graceful_shutdown_timeout`` seconds, and the thread is joined; the engine keeps running.
+    moment it is yielded. On exit the server stops accepting, open requests get
+    ``config.graceful_shutdown_timeout`` seconds before they are aborted, and the thread is joined;
+    the engine keeps running.
     """
     config = replace(config or ServerConfig(log_level="warning"), host="127.0.0.1", port=0)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, config),
-            log_level=config.log_level,
-            timeout_graceful_shutdown=config.graceful_shutdown_timeout,
-            lifespan="on",
-        )
-    )
+    server = GracefulServer(create_app(engine, config), config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sglite-server-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -59,5 +52,5 @@ def serve_in_thread(
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=config.graceful_shutdown_timeout + 10)
+        thread.join(timeout=config.graceful_shutdown_timeout + CANCEL_BACKSTOP_S + 5)
         sock.close()

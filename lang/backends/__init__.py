@@ -1,0 +1,1 @@
+"""Where programs run: ``Runtime`` (in process), ``RuntimeEndpoint`` (a server's /generate), ``OpenAI`` (/v1)."""

@@ -1,0 +1,88 @@
+"""Constraints through ``sglite.Engine``: batched with free requests, and jump-forward saves forwards."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+import sglite
+from sglite.constraints import ConstraintError
+
+EXTRACTION = {
+    "type": "object",
+    "properties": {
+        "customer_name": {"type": "string", "maxLength": 6},
+        "customer_email_verified": {"type": "boolean"},
+        "shipping_priority": {"enum": ["standard_delivery", "express_delivery"]},
+        "order_quantity": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["customer_name", "customer_email_verified", "shipping_priority", "order_quantity"],
+}
+DATE = r"\d{4}-\d{2}-\d{2}"
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path):
+    with sglite.Engine(str(llama_path), device="cpu", max_total_tokens=8192) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def engine_without_jump_forward(llama_path):
+    with sglite.Engine(str(llama_path), device="cpu", max_total_tokens=8192, jump_forward=False) as engine:
+        yield engine
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constrained_and_free_requests_share_a_batch(engine, temperature):
+    prompts = ["Date:", "Tell me a story", "JSON:", "Answer:", "Free"]
+    params = [
+        {"regex": DATE, "temperature": temperature, "max_new_tokens": 32},
+        {"temperature": temperature, "max_new_tokens": 12},
+        {"json_schema": json.dumps(EXTRACTION), "temperature": temperature, "max_new_tokens": 96},
+        {"choices": ["yes", "no", "maybe"], "temperature": temperature, "max_new_tokens": 8},
+        {"temperature": temperature, "max_new_tokens": 12, "ignore_eos": True},
+    ]
+    date, free, doc, answer, free_again = engine.generate(prompts, params)
+    assert re.fullmatch(DATE, date["text"]) and date["meta_info"]["finish_reason"]["type"] == "stop"
+    jsonschema.validate(json.loads(doc["text"]), EXTRACTION)
+    assert answer["text"] in ("yes", "no", "maybe")
+    assert free_again["meta_info"]["completion_tokens"] == 12  # unconstrained rows are untouched
+    assert doc["meta_info"]["jump_forward_tokens"] > 20
+
+
+def test_pydantic_style_schema_dict_and_stream(engine):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 50}},
+              "required": ["ok", "n"]}
+    chunks = list(engine.generate("Status:", {"json_schema": schema, "max_new_tokens": 32}, stream=True))
+    text = "".join(chunk["text"] for chunk in chunks)
+    assert chunks[-1]["finished"]
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_bad_constraints_raise_before_queueing(engine):
+    with pytest.raises(ConstraintError, match="position"):
+        engine.generate("x", {"regex": "(ab"})
+    with pytest.raises(ValueError, match="JSON"):
+        engine.generate("x", {"json_schema": '{"type": '})
+    out = engine.generate("still serving", {"regex": "ok|fine", "max_new_tokens": 4})
+    assert out["text"] in ("ok", "fine")
+
+
+def test_jump_forward_makes_fewer_forward_calls(engine, engine_without_jump_forward):
+    prompts = [f"Order {i}:" for i in range(3)]
+    params = {"json_schema": json.dumps(EXTRACTION), "temperature": 1.0, "max_new_tokens": 128, "seed": 7}
+    calls, forced = {}, {}
+    for name, eng in (("on", engine), ("off", engine_without_jump_forward)):
+        before = eng.get_stats()["forward_calls"]
+        outs = eng.generate(prompts, params)
+        calls[name] = eng.get_stats()["forward_calls"] - before
+        forced[name] = sum(o["meta_info"]["jump_forward_tokens"] for o in outs)
+        for out in outs:
+            jsonschema.validate(json.loads(out["text"]), EXTRACTION)
+    assert forced["off"] == 0 and forced["on"] > 60
+    assert calls["on"] < calls["off"] * 0.6, calls

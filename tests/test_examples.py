@@ -1,0 +1,65 @@
+"""Every example runs on the tiny model, and the tour notebook executes cell by cell."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves annotations through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_few_shot_qa_reuses_the_shared_prefix(llama_path, capsys):
+    answers = load_example("few_shot_qa").main(["--model", str(llama_path)])
+    assert len(answers) == 6 and all(isinstance(a, str) for a in answers)
+    assert "served from cache" in capsys.readouterr().out
+
+
+def test_json_extraction_always_parses(llama_path):
+    orders = load_example("json_extraction").main(["--model", str(llama_path)])
+    assert len(orders) == 2 and all(1 <= o.quantity <= 100 for o in orders)
+
+
+def test_fork_join_branches_hit_the_cache(llama_path):
+    state = load_example("fork_join").main(["--model", str(llama_path)])
+    assert state["summary"] and all(cached > 0 for cached in state.ret_value)
+
+
+def test_rag_questions_share_the_context(llama_path):
+    states = load_example("rag").main(["--model", str(llama_path)])
+    assert all(st["supported"] in ("yes", "no") for st in states)
+    assert sum(st.get_meta_info("answer")["cached_tokens"] > 0 for st in states) >= len(states) - 1
+
+
+def test_extract_returns_records(llama_path, monkeypatch):
+    monkeypatch.setenv("SGLITE_MODEL", str(llama_path))  # the examples' default model
+    records = load_example("extract").main([])
+    assert [sorted(r) for r in records] == [["company", "email", "name"]] * 2
+
+
+@pytest.mark.slow
+def test_tour_notebook_executes(llama_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(EXAMPLES / "tour.ipynb", as_version=4)
+    os.environ["SGLITE_MODEL"] = str(llama_path)  # inherited by the kernel
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    finally:
+        del os.environ["SGLITE_MODEL"]
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    html = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    assert any('title="answer"' in h for h in html)  # a state rendered with its variables highlighted
