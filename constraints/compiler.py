@@ -1,13 +1,9 @@
 """Constraint source -> regex -> cached token-level FSM (an outlines-core ``Index``).
 
-The regex flavour is Rust's ``regex`` crate (what outlines-core compiles): Python's common
-syntax works, plus ``\\p{L}``-style classes; lookarounds, backreferences, word boundaries and
-anchors inside the pattern do not. A leading ``^`` and trailing ``$`` are dropped, since a
-constraint always matches the whole output, and ``\\d`` means ``[0-9]`` (not every Unicode digit).
-
-Compiling is the slow part (a DFA over the whole vocabulary), so ``compile_fsm`` keeps an LRU
-of ``CompiledFSM`` keyed by (regex, vocabulary); each ``CompiledFSM`` in turn caches, per FSM
-state, the disallowed-token mask the step loop applies with one ``masked_fill_``.
+Regex syntax and its error messages live in ``regex_syntax``. Compiling is the slow part (a
+DFA over the whole vocabulary), so ``compile_fsm`` keeps an LRU of ``CompiledFSM`` keyed by
+(regex, vocabulary); per FSM state, the 0/-inf logit bias the step loop adds with one ``add_``
+is cached too (in one byte-bounded LRU shared by all FSMs).
 
     >>> import re
     >>> rx = regex_for_choices(["yes", "no", "a.b"])
@@ -17,6 +13,7 @@ state, the disallowed-token mask the step loop applies with one ``masked_fill_``
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -26,6 +23,7 @@ from outlines_core import Index
 from outlines_core import json_schema as oc_json
 
 from sglite.constraints.errors import ConstraintError
+from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, find_unsupported, normalize_regex
 from sglite.constraints.vocabulary import ACCEPT_SENTINEL, ACCEPT_SENTINEL_ID, TokenVocabulary
 
 INT_REGEX = r"-?(?:0|[1-9][0-9]*)"
@@ -65,116 +63,6 @@ def regex_for_choices(choices: list[str] | tuple[str, ...]) -> str:
     return "(?:" + "|".join(re.escape(c) for c in unique) + ")"
 
 
-def normalize_regex(regex: str) -> str:
-    """The regex outlines-core compiles: outer anchors dropped, ``\\d`` made ASCII.
-
-    Rust's ``\\d`` is any Unicode digit (``۸`` included); constraints want ``[0-9]``.
-
-        >>> normalize_regex(r"^\\d+[\\d.]$")
-        '[0-9]+[0-9.]'
-    """
-    return _ascii_digits(strip_anchors(regex))
-
-
-def _ascii_digits(regex: str) -> str:
-    out: list[str] = []
-    i, in_class = 0, False
-    while i < len(regex):
-        char = regex[i]
-        if char == "\\" and i + 1 < len(regex):
-            escaped = regex[i + 1]
-            out.append(("0-9" if in_class else "[0-9]") if escaped == "d" else regex[i : i + 2])
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            if regex[i + 1 : i + 2] == "]":  # a leading "]" is literal
-                out.append("[]")
-                i += 2
-                continue
-        out.append(char)
-        i += 1
-    return "".join(out)
-
-
-def strip_anchors(regex: str) -> str:
-    """Drop a leading ``^`` / ``\\A`` and a trailing unescaped ``$`` / ``\\z``: matches are always whole."""
-    if regex.startswith("^"):
-        regex = regex[1:]
-    elif regex.startswith(r"\A"):
-        regex = regex[2:]
-    for tail in ("$", r"\z"):
-        if regex.endswith(tail) and _unescaped_at(regex, len(regex) - len(tail)):
-            regex = regex[: -len(tail)]
-            break
-    return regex
-
-
-def _unescaped_at(regex: str, index: int) -> bool:
-    backslashes = 0
-    while index - 1 - backslashes >= 0 and regex[index - 1 - backslashes] == "\\":
-        backslashes += 1
-    return backslashes % 2 == 0
-
-
-# Constructs a DFA cannot express, found by scanning outside character classes.
-_UNSUPPORTED = (
-    ("(?=", "lookahead"), ("(?!", "negative lookahead"), ("(?<=", "lookbehind"),
-    ("(?<!", "negative lookbehind"), ("(?P=", "named backreference"),
-)
-
-
-def diagnose_regex(regex: str, detail: str) -> ConstraintError:
-    """A ``ConstraintError`` naming where ``regex`` goes wrong (``detail``: outlines-core's message)."""
-    position, what = _find_unsupported(regex)
-    if position is not None:
-        return ConstraintError(
-            f"regex {regex!r} uses a {what} at position {position}, which the constraint FSM cannot "
-            "express; rewrite it without lookarounds, backreferences, word boundaries or inner anchors"
-        )
-    try:
-        re.compile(regex)
-    except re.error as exc:
-        if exc.msg.startswith((r"bad escape \p", r"bad escape \P")):
-            return ConstraintError(f"invalid regex {regex!r}: unknown Unicode class at position {exc.pos}")
-        return ConstraintError(f"invalid regex {regex!r}: {exc.msg} at position {exc.pos}")
-    return ConstraintError(f"invalid regex {regex!r}: {detail.splitlines()[0] if detail else 'rejected'}")
-
-
-def _find_unsupported(regex: str) -> tuple[int | None, str]:
-    i, in_class = 0, False
-    while i < len(regex):
-        char = regex[i]
-        if char == "\\" and i + 1 < len(regex):
-            escaped = regex[i + 1]
-            if not in_class:
-                if escaped in "bB":
-                    return i, r"word boundary \b"
-                if escaped.isdigit() and escaped != "0":
-                    return i, "backreference"
-                if escaped in "AzZ":
-                    return i, f"anchor \\{escaped}"
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            if regex[i + 1 : i + 2] == "]" or regex[i + 1 : i + 3] == "^]":
-                i += 2 if regex[i + 1] == "]" else 3  # a leading "]" is literal
-                continue
-        elif char in "^$":
-            return i, f"anchor {char}"
-        else:
-            for prefix, what in _UNSUPPORTED:
-                if regex.startswith(prefix, i):
-                    return i, what
-        i += 1
-    return None, ""
-
-
 class CompiledFSM:
     """The token-level automaton of one regex over one vocabulary, plus per-state caches.
 
@@ -189,9 +77,6 @@ class CompiledFSM:
     no real token can complete a match, so no transition is lost.
     """
 
-    MASK_CACHE_BYTES = 16 << 20
-    """Budget for cached boolean masks per FSM (``vocab`` bytes each); least recently used go first."""
-
     def __init__(self, regex: str, vocabulary: TokenVocabulary, index: Index) -> None:
         self.regex = regex
         self.vocabulary = vocabulary
@@ -199,7 +84,7 @@ class CompiledFSM:
         self.initial_state: int = index.get_initial_state()
         self._sentinel_finals = frozenset(index.get_final_states())
         self._excluded = frozenset({ACCEPT_SENTINEL_ID, vocabulary.outlines.get_eos_token_id()})
-        self._masks: OrderedDict[tuple[int, int, torch.device], torch.Tensor] = OrderedDict()
+        self._serial = next(_fsm_serials)  # keys this FSM's masks in the shared cache
         self._accepting: dict[int, bool] = {}
         self._has_continuation: dict[int, bool] = {}
         self.forced_bytes: dict[int, bytes] = {}
@@ -240,21 +125,59 @@ class CompiledFSM:
             self._has_continuation[state] = known
         return known
 
+    def logit_bias(self, state: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A cached ``[width]`` tensor: 0 where ``state`` allows a token, ``-inf`` elsewhere.
+
+        Added to the logits rather than used with ``masked_fill_``: on CPU a bool-mask fill of a
+        150k row takes ~0.8 ms, a vectorized add ~0.03 ms (on GPUs both are a single fast kernel).
+        """
+        key = (self._serial, state, width, device, dtype)
+        bias = _bias_cache.get(key)
+        if bias is None:
+            allowed = torch.tensor([t for t in self.allowed_tokens(state) if t < width], dtype=torch.long)
+            bias = torch.full((width,), float("-inf"), dtype=dtype)
+            bias[allowed] = 0
+            bias = bias.to(device)
+            _bias_cache.put(key, bias)
+        return bias
+
     def disallowed_mask(self, state: int, width: int, device: torch.device) -> torch.Tensor:
-        """A cached ``[width]`` bool tensor, True where a token is forbidden in ``state``."""
-        key = (state, width, device)
-        mask = self._masks.get(key)
-        if mask is not None:
-            self._masks.move_to_end(key)
-            return mask
-        allowed = torch.tensor([t for t in self.allowed_tokens(state) if t < width], dtype=torch.long)
-        mask = torch.ones(width, dtype=torch.bool)
-        mask[allowed] = False
-        mask = mask.to(device)
-        self._masks[key] = mask
-        while len(self._masks) > max(8, self.MASK_CACHE_BYTES // max(width, 1)):
-            self._masks.popitem(last=False)
-        return mask
+        """``[width]`` bool tensor, True where ``state`` forbids a token (built from ``logit_bias``)."""
+        return torch.isinf(self.logit_bias(state, width, device, torch.float32))
+
+
+class _BiasCache:
+    """One LRU of per-state logit biases for all FSMs, bounded in bytes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            bias = self._entries.get(key)
+            if bias is not None:
+                self._entries.move_to_end(key)
+            return bias
+
+    def put(self, key: tuple, bias: torch.Tensor) -> None:
+        size = bias.numel() * bias.element_size()
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = bias
+            self._bytes += size
+            while self._bytes > self.budget_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.numel() * evicted.element_size()
+
+
+BIAS_CACHE_BYTES = 256 << 20
+"""Memory for cached per-state logit biases across all FSMs (4 bytes a token in float32)."""
+_bias_cache = _BiasCache(BIAS_CACHE_BYTES)
+_fsm_serials = itertools.count()
 
 
 def _with_sentinel(regex: str) -> str:
@@ -293,7 +216,7 @@ class _CompileCache:
                 index = Index(_with_sentinel(regex), vocabulary.outlines)
             except (ValueError, RuntimeError, OverflowError) as exc:
                 message = str(exc)
-                if "incompatible" in message and _find_unsupported(regex)[0] is None:
+                if "incompatible" in message and find_unsupported(regex)[0] is None:
                     missing = re.search(r"characters: (\[.*?\])", message)
                     raise ConstraintError(
                         f"the tokenizer cannot spell regex {regex!r}: no token produces "
@@ -334,34 +257,8 @@ def compile_fsm(regex: str, vocabulary: TokenVocabulary) -> CompiledFSM:
     if not isinstance(regex, str):
         raise ConstraintError(f"regex must be a string, got {type(regex).__name__}")
     regex = normalize_regex(regex)
-    _check_groups_balanced(regex)
+    check_groups_balanced(regex)
     return _cache.get(regex, vocabulary)
-
-
-def _check_groups_balanced(regex: str) -> None:
-    """Reject unbalanced parentheses up front: wrapped as ``(?:regex)``, ``a)|(b`` would parse."""
-    i, in_class, opened = 0, False, []
-    while i < len(regex):
-        char = regex[i]
-        if char == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            if regex[i + 1 : i + 2] == "]":
-                i += 2
-                continue
-        elif char == "(":
-            opened.append(i)
-        elif char == ")":
-            if not opened:
-                raise ConstraintError(f"invalid regex {regex!r}: unbalanced parenthesis at position {i}")
-            opened.pop()
-        i += 1
-    if opened:
-        raise ConstraintError(f"invalid regex {regex!r}: missing ) for the group opened at position {opened[-1]}")
 
 
 def compile_cache_info() -> dict[str, int]:

@@ -49,9 +49,8 @@ class FSMLogitsProcessor:
         return self.fsm.regex
 
     def mask_logits(self, logits: torch.Tensor) -> None:
-        """Set every forbidden token of the ``[vocab]`` row to ``-inf``, in place (one ``masked_fill_``)."""
-        mask = self.fsm.disallowed_mask(self.state, logits.shape[-1], logits.device)
-        logits.masked_fill_(mask, float("-inf"))
+        """Set every forbidden token of the ``[vocab]`` row to ``-inf``, in place (one cached-bias ``add_``)."""
+        logits.add_(self.fsm.logit_bias(self.state, logits.shape[-1], logits.device, logits.dtype))
 
     def accept_token(self, token_id: int) -> None:
         """Advance over a sampled token; EOS in an accepting state finishes the request."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
+from collections import OrderedDict
 from decimal import Decimal
 from typing import Any, Union
 
@@ -119,6 +121,39 @@ def schema_to_regex(schema: SchemaInput, whitespace_pattern: str | None = None) 
         >>> schema_to_regex({"enum": ["red", "green"]})
         '("red"|"green")'
     """
+    key = _cache_key(schema, whitespace_pattern)
+    with _regex_cache_lock:
+        cached = _regex_cache.get(key) if key is not None else None
+        if cached is not None:
+            _regex_cache.move_to_end(key)
+            return cached
+    regex = _compile_schema(schema, whitespace_pattern)
+    if key is not None:
+        with _regex_cache_lock:
+            _regex_cache[key] = regex
+            while len(_regex_cache) > _REGEX_CACHE_SIZE:
+                _regex_cache.popitem(last=False)
+    return regex
+
+
+_REGEX_CACHE_SIZE = 256
+_regex_cache: OrderedDict[tuple, str] = OrderedDict()
+_regex_cache_lock = threading.Lock()
+
+
+def _cache_key(schema: SchemaInput, whitespace_pattern: str | None) -> tuple | None:
+    """Property order shapes the regex, so the key keeps it (no ``sort_keys``)."""
+    if isinstance(schema, str):
+        return ("text", schema, whitespace_pattern)
+    if isinstance(schema, type):
+        return ("model", schema, whitespace_pattern)
+    try:
+        return ("json", json.dumps(schema), whitespace_pattern)
+    except (TypeError, ValueError):
+        return None  # not JSON data: let normalize_schema report it
+
+
+def _compile_schema(schema: SchemaInput, whitespace_pattern: str | None) -> str:
     parsed = normalize_schema(schema)
     if parsed is True:
         parsed = {}

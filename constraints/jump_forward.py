@@ -72,15 +72,15 @@ def _forced(fsm: CompiledFSM, state: int, depth: int, active: set[int]) -> bytes
             continue
         next_state = fsm.next_state(state, token_id)
         tail = b"" if next_state is None else _forced(fsm, next_state, depth + 1, active)
-        if next_state is not None and tail == b"" and next_state not in fsm.forced_bytes:
-            exact = False
+        if next_state is not None and next_state not in fsm.forced_bytes:
+            exact = False  # the tail was cut short by a cycle or the depth cap
         candidate = spelled + tail
         prefix = candidate if prefix is None else _common_prefix(prefix, candidate)
         if not prefix:
             break
     active.discard(state)
     result = prefix or b""
-    if exact or result == b"":
+    if exact:
         fsm.forced_bytes[state] = result
     return result
 

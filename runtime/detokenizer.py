@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+def _direct_backend(tokenizer) -> Tokenizer | None:
+    """The Rust ``tokenizers.Tokenizer`` behind ``tokenizer`` when decoding through it gives the same
+    text, else None.
+
+    transformers' ``decode`` wraps the Rust call in several microseconds of Python (argument
+    conversion, clean-up checks); at two decodes per token per request that is most of the
+    detokenizer's cost. Only a stock fast tokenizer with ``clean_up_tokenization_spaces`` off
+    qualifies: anything that post-processes text keeps the wrapper.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend as stock
+    except ImportError:  # transformers 4.x: keep the wrapper
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, stock) or cls.decode is not stock.decode or cls._decode is not stock._decode:
+        return None
+    return backend
 
 
 class IncrementalDecoder:
@@ -16,6 +42,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._backend = _direct_backend(tokenizer)
         # A few prompt tokens give the first output token its left context (e.g. "▁" handling).
         self._ids: list[int] = list(prompt_ids[-4:])
         self._prefix_offset = 0
@@ -23,6 +50,8 @@ class IncrementalDecoder:
         self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def append(self, token_ids: Sequence[int]) -> str:

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
+class EngineShutdownError(RuntimeError):
+    """The engine was shut down; it accepts no more requests."""
+
+
 class Engine:
     """Generate with continuous batching and a radix prefix cache, in process.
 
@@ -99,7 +103,7 @@ class Engine:
             if not single:
                 raise ValueError("stream=True takes a single prompt")
             return self._stream_sync(reqs[0])
-        queues = [self._attach_sync(req) for req in reqs]
+        queues = [self._attach_sync(req, stream=False) for req in reqs]
         for req in reqs:
             self._submit(req)
         outputs = [_collect(_drain(q)) for q in queues]
@@ -152,13 +156,21 @@ class Engine:
         if err is not None:
             raise err
 
-    def flush_cache(self) -> None:
-        """Empty the radix cache (only while idle)."""
+    def flush_cache(self) -> bool:
+        """Empty the radix cache; only while idle (running requests hold KV), else return False."""
         done: queue.Queue = queue.Queue()
-        self._inbox.put(("call", lambda: self.tree.reset() if not self.scheduler.has_work() else None, done))
+        flushed: list[bool] = []
+
+        def flush() -> None:
+            if not self.scheduler.has_work():
+                self.tree.reset()
+                flushed.append(True)
+
+        self._inbox.put(("call", flush, done))
         err = done.get()
         if err is not None:
             raise err
+        return bool(flushed)
 
     def shutdown(self) -> None:
         """Abort everything still running and stop the step loop. Idempotent."""
@@ -204,7 +216,7 @@ class Engine:
         self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
     ) -> tuple[list[Request], bool]:
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise EngineShutdownError("the engine has been shut down")
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
         source = prompt if prompt is not None else input_ids
@@ -267,6 +279,7 @@ class Engine:
                 json_schema=sp.json_schema,
                 choices=sp.choices,
                 jump_forward=self.config.jump_forward,
+                eos_token_ids=self.eos_token_ids,
             )
         generator = torch.Generator()
         generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))
@@ -283,7 +296,7 @@ class Engine:
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise EngineShutdownError("the engine has been shut down")
         self._inbox.put(("add", req))
 
     @staticmethod
@@ -296,10 +309,17 @@ class Engine:
         state["ids"] = len(req.output_ids)
         return {"text": text_delta, "output_ids": ids_delta, "meta_info": req.meta_info(), "finished": finished}
 
-    def _attach_sync(self, req: Request) -> queue.Queue:
+    def _attach_sync(self, req: Request, stream: bool = True) -> queue.Queue:
+        """Chunks of ``req`` arrive on the returned queue; without ``stream`` only the final one
+        (holding all text and ids), so a non-streaming request costs no per-token snapshot."""
         out: queue.Queue = queue.Queue()
         state = {"text": 0, "ids": 0}
-        req.on_update = lambda r, finished: out.put(self._make_chunk(r, finished, state))
+
+        def deliver(r: Request, finished: bool) -> None:
+            if stream or finished:
+                out.put(self._make_chunk(r, finished, state))
+
+        req.on_update = deliver
         return out
 
     def _stream_sync(self, req: Request) -> Iterator[dict]:
@@ -315,12 +335,15 @@ class Engine:
             if not finished:
                 self.abort(req.rid)
 
-    def _attach_async(self, req: Request) -> asyncio.Queue:
+    def _attach_async(self, req: Request, stream: bool = True) -> asyncio.Queue:
+        """Like ``_attach_sync``, for an asyncio caller (delivered thread-safely to its loop)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         state = {"text": 0, "ids": 0}
 
         def deliver(r: Request, finished: bool) -> None:
+            if not (stream or finished):
+                return
             chunk = self._make_chunk(r, finished, state)
             try:
                 loop.call_soon_threadsafe(out.put_nowait, chunk)
@@ -330,8 +353,8 @@ class Engine:
         req.on_update = deliver
         return out
 
-    async def _stream_async(self, req: Request) -> AsyncIterator[dict]:
-        out = self._attach_async(req)
+    async def _stream_async(self, req: Request, stream: bool = True) -> AsyncIterator[dict]:
+        out = self._attach_async(req, stream)
         self._submit(req)
         finished = False
         try:
@@ -345,7 +368,7 @@ class Engine:
 
     async def _collect_async(self, req: Request) -> dict:
         chunks = []
-        async for chunk in self._stream_async(req):
+        async for chunk in self._stream_async(req, stream=False):
             chunks.append(chunk)
         return _collect(chunks)
 

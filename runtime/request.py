@@ -20,7 +20,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: `req in running` must not compare every field
 class Request:
     """Owned by the scheduler once submitted; callers see it only through ``on_update`` snapshots."""
 
@@ -66,13 +66,27 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def fill_len(self) -> int:
+        """``len(fill_ids)`` without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """``fill_ids[start:end]`` without copying the whole prompt (the scheduler's per-step read)."""
+        num_prompt = len(self.prompt_ids)
+        if end <= num_prompt:
+            return self.prompt_ids[start:end]
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - num_prompt]
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     @property
     def needs_prefill(self) -> bool:
         """True while fill_ids has more than one token without K/V (one is fed by decode)."""
-        return len(self.fill_ids) - self.kv_len > 1 or not self.output_ids
+        return self.fill_len - self.kv_len > 1 or not self.output_ids
 
     def meta_info(self) -> dict:
         info = {

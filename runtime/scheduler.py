@@ -120,7 +120,7 @@ class Scheduler:
     def _prefix_limit(self, req: Request) -> int:
         """Most tokens that may come from the cache: the last token is always computed (its logits
         are sampled), and prompt logprobs need logits from ``logprob_start_len - 1`` on."""
-        limit = len(req.fill_ids) - 1
+        limit = req.fill_len - 1
         if req.logprob_start_len >= 0:
             limit = min(limit, max(req.logprob_start_len - 1, 0))
         return limit
@@ -171,9 +171,9 @@ class Scheduler:
         budget = self.config.chunked_prefill_size
         segments: list[tuple[Request, int]] = []
         for req in list(self.running):
-            if req.finished or req not in self.running:
+            if req.status is not RequestStatus.RUNNING:  # finished or preempted earlier in this loop
                 continue
-            pending = len(req.fill_ids) - req.kv_len
+            pending = req.fill_len - req.kv_len
             in_prefill = req.kv_len < len(req.prompt_ids) or pending > 1 + len(req.pending_forced)
             n = min(pending, budget) if in_prefill else pending
             if n <= 0:
@@ -192,7 +192,7 @@ class Scheduler:
                 budget -= n
             req.slot_indices = torch.cat([req.slot_indices, slots])
             segments.append((req, n))
-        return [(r, n) for r, n in segments if r in self.running]
+        return [(r, n) for r, n in segments if r.status is RequestStatus.RUNNING]
 
     def _preempt(self, keep: Request) -> bool:
         """Retract the most recently admitted other request (its KV goes to the tree; it recomputes later)."""
@@ -210,7 +210,7 @@ class Scheduler:
         """Hand the request's computed KV to the tree (which frees duplicates) and drop its lock."""
         kv = req.kv_len
         if kv:
-            self.tree.insert(req.fill_ids[:kv], req.slot_indices[:kv])
+            self.tree.insert(req.fill_slice(0, kv), req.slot_indices[:kv])
         self.pool.free(req.slot_indices[kv:])
         if req.tree_node is not None:
             self.tree.unlock(req.tree_node)
@@ -221,7 +221,7 @@ class Scheduler:
         """After prefill, publish the prompt's KV in the tree so concurrent requests can share it."""
         if self.tree.disable or req.kv_len <= req.tree_len:
             return
-        ids = req.fill_ids[: req.kv_len]
+        ids = req.fill_slice(0, req.kv_len)
         self.tree.insert(ids, req.slot_indices[: req.kv_len])
         slots, node = self.tree.match_prefix(ids)
         self.tree.lock(node)
@@ -239,9 +239,8 @@ class Scheduler:
         offset = 0
         for req, n in segments:
             start = req.kv_len
-            ids = req.fill_ids
-            input_ids.extend(ids[start : start + n])
-            positions.append(torch.arange(start, start + n))
+            input_ids.extend(req.fill_slice(start, start + n))
+            positions.extend(range(start, start + n))
             out_slots.append(req.slot_indices[start : start + n])
             kv_slots.append(req.slot_indices[: start + n])
             prefix_lens.append(start)
@@ -250,13 +249,13 @@ class Scheduler:
                 rows_end = min(start + n, len(req.prompt_ids) - 1)
                 prompt_rows[req.rid] = (len(logit_rows), rows_end - start)
                 logit_rows.extend(range(offset, offset + rows_end - start))
-            if start + n == len(ids):
+            if start + n == req.fill_len:
                 sample_rows[req.rid] = len(logit_rows)
                 logit_rows.append(offset + n - 1)
             offset += n
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.cat(positions),
+            positions=torch.tensor(positions, dtype=torch.int64),
             out_slots=torch.cat(out_slots),
             prefix_lens=prefix_lens,
             extend_lens=extend_lens,
@@ -295,12 +294,14 @@ class Scheduler:
                 req.input_token_logprobs.append((lp, tok, None))
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        raw = logits.clone()
+        want_lp = [i for i, r in enumerate(reqs) if r.params.return_logprob or r.params.top_logprobs_num]
+        raw = logits.clone() if want_lp else logits  # logprobs are over the unprocessed logits
+        vocab = logits.shape[-1]
         for row, req in enumerate(reqs):
             if req.processor is not None:
                 req.processor.mask_logits(logits[row])
             if len(req.output_ids) < req.params.min_new_tokens:
-                banned = list((self.eos_token_ids | set(req.params.stop_token_ids)) & set(range(logits.shape[-1])))
+                banned = [t for t in self.eos_token_ids | set(req.params.stop_token_ids) if 0 <= t < vocab]
                 logits[row, banned] = float("-inf")
         penalised = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty]
         if penalised:
@@ -313,7 +314,6 @@ class Scheduler:
             )
             logits[penalised] = sub
         next_ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-        want_lp = [i for i, r in enumerate(reqs) if r.params.return_logprob or r.params.top_logprobs_num]
         lps = token_logprobs(raw, torch.tensor(next_ids)).tolist() if want_lp else []
         for row, (req, token) in enumerate(zip(reqs, next_ids)):
             if req.params.return_logprob or req.params.top_logprobs_num:
@@ -344,7 +344,7 @@ class Scheduler:
         new_tokens = [token]
         if req.processor is not None:
             req.processor.accept_token(token)
-            room = min(sp.max_new_tokens - len(req.output_ids), self.context_length - len(req.fill_ids))
+            room = min(sp.max_new_tokens - len(req.output_ids), self.context_length - req.fill_len)
             forced = req.processor.forced_tokens()[: max(room, 0)] if not req.processor.is_finished() else []
             if forced:
                 req.output_ids.extend(forced)
@@ -365,7 +365,7 @@ class Scheduler:
                 return
         if req.processor is not None and req.processor.is_finished():
             self._finish(req, "stop", None)
-        elif len(req.output_ids) >= sp.max_new_tokens or len(req.fill_ids) >= self.context_length:
+        elif len(req.output_ids) >= sp.max_new_tokens or req.fill_len >= self.context_length:
             self._finish(req, "length", None)
         elif req.on_update is not None:
             req.on_update(req, False)

@@ -46,7 +46,7 @@ class TinyRecipe:
     tie_word_embeddings: bool = False
     rope_scaling_llama3: bool = False
     seed: int = 0
-    version: int = 2
+    version: int = 3
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -89,15 +89,19 @@ def build_tokenizer(kind: str, vocab_size: int, out_dir: Path):
         tok.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
-        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials + byte_tokens,
-            show_progress=False,
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe' or 'sentencepiece'")
     tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    if kind == "sentencepiece":
+        # As in Llama-2's tokenizer, the 256 byte-fallback pieces are ordinary vocabulary entries (not
+        # special tokens, which decode(skip_special_tokens=True) would drop).
+        data = json.loads(tok.to_str())
+        vocab = dict(data["model"]["vocab"])
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+        tok.model = models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,

@@ -37,5 +37,7 @@ def llama_path(tiny_model_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sentencepiece_path(tiny_model_factory) -> Path:
-    """A Qwen2 checkpoint with a SentencePiece-style tokenizer (``▁``, ``<0x..>`` byte fallback)."""
-    return tiny_model_factory("qwen2", tokenizer="sentencepiece")
+    """A Llama checkpoint with a Llama-2-style SentencePiece tokenizer (``▁``, ``<0x..>`` byte fallback).
+
+    (transformers maps a ``qwen2`` config to a byte-level tokenizer class, which would mangle it.)"""
+    return tiny_model_factory("llama", tokenizer="sentencepiece")

@@ -21,7 +21,7 @@ from sglite.constraints import (
     regex_for_choices,
     regex_for_type,
 )
-from sglite.constraints.compiler import normalize_regex
+from sglite.constraints.regex_syntax import normalize_regex
 from sglite.constraints.simulate import simulate_decode
 
 VOCAB = 2100  # wider than the tokenizer's 2048, as a model's padded embedding can be
@@ -229,6 +229,18 @@ def test_unbalanced_group_is_rejected_not_wrapped(tokenizer):
         build_logits_processor(tokenizer, VOCAB, regex="a)|(b")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_keeps_dtype_and_allowed_values(tokenizer, dtype):
+    proc = build_logits_processor(tokenizer, VOCAB, regex=r"[0-9]{2}")
+    logits = torch.randn(VOCAB).to(dtype)
+    original = logits.clone()
+    proc.mask_logits(logits)
+    allowed = proc.allowed_token_ids()
+    assert logits.dtype == dtype
+    assert torch.equal(logits[allowed], original[allowed])
+    assert torch.isinf(logits).sum() == VOCAB - len(allowed)
+
+
 def test_finishes_when_nothing_can_follow(tokenizer):
     proc = build_logits_processor(tokenizer, VOCAB, regex="abc", jump_forward=False)
     for token_id in tokenizer.encode("abc", add_special_tokens=False):
@@ -265,9 +277,9 @@ def test_compiles_and_masks_are_cached(tokenizer):
     after = compile_cache_info()
     assert second.fsm is first.fsm
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
-    state = first.state
-    mask = first.fsm.disallowed_mask(state, VOCAB, torch.device("cpu"))
-    assert first.fsm.disallowed_mask(state, VOCAB, torch.device("cpu")) is mask
+    bias = first.fsm.logit_bias(first.state, VOCAB, torch.device("cpu"), torch.float32)
+    assert first.fsm.logit_bias(first.state, VOCAB, torch.device("cpu"), torch.float32) is bias
+    assert set(torch.nonzero(bias == 0).flatten().tolist()) == set(first.allowed_token_ids())
 
 
 # ---- property: random small regexes from a grammar ----------------------------------------

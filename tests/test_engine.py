@@ -266,3 +266,25 @@ def test_fuzzed_concurrent_workload_keeps_the_slot_invariant(llama_path):
         eng.check_invariant()
         stats = eng.get_stats()
         assert stats["pool_free"] + stats["cached_tokens_in_tree"] == stats["pool_size"]
+
+
+def test_flush_cache_only_when_idle_and_shutdown_is_final(llama_path):
+    from sglite.runtime.engine import EngineShutdownError
+
+    eng = sglite.Engine(str(llama_path))
+    eng.generate("import os", {"max_new_tokens": 2})
+    assert eng.get_stats()["cached_tokens_in_tree"] > 0
+    stream = eng.generate("import os", {"max_new_tokens": 200, "ignore_eos": True}, stream=True)
+    next(stream)
+    assert eng.flush_cache() is False  # a running request holds KV
+    stream.close()  # abandoning the stream aborts the request
+    import time
+
+    deadline = time.time() + 5
+    while eng.get_stats()["num_running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert eng.flush_cache() is True and eng.get_stats()["cached_tokens_in_tree"] == 0
+    eng.check_invariant()
+    eng.shutdown()
+    with pytest.raises(EngineShutdownError):
+        eng.generate("x")

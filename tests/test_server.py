@@ -283,3 +283,14 @@ def test_rate_limit_answers_429_with_retry_after(engine):
         assert int(err.value.response.headers["retry-after"]) >= 1
         # Limits are per key: another key still gets through.
         openai.OpenAI(base_url=f"{url}/v1", api_key="sk-b", max_retries=0).models.list()
+
+
+def test_native_flush_cache_and_server_info(server, client, engine):
+    greedy_chat(client, max_tokens=2)
+    assert engine.get_stats()["cached_tokens_in_tree"] > 0
+    assert httpx.post(f"{server}/flush_cache").status_code == 200
+    assert engine.get_stats()["cached_tokens_in_tree"] == 0
+    info = httpx.get(f"{server}/get_server_info").json()
+    assert info["context_length"] == engine.context_length
+    assert info["engine"]["max_total_tokens"] == 8192
+    assert "api_key" not in info["server"] and info["server"]["auth"] is False

@@ -154,7 +154,9 @@ def test_token_bytes_rebuild_multibyte_text(tokenizer):
     text = "héllo wörld 你好 ▁x"
     ids = tokenizer.encode(text, add_special_tokens=False)
     strings = TokenStrings(tokenizer)
-    assert bytes(b for i in ids for b in strings.bytes(i)).decode("utf-8") == tokenizer.decode(ids)
+    rebuilt = bytes(b for i in ids for b in strings.bytes(i)).decode("utf-8")
+    # SentencePiece spells the space it prepends to the text ("▁héllo"); decode drops it again.
+    assert rebuilt.removeprefix(" ") == tokenizer.decode(ids)
 
 
 def test_legacy_logprob_offsets_follow_token_text(tokenizer):

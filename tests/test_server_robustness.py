@@ -290,14 +290,24 @@ LONG = {"messages": MSG, "max_tokens": 1500, "stream": True, "ignore_eos": True}
 
 
 @pytest.mark.slow
-def test_disconnect_mid_stream_aborts_the_request(server, engine):
+@pytest.mark.parametrize(
+    "path, body, running",
+    [
+        ("/v1/chat/completions", LONG, 1),
+        ("/v1/chat/completions", {**LONG, "n": 2}, 2),
+        ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 1500, "stream": True, "ignore_eos": True}, 2),
+        ("/generate", {"text": ["a", "b"], "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}, "stream": True}, 2),
+    ],
+    ids=["chat", "chat-n2", "completions-batch", "generate-batch"],
+)
+def test_disconnect_mid_stream_aborts_the_request(server, engine, path, body, running):
     wait_idle(engine)
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=LONG, timeout=60) as response:
+    with httpx.stream("POST", f"{server}{path}", json=body, timeout=60) as response:
         lines = response.iter_lines()
         seen = 0
-        while seen < 3:
+        while seen < 3 + running:
             seen += bool(next(lines))
-        assert engine.get_stats()["num_running"] == 1
+        assert engine.get_stats()["num_running"] == running
     # Leaving the block closed the connection: the engine must stop generating within seconds.
     wait_idle(engine, timeout=5)
     assert_slots_accounted(engine)

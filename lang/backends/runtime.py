@@ -81,8 +81,7 @@ class Runtime(NativeBackend):
         return self.engine.tokenizer
 
     def flush_cache(self) -> bool:
-        self.engine.flush_cache()
-        return True
+        return self.engine.flush_cache()
 
     def get_server_info(self) -> dict[str, Any]:
         return {"model_path": self.model_path, **self.engine.get_stats()}

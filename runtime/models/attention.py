@@ -1,9 +1,11 @@
 """Ragged paged attention over the KV slot pool, with torch's scaled_dot_product_attention.
 
 A ragged batch (sequence ``i``: ``prefix_lens[i]`` cached tokens + ``extend_lens[i]`` new ones)
-is laid out once per forward as a padded problem — ``B x max_extend`` queries against
-``B x max_kv`` keys gathered from the pool — and every layer reuses that layout. Prefill,
-chunked prefill, prefix reuse and decode (all ``extend_lens == 1``) are the same code path.
+mixes decode steps (one new token) with prefill chunks (hundreds). Padded as one problem, every
+decode row would pay for the longest chunk (31 decodes + a 512-token chunk = 32 x 512 query
+rows), so the batch is split once per forward into groups whose extend lengths share a
+power-of-two bucket — decode steps form their own group — and each group is padded on its own
+(less than 2x query padding). Every layer reuses that layout.
 """
 
 from __future__ import annotations
@@ -19,15 +21,12 @@ from sglite.runtime.forward_batch import ForwardBatch
 
 
 @dataclass
-class AttentionMetadata:
-    """The padded layout of one :class:`ForwardBatch`, built once and shared by all layers.
+class AttentionGroup:
+    """Sequences padded together: ``B x max_extend`` queries against ``B x max_kv`` keys."""
 
-        >>> meta = AttentionMetadata.from_batch(batch)          # doctest: +SKIP
-        >>> out = paged_attention(q, k, v, pool, layer_id, meta, scaling=0.125)  # doctest: +SKIP
-    """
-
-    out_slots: torch.Tensor
-    """``[T]`` pool slot receiving each new token's K/V."""
+    token_rows: torch.Tensor | None
+    """``[T_g]`` rows of this group's tokens in the batch's flat token order; ``None`` when the
+    group is the whole batch (in order)."""
     kv_index: torch.Tensor
     """``[B, max_kv]`` pool slots of each sequence's keys; padding points at slot 0 (masked out)."""
     query_positions: torch.Tensor
@@ -35,43 +34,14 @@ class AttentionMetadata:
     kv_lens: torch.Tensor
     """``[B]`` keys per sequence (prefix + extend)."""
     padded_rows: torch.Tensor | None
-    """``[T]`` row of each new token in the flat ``[B * max_extend]`` query layout; ``None`` when
-    every sequence extends by the same count (decode, a single prefill) and no padding is needed."""
+    """``[T_g]`` row of each token in the flat ``[B * max_extend]`` query layout; ``None`` when
+    every sequence of the group extends by the same count and no padding is needed."""
     max_extend: int
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.kv_index.shape[0]
-
-    @classmethod
-    def from_batch(cls, batch: ForwardBatch, device: torch.device | str | None = None) -> AttentionMetadata:
-        """Build the layout (one pass over the sequences, then tensors only)."""
-        device = torch.device(device) if device is not None else batch.input_ids.device
-        extend_lens = torch.tensor(batch.extend_lens, dtype=torch.int64, device=device)
-        prefix_lens = torch.tensor(batch.prefix_lens, dtype=torch.int64, device=device)
-        kv_lens = prefix_lens + extend_lens
-        max_extend = max(batch.extend_lens)
-        # Slot 0 always exists in the pool, so padded keys gather something harmless; the mask hides it.
-        kv_index = pad_sequence([s.to(device) for s in batch.kv_slots], batch_first=True, padding_value=0)
-        offsets = torch.arange(max_extend, dtype=torch.int64, device=device)
-        # Padded queries copy the last real query's position, so no mask row is ever empty (no NaNs).
-        query_positions = torch.minimum(prefix_lens[:, None] + offsets[None, :], (kv_lens - 1)[:, None])
-
-        padded_rows = None
-        if any(n != max_extend for n in batch.extend_lens):
-            seq_of_token = torch.repeat_interleave(torch.arange(len(batch.extend_lens), device=device), extend_lens)
-            starts = torch.cumsum(extend_lens, 0) - extend_lens
-            offset_in_seq = torch.arange(seq_of_token.numel(), device=device) - starts[seq_of_token]
-            padded_rows = seq_of_token * max_extend + offset_in_seq
-        return cls(
-            out_slots=batch.out_slots.to(device),
-            kv_index=kv_index,
-            query_positions=query_positions,
-            kv_lens=kv_lens,
-            padded_rows=padded_rows,
-            max_extend=max_extend,
-        )
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """Boolean ``[B, 1, max_extend, max_kv]``: True where a query may attend to a key.
@@ -90,6 +60,111 @@ class AttentionMetadata:
         return self._masks[sliding_window]
 
 
+def _build_group(
+    batch: ForwardBatch, seqs: list[int], token_starts: list[int], whole_batch: bool, device: torch.device
+) -> AttentionGroup:
+    extend = [batch.extend_lens[i] for i in seqs]
+    max_extend = max(extend)
+    extend_lens = torch.tensor(extend, dtype=torch.int64, device=device)
+    prefix_lens = torch.tensor([batch.prefix_lens[i] for i in seqs], dtype=torch.int64, device=device)
+    kv_lens = prefix_lens + extend_lens
+    # Slot 0 always exists in the pool, so padded keys gather something harmless; the mask hides it.
+    kv_index = pad_sequence([batch.kv_slots[i].to(device) for i in seqs], batch_first=True, padding_value=0)
+    offsets = torch.arange(max_extend, dtype=torch.int64, device=device)
+    # Padded queries copy the last real query's position, so no mask row is ever empty (no NaNs).
+    query_positions = torch.minimum(prefix_lens[:, None] + offsets[None, :], (kv_lens - 1)[:, None])
+
+    padded_rows = token_rows = None
+    if max_extend == 1:
+        if not whole_batch:
+            token_rows = torch.tensor([token_starts[i] for i in seqs], dtype=torch.int64, device=device)
+    else:
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs), device=device), extend_lens)
+        first_token = torch.cumsum(extend_lens, 0) - extend_lens
+        offset_in_seq = torch.arange(seq_of_token.numel(), device=device) - first_token[seq_of_token]
+        if any(n != max_extend for n in extend):
+            padded_rows = seq_of_token * max_extend + offset_in_seq
+        if not whole_batch:
+            starts = torch.tensor([token_starts[i] for i in seqs], dtype=torch.int64, device=device)
+            token_rows = starts[seq_of_token] + offset_in_seq
+    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend)
+
+
+@dataclass
+class AttentionMetadata:
+    """The grouped, padded layout of one :class:`ForwardBatch`, built once and shared by all layers.
+
+        >>> meta = AttentionMetadata.from_batch(batch)          # doctest: +SKIP
+        >>> [g.max_extend for g in meta.groups]                 # e.g. 31 decodes + one chunk: [1, 512]  # doctest: +SKIP
+        >>> out = paged_attention(q, k, v, pool, layer_id, meta, scaling=0.125)  # doctest: +SKIP
+    """
+
+    out_slots: torch.Tensor
+    """``[T]`` pool slot receiving each new token's K/V."""
+    groups: list[AttentionGroup]
+    """Disjoint groups covering every sequence; within one, extend lengths are within 2x."""
+
+    @classmethod
+    def from_batch(cls, batch: ForwardBatch, device: torch.device | str | None = None) -> AttentionMetadata:
+        """Bucket the sequences by extend length, then lay out each bucket (tensors only past that)."""
+        device = torch.device(device) if device is not None else batch.input_ids.device
+        buckets: dict[int, list[int]] = {}
+        token_starts, start = [], 0
+        for i, n in enumerate(batch.extend_lens):
+            # (n - 1).bit_length(): 1 -> 0, 2 -> 1, 3..4 -> 2, 5..8 -> 3, ...: under 2x padding per bucket
+            buckets.setdefault((n - 1).bit_length(), []).append(i)
+            token_starts.append(start)
+            start += n
+        whole = len(buckets) == 1
+        groups = [_build_group(batch, seqs, token_starts, whole, device) for _, seqs in sorted(buckets.items())]
+        return cls(out_slots=batch.out_slots.to(device), groups=groups)
+
+
+def _attend_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scaling: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Attention of one group's queries ``[T_g, heads, head_dim]``; returns ``[T_g, heads * head_dim]``."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    batch_size, max_extend = group.batch_size, group.max_extend
+    # index_select on the flat index: several times faster on CPU than k_cache[kv_index] (2-D advanced indexing)
+    flat_index = group.kv_index.view(-1)
+    layout = (batch_size, group.kv_index.shape[1], k_cache.shape[1], head_dim)
+    keys = k_cache.index_select(0, flat_index).view(layout).transpose(1, 2)  # [B, kv_heads, max_kv, d]
+    values = v_cache.index_select(0, flat_index).view(layout).transpose(1, 2)
+    num_kv_heads = keys.shape[1]
+    mask = group.mask(sliding_window)
+
+    if max_extend == 1:
+        # Decode: the query heads sharing a KV head take the query-length axis, so K/V are not
+        # expanded and the [B, 1, 1, max_kv] mask broadcasts (GQA without enable_gqa's fallbacks).
+        queries = q.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
+        return out.reshape(batch_size, num_heads * head_dim)
+
+    group_size = num_heads // num_kv_heads
+    if group_size > 1:
+        # Explicit head expansion rather than `enable_gqa`: with a mask, GQA in SDPA falls back to
+        # the math kernel on CUDA, while expanded K/V keep the memory-efficient kernel.
+        keys = keys.repeat_interleave(group_size, dim=1)
+        values = values.repeat_interleave(group_size, dim=1)
+    if group.padded_rows is None:
+        queries = q.view(batch_size, max_extend, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(batch_size * max_extend, num_heads, head_dim)
+        queries[group.padded_rows] = q
+        queries = queries.view(batch_size, max_extend, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scaling
+    )  # [B, heads, max_extend, d]
+    out = out.transpose(1, 2).reshape(batch_size * max_extend, num_heads * head_dim)
+    return out if group.padded_rows is None else out.index_select(0, group.padded_rows)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,34 +180,13 @@ def paged_attention(
     ``q`` is ``[T, heads, head_dim]``; ``k``/``v`` are ``[T, kv_heads, head_dim]`` (after RoPE).
     Returns ``[T, heads * head_dim]`` in the flattened token order of the batch.
     """
-    num_tokens, num_heads, head_dim = q.shape
     k_cache, v_cache = pool.k(layer_id), pool.v(layer_id)
     k_cache[meta.out_slots] = k
     v_cache[meta.out_slots] = v
-
-    batch_size, max_extend = meta.batch_size, meta.max_extend
-    keys = k_cache[meta.kv_index]  # [B, max_kv, kv_heads, d]
-    values = v_cache[meta.kv_index]
-    group = num_heads // keys.shape[2]
-    if group > 1:
-        # Explicit head expansion rather than `enable_gqa`: with a mask, GQA in SDPA falls back to
-        # the math kernel on CUDA, while expanded K/V keep the memory-efficient kernel.
-        keys = keys.repeat_interleave(group, dim=2)
-        values = values.repeat_interleave(group, dim=2)
-
-    if meta.padded_rows is None:
-        queries = q.view(batch_size, max_extend, num_heads, head_dim)
-    else:
-        queries = q.new_zeros(batch_size * max_extend, num_heads, head_dim)
-        queries[meta.padded_rows] = q
-        queries = queries.view(batch_size, max_extend, num_heads, head_dim)
-
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=meta.mask(sliding_window),
-        scale=scaling,
-    )  # [B, heads, max_extend, d]
-    out = out.transpose(1, 2).reshape(batch_size * max_extend, num_heads * head_dim)
-    return out if meta.padded_rows is None else out[meta.padded_rows]
+    if len(meta.groups) == 1:
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for group in meta.groups:
+        rows = group.token_rows
+        out[rows] = _attend_group(q.index_select(0, rows), k_cache, v_cache, group, scaling, sliding_window)
+    return out

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from sglite.runtime.server.app import create_app
 from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.server import GracefulServer
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["GracefulServer", "ServerConfig", "create_app"]

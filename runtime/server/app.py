@@ -1,9 +1,10 @@
 """The FastAPI application: routes, access control, metrics and lifecycle around one shared engine.
 
-    >>> import sglite, uvicorn
-    >>> from sglite.runtime.server import ServerConfig, create_app
+    >>> import sglite
+    >>> from sglite.runtime.server import GracefulServer, ServerConfig, create_app
     >>> engine = sglite.Engine("path/to/model")
-    >>> uvicorn.run(create_app(engine, ServerConfig(api_key="sk-local")), port=30000)
+    >>> config = ServerConfig(port=30000, api_key="sk-local")
+    >>> GracefulServer(create_app(engine, config, owns_engine=True), config).run()
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from sglite.runtime.server.openai_api import OpenAIServing
 from sglite.runtime.server.rate_limit import RateLimiter, retry_after_header
 from sglite.runtime.server.streaming import AsyncEngine, InflightRequests
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/health", "/metrics")
+ROUTES = (
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/flush_cache", "/get_server_info", "/health", "/metrics",
+)
 
 
 class AccessGuard:
@@ -115,7 +118,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     metrics = ServerMetrics(engine, model_name)
     inflight = InflightRequests(engine)
     openai = OpenAIServing(inflight, config, metrics, model_name)
-    native = NativeServing(inflight, config)
+    native = NativeServing(inflight, config, model_name)
     shutting_down = asyncio.Event()
 
     async def drain(timeout: float) -> None:
@@ -146,6 +149,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/models", openai.list_models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/generate", native.generate, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/flush_cache", native.flush_cache, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/get_server_info", native.server_info, methods=["GET"], dependencies=guarded)
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,4 +1,6 @@
-"""POST /generate: SGLang's native API, the engine's arguments in and its dicts out (used by lang's RuntimeEndpoint).
+"""SGLang's native routes (used by lang's RuntimeEndpoint): POST /generate, POST /flush_cache, GET /get_server_info.
+
+/generate takes the engine's arguments and answers its dicts:
 
     curl -s localhost:30000/generate -H 'Content-Type: application/json' \\
         -d '{"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}'
@@ -9,9 +11,11 @@ batch carries its prompt's ``index``.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -19,11 +23,10 @@ from starlette.responses import JSONResponse, Response
 
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
-from sglite.runtime.server.errors import invalid_request
+from sglite.runtime.server.errors import APIError, invalid_request
 from sglite.runtime.server.logprobs import FLOOR_LOGPROB
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
-    SSE_DONE,
     Chunk,
     InflightRequests,
     SSEResponse,
@@ -32,7 +35,14 @@ from sglite.runtime.server.streaming import (
     new_request_id,
     open_streams,
     sse,
+    sse_stream,
 )
+
+
+def sglite_version() -> str:
+    from sglite import __version__
+
+    return __version__
 
 
 def json_safe(value: Any) -> Any:
@@ -47,11 +57,37 @@ def json_safe(value: Any) -> Any:
 
 
 class NativeServing:
-    """``POST /generate`` over one shared engine."""
+    """SGLang's native routes over one shared engine."""
 
-    def __init__(self, inflight: InflightRequests, config: ServerConfig) -> None:
+    def __init__(self, inflight: InflightRequests, config: ServerConfig, model_name: str) -> None:
         self.inflight = inflight
         self.config = config
+        self.model_name = model_name
+
+    async def flush_cache(self) -> Response:
+        """Empty the radix cache; 409 while requests run (their KV is in use)."""
+        if not await asyncio.to_thread(self.inflight.engine.flush_cache):
+            raise APIError(409, "requests are in flight; flush the cache when the server is idle", code="engine_busy")
+        return JSONResponse({"status": "flushed"})
+
+    async def server_info(self) -> Response:
+        """Model, context length, engine and server settings (never the API key), and live engine stats."""
+        engine = self.inflight.engine
+        engine_config = getattr(engine, "config", None)
+        server = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "api_key"}
+        return JSONResponse(
+            json_safe(
+                {
+                    "model_path": str(getattr(engine, "model_path", "")),
+                    "served_model_name": self.model_name,
+                    "context_length": engine.context_length,
+                    "engine": dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else {},
+                    "server": {**server, "auth": self.config.api_key is not None},
+                    "stats": engine.get_stats(),
+                    "version": sglite_version(),
+                }
+            )
+        )
 
     async def generate(self, request: Request) -> Response:
         req = GenerateRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
@@ -80,14 +116,11 @@ class NativeServing:
             outputs = await generate_all(request, self.inflight, calls, **kwargs)
             return JSONResponse(json_safe(outputs[0] if single else outputs))
         streams = await open_streams(self.inflight, calls, **kwargs)
-        return SSEResponse(self._events(streams, rids, single))
+        events = self._events(streams, rids, single)
+        return SSEResponse(sse_stream(events, on_exit=lambda: self.inflight.release(rids, abort=True)))
 
-    async def _events(self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool) -> AsyncIterator[str]:
-        try:
-            async for index, chunk in merge_streams(streams):
-                if chunk.get("finished"):
-                    self.inflight.release([rids[index]], abort=False)
-                yield sse(json.dumps(json_safe(chunk if single else {**chunk, "index": index})))
-            yield SSE_DONE
-        finally:
-            self.inflight.release(rids, abort=True)  # those still running: the client left
+    async def _events(self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool) -> AsyncGenerator[str, None]:
+        async for index, chunk in merge_streams(streams):
+            if chunk.get("finished"):
+                self.inflight.release([rids[index]], abort=False)
+            yield sse(json.dumps(json_safe(chunk if single else {**chunk, "index": index})))

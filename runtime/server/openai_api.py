@@ -8,9 +8,9 @@ known up front (context-length errors, echo, logprob text offsets).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,7 +42,6 @@ from sglite.runtime.server.protocol import (
     Usage,
 )
 from sglite.runtime.server.streaming import (
-    SSE_DONE,
     Chunk,
     InflightRequests,
     SSEResponse,
@@ -51,6 +50,7 @@ from sglite.runtime.server.streaming import (
     new_request_id,
     open_streams,
     sse,
+    sse_stream,
 )
 
 Call = tuple[list[int], dict[str, Any], str]  # (prompt ids, sampling params, rid)
@@ -87,9 +87,20 @@ def json_response(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def _tail(values: Sequence[Any] | None, count: int) -> list[Any]:
-    """The last ``count`` entries; chunk meta_info lists are cumulative, the new tokens are at the end."""
-    return list(values[len(values) - count :]) if values and count else []
+@dataclass
+class ChoiceUpdate:
+    """What one engine chunk adds to one choice of a streamed response."""
+
+    index: int
+    first: bool
+    """The choice's first update (echo and the prompt's logprobs go here)."""
+    text: str
+    token_logprobs: list[Any]
+    """Output logprob entries new since the previous update (meta_info lists are cumulative)."""
+    top_logprobs: list[Any]
+    meta_info: dict[str, Any]
+    finish_reason: str | None
+    """Set on the choice's last update only."""
 
 
 class OpenAIServing:
@@ -145,16 +156,52 @@ class OpenAIServing:
                 calls.append((ids, choice_params, new_request_id("req")))
         return calls
 
-    def _observe_stream(self, arrival: float, times: dict[int, float], index: int, new_tokens: int) -> None:
-        now = time.perf_counter()
-        if new_tokens:
-            if index not in times:
-                self.metrics.ttft.observe(now - arrival)
-            else:
-                gap = (now - times[index]) / new_tokens
-                for _ in range(new_tokens):
-                    self.metrics.inter_token_latency.observe(gap)
-            times[index] = now
+    async def _updates(
+        self, calls: list[Call], streams: list[AsyncIterator[Chunk]], arrival: float, finals: dict[int, dict[str, Any]]
+    ) -> AsyncGenerator[ChoiceUpdate, None]:
+        """The engine chunks of all choices, in arrival order, as per-choice updates.
+
+        Records TTFT and inter-token latency, releases finished requests, and fills ``finals``
+        with each choice's last meta_info (for the usage chunk).
+        """
+        last_token_time: dict[int, float] = {}
+        logprobs_sent: dict[int, int] = {}
+        async for index, chunk in merge_streams(streams):
+            now = time.perf_counter()
+            meta = chunk["meta_info"]
+            new_tokens = len(chunk["output_ids"])
+            if new_tokens:
+                if index not in last_token_time:
+                    self.metrics.ttft.observe(now - arrival)
+                else:
+                    gap = (now - last_token_time[index]) / new_tokens  # a jump-forward chunk carries several
+                    for _ in range(new_tokens):
+                        self.metrics.inter_token_latency.observe(gap)
+                last_token_time[index] = now
+            reason = None
+            if chunk["finished"]:
+                self.inflight.release([calls[index][2]], abort=False)
+                finals[index] = meta
+                reason = finish_reason(meta)
+                self.metrics.e2e_latency.observe(now - arrival)
+            token_logprobs = meta.get("output_token_logprobs") or []
+            start, end = logprobs_sent.get(index, 0), len(token_logprobs)
+            first = index not in logprobs_sent
+            logprobs_sent[index] = end
+            yield ChoiceUpdate(
+                index=index,
+                first=first,
+                text=chunk["text"],
+                token_logprobs=token_logprobs[start:end],
+                top_logprobs=(meta.get("output_top_logprobs") or [])[start:end],
+                meta_info=meta,
+                finish_reason=reason,
+            )
+
+    def _sse(self, events: AsyncGenerator[str, None], calls: list[Call]) -> SSEResponse:
+        rids = [rid for _, _, rid in calls]
+        # On any exit, abort the choices still running (the client left, or the stream failed).
+        return SSEResponse(sse_stream(events, on_exit=lambda: self.inflight.release(rids, abort=True)))
 
     # ---- /v1/chat/completions -----------------------------------------------------------
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
@@ -184,7 +231,7 @@ class OpenAIServing:
         response_id = new_request_id("chatcmpl")
         if req.stream:
             streams = await open_streams(self.inflight, calls, **kwargs)
-            return SSEResponse(self._chat_events(req, calls, streams, response_id, arrival))
+            return self._sse(self._chat_events(req, calls, streams, response_id, arrival), calls)
         outputs = await generate_all(request, self.inflight, calls, **kwargs)
         choices = []
         for index, out in enumerate(outputs):
@@ -203,46 +250,25 @@ class OpenAIServing:
 
     async def _chat_events(
         self, req: ChatCompletionRequest, calls: list[Call], streams: list[AsyncIterator[Chunk]], response_id: str, arrival: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+
         def event(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             chunk = ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
             return sse(chunk.model_dump_json())
 
-        created = int(time.time())
-        last_meta: dict[int, dict[str, Any]] = {}
-        token_times: dict[int, float] = {}
-        try:
-            for index in range(len(calls)):
-                yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-            async for index, chunk in merge_streams(streams):
-                meta = chunk["meta_info"]
-                new_ids = chunk["output_ids"]
-                self._observe_stream(arrival, token_times, index, len(new_ids))
-                logprobs = None
-                if req.logprobs and new_ids:
-                    logprobs = chat_logprobs(
-                        self.strings,
-                        _tail(meta.get("output_token_logprobs"), len(new_ids)),
-                        _tail(meta.get("output_top_logprobs"), len(new_ids)),
-                    )
-                reason = None
-                if chunk["finished"]:
-                    self.inflight.release([calls[index][2]], abort=False)
-                    last_meta[index] = meta
-                    reason = finish_reason(meta)
-                    self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
-                if chunk["text"] or logprobs is not None or reason is not None:
-                    delta = ChatDelta(content=chunk["text"]) if chunk["text"] else ChatDelta()
-                    yield event([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)])
-            if req.include_usage_chunk:
-                yield event([], usage_of([last_meta[i] for i in range(len(calls))], req.n))
-            yield SSE_DONE
-        except APIError as exc:
-            # Headers are already sent: report in-band, as OpenAI does; the SDK raises on it.
-            yield sse(json.dumps(exc.body()))
-            yield SSE_DONE
-        finally:
-            self.inflight.release([rid for _, _, rid in calls], abort=True)  # those still running: client left
+        for index in range(len(calls)):
+            yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        finals: dict[int, dict[str, Any]] = {}
+        async for update in self._updates(calls, streams, arrival, finals):
+            logprobs = None
+            if req.logprobs and update.token_logprobs:
+                logprobs = chat_logprobs(self.strings, update.token_logprobs, update.top_logprobs)
+            if update.text or logprobs is not None or update.finish_reason is not None:
+                delta = ChatDelta(content=update.text) if update.text else ChatDelta()
+                yield event([ChatChunkChoice(index=update.index, delta=delta, logprobs=logprobs, finish_reason=update.finish_reason)])
+        if req.include_usage_chunk:
+            yield event([], usage_of([finals[i] for i in range(len(calls))], req.n))
 
     # ---- /v1/completions ----------------------------------------------------------------
     def _completion_prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -267,7 +293,7 @@ class OpenAIServing:
         response_id = new_request_id("cmpl")
         if req.stream:
             streams = await open_streams(self.inflight, calls, **kwargs)
-            return SSEResponse(self._completion_events(req, calls, streams, prompt_texts, response_id, arrival))
+            return self._sse(self._completion_events(req, calls, streams, prompt_texts, response_id, arrival), calls)
         outputs = await generate_all(request, self.inflight, calls, **kwargs)
         choices = []
         for index, out in enumerate(outputs):
@@ -275,7 +301,10 @@ class OpenAIServing:
             prompt_text = prompt_texts[index // req.n]
             logprobs = None
             if req.logprobs is not None:
-                logprobs, _ = self._legacy_logprobs(meta, len(out["output_ids"]), req.echo, True, prompt_text)
+                offset = 0 if req.echo else len(prompt_text)
+                logprobs, _ = self._legacy_logprobs(
+                    meta, meta.get("output_token_logprobs", []), meta.get("output_top_logprobs", []), req.echo, offset
+                )
             text = (prompt_text if req.echo else "") + out["text"]
             choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(meta)))
             self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
@@ -283,16 +312,13 @@ class OpenAIServing:
         return json_response(CompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
     def _legacy_logprobs(
-        self, meta: dict[str, Any], new_tokens: int, echo: bool, first: bool, prompt_text: str, offset: int | None = None
+        self, meta: dict[str, Any], token_logprobs: list[Any], top_logprobs: list[Any], with_prompt: bool, offset: int
     ) -> tuple[CompletionLogprobs, int]:
-        """Legacy logprobs of the last ``new_tokens`` outputs (and, on the first chunk with echo, of the prompt)."""
-        entries = _tail(meta.get("output_token_logprobs"), new_tokens)
-        tops: list[Any] = _tail(meta.get("output_top_logprobs"), new_tokens) or [None] * len(entries)
-        if echo and first:
+        """Legacy logprobs of these output entries (preceded by the prompt's when echoing); and the next offset."""
+        entries, tops = list(token_logprobs), list(top_logprobs) or [None] * len(token_logprobs)
+        if with_prompt:
             prompt_entries = list(meta.get("input_token_logprobs", []))
             entries, tops = prompt_entries + entries, [None] * len(prompt_entries) + tops
-        if offset is None:
-            offset = 0 if echo else len(prompt_text)
         return completion_logprobs(self.strings, entries, tops, offset)
 
     async def _completion_events(
@@ -303,42 +329,27 @@ class OpenAIServing:
         prompt_texts: list[str],
         response_id: str,
         arrival: float,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         created = int(time.time())
-        last_meta: dict[int, dict[str, Any]] = {}
-        offsets: dict[int, int] = {}  # per choice: text offset of its next logprob token
-        started: set[int] = set()
-        token_times: dict[int, float] = {}
 
         def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             chunk = CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
             return sse(chunk.model_dump_json())
 
-        try:
-            async for index, chunk in merge_streams(streams):
-                meta = chunk["meta_info"]
-                new_ids = chunk["output_ids"]
-                self._observe_stream(arrival, token_times, index, len(new_ids))
-                first = index not in started
-                started.add(index)
-                prompt_text = prompt_texts[index // req.n]
-                text = (prompt_text if req.echo and first else "") + chunk["text"]
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs, offsets[index] = self._legacy_logprobs(meta, len(new_ids), req.echo, first, prompt_text, offsets.get(index))
-                reason = None
-                if chunk["finished"]:
-                    self.inflight.release([calls[index][2]], abort=False)
-                    last_meta[index] = meta
-                    reason = finish_reason(meta)
-                    self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
-                if text or (logprobs is not None and logprobs.tokens) or reason is not None:
-                    yield event([CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)])
-            if req.include_usage_chunk:
-                yield event([], usage_of([last_meta[i] for i in range(len(calls))], req.n))
-            yield SSE_DONE
-        except APIError as exc:
-            yield sse(json.dumps(exc.body()))
-            yield SSE_DONE
-        finally:
-            self.inflight.release([rid for _, _, rid in calls], abort=True)  # those still running: client left
+        offsets: dict[int, int] = {}  # per choice: text offset of its next logprob token
+        finals: dict[int, dict[str, Any]] = {}
+        async for update in self._updates(calls, streams, arrival, finals):
+            prompt_text = prompt_texts[update.index // req.n]
+            echo = req.echo and update.first
+            text = (prompt_text if echo else "") + update.text
+            logprobs = None
+            if req.logprobs is not None:
+                if update.first:
+                    offsets[update.index] = 0 if req.echo else len(prompt_text)
+                logprobs, offsets[update.index] = self._legacy_logprobs(
+                    update.meta_info, update.token_logprobs, update.top_logprobs, echo, offsets[update.index]
+                )
+            if text or (logprobs is not None and logprobs.tokens) or update.finish_reason is not None:
+                yield event([CompletionChoice(index=update.index, text=text, logprobs=logprobs, finish_reason=update.finish_reason)])
+        if req.include_usage_chunk:
+            yield event([], usage_of([finals[i] for i in range(len(calls))], req.n))

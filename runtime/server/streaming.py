@@ -8,8 +8,9 @@ server shutting down). An aborted request frees its KV slots (or hands them to t
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from sglite.runtime.engine import EngineShutdownError
 from sglite.runtime.server.errors import APIError, invalid_request
 
 Chunk = dict[str, Any]
@@ -43,7 +45,7 @@ def _engine_error(exc: Exception) -> APIError:
     """Map what ``async_generate`` raises before queuing to an HTTP error; re-raise anything else (a bug)."""
     if isinstance(exc, ValueError):  # includes constraints.ConstraintError: the client's input is bad
         return invalid_request(str(exc))
-    if isinstance(exc, RuntimeError) and "shut down" in str(exc):
+    if isinstance(exc, EngineShutdownError):
         return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
     raise exc
 
@@ -190,6 +192,24 @@ def sse(payload: str) -> str:
 
 
 SSE_DONE = sse("[DONE]")
+
+
+async def sse_stream(events: AsyncGenerator[str, None], on_exit: Callable[[], None]) -> AsyncGenerator[str, None]:
+    """Frame a handler's events as an SSE body: ``[DONE]`` last, ``on_exit`` always.
+
+    The status line is sent before the first event, so an ``APIError`` raised mid-stream is
+    reported in-band as ``data: {"error": ...}``, as OpenAI does (the openai SDK raises on it).
+    """
+    try:
+        try:
+            async for event in events:
+                yield event
+        except APIError as exc:
+            yield sse(json.dumps(exc.body()))
+        yield SSE_DONE
+    finally:
+        await events.aclose()
+        on_exit()
 
 
 class SSEResponse(StreamingResponse):
