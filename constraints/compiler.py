@@ -1,7 +1,8 @@
 """Constraint source -> regex -> cached token-level FSM (an outlines-core ``Index``).
 
 Regex syntax and its error messages live in ``regex_syntax``. Compiling is the slow part (a
-DFA over the whole vocabulary), so ``compile_fsm`` keeps an LRU of ``CompiledFSM`` keyed by
+DFA over the whole vocabulary): ``regex_budget`` refuses patterns whose automaton would be too
+large before outlines-core starts, and ``compile_fsm`` keeps an LRU of ``CompiledFSM`` keyed by
 (regex, vocabulary); per FSM state, the 0/-inf logit bias the step loop adds with one ``add_``
 is cached too (in one byte-bounded LRU shared by all FSMs).
 
@@ -23,8 +24,21 @@ from outlines_core import Index
 from outlines_core import json_schema as oc_json
 
 from sglite.constraints.errors import ConstraintError
-from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, find_unsupported, normalize_regex
-from sglite.constraints.vocabulary import ACCEPT_SENTINEL, ACCEPT_SENTINEL_ID, TokenVocabulary
+from sglite.constraints.regex_budget import MAX_REGEX_LENGTH, MAX_REGEX_SIZE, check_regex_budget
+from sglite.constraints.regex_syntax import (
+    check_groups_balanced,
+    diagnose_regex,
+    exclude_sentinel_plane,
+    find_unsupported,
+    normalize_regex,
+)
+from sglite.constraints.vocabulary import (
+    ACCEPT_SENTINEL,
+    ACCEPT_SENTINEL_ID,
+    START_SENTINEL,
+    START_SENTINEL_ID,
+    TokenVocabulary,
+)
 
 INT_REGEX = r"-?(?:0|[1-9][0-9]*)"
 """A JSON/Python integer literal: optional ``-``, no leading zeros."""
@@ -60,6 +74,13 @@ def regex_for_choices(choices: list[str] | tuple[str, ...]) -> str:
     if bad:
         raise ConstraintError(f"choices must all be strings; got {bad[0]!r}")
     unique = list(dict.fromkeys(choices))  # the DFA accepts the union, so order is cosmetic
+    # The alternation's regex_size is at most its UTF-8 length: refuse before building it.
+    total = sum(len(c.encode("utf-8", "surrogatepass")) for c in unique)
+    if total > MAX_REGEX_SIZE:
+        raise ConstraintError(
+            f"choices: {len(unique):,} distinct strings totalling {total:,} bytes are too many for a constraint "
+            f"FSM (limit {MAX_REGEX_SIZE:,} bytes, SGLITE_MAX_REGEX_SIZE); pass fewer or shorter choices"
+        )
     return "(?:" + "|".join(re.escape(c) for c in unique) + ")"
 
 
@@ -69,21 +90,34 @@ class CompiledFSM:
     Shared by every request using the same constraint; its caches are filled lazily from the
     step loop (plain dict writes, safe under the GIL).
 
-    The index is built for ``(?:regex)`` followed by ``ACCEPT_SENTINEL``, and a state accepts
-    iff the sentinel token leads to one of outlines-core's final states. Why: outlines-core
-    0.2.14 reads regex-automata's one-byte-delayed match flag as "match here", so it drops
-    every token that ends one byte after a complete match without itself completing one
-    (``ab(cd)?`` never reaches ``abcd``; ``12`` never continues with ``.``). With the sentinel
-    no real token can complete a match, so no transition is lost.
+    The index is built for ``START_SENTINEL (?:regex) ACCEPT_SENTINEL``, with plane 16 (the
+    sentinels' plane, which no token spells) removed from the regex's classes:
+
+    * a state accepts iff the accept sentinel leads to one of outlines-core's final states.
+      Why: outlines-core 0.2.14 reads regex-automata's one-byte-delayed match flag as "match
+      here", so it drops every token that ends one byte after a complete match without itself
+      completing one (``ab(cd)?`` never reaches ``abcd``; ``12`` never continues with ``.``).
+      With the sentinel no real token can complete a match, so no transition is lost;
+    * the initial state is the one after the start sentinel. Why: outlines-core builds its
+      DFA with an unanchored start too, whose states track every offset a match could have
+      begun at: quadratic for ``a{5000}``, exponential for a JSON string with ``maxLength``
+      (``maxLength: 18`` took 20 s). A match can only begin at the start sentinel, and the
+      regex cannot consume it, so every earlier attempt dies there and the unanchored half
+      of the DFA is no bigger than the anchored one.
     """
 
     def __init__(self, regex: str, vocabulary: TokenVocabulary, index: Index) -> None:
         self.regex = regex
         self.vocabulary = vocabulary
         self.index = index
-        self.initial_state: int = index.get_initial_state()
+        initial_state = index.get_next_state(index.get_initial_state(), START_SENTINEL_ID)
+        if initial_state is None:
+            raise ConstraintError(f"internal: regex {regex!r} compiled without its start sentinel")
+        self.initial_state: int = initial_state
         self._sentinel_finals = frozenset(index.get_final_states())
-        self._excluded = frozenset({ACCEPT_SENTINEL_ID, vocabulary.outlines.get_eos_token_id()})
+        self._excluded = frozenset(
+            {START_SENTINEL_ID, ACCEPT_SENTINEL_ID, vocabulary.outlines.get_eos_token_id()}
+        )
         self._serial = next(_fsm_serials)  # keys this FSM's masks in the shared cache
         self._accepting: dict[int, bool] = {}
         self._has_continuation: dict[int, bool] = {}
@@ -180,10 +214,13 @@ _bias_cache = _BiasCache(BIAS_CACHE_BYTES)
 _fsm_serials = itertools.count()
 
 
-def _with_sentinel(regex: str) -> str:
+def _with_sentinels(regex: str, confined: str | None) -> str:
+    """What outlines-core compiles for ``regex`` (see ``CompiledFSM``)."""
+    inner = regex if confined is None else confined
     # In verbose mode a trailing "# comment" would swallow the closing parenthesis.
-    inner = regex + "\n" if re.search(r"\(\?[a-zA-Z-]*x", regex) else regex
-    return f"(?:{inner})\\x{{{ord(ACCEPT_SENTINEL):X}}}"
+    if re.search(r"\(\?[a-zA-Z-]*x", regex):
+        inner += "\n"
+    return f"\\x{{{ord(START_SENTINEL):X}}}(?:{inner})\\x{{{ord(ACCEPT_SENTINEL):X}}}"
 
 
 class _CompileCache:
@@ -213,16 +250,7 @@ class _CompileCache:
                     return fsm
                 self.misses += 1
             try:
-                index = Index(_with_sentinel(regex), vocabulary.outlines)
-            except (ValueError, RuntimeError, OverflowError) as exc:
-                message = str(exc)
-                if "incompatible" in message and find_unsupported(regex)[0] is None:
-                    missing = re.search(r"characters: (\[.*?\])", message)
-                    raise ConstraintError(
-                        f"the tokenizer cannot spell regex {regex!r}: no token produces "
-                        f"{missing.group(1) if missing else 'some required character'}"
-                    ) from None
-                raise diagnose_regex(regex, message) from None
+                index = _build_index(regex, vocabulary)
             finally:
                 with self._lock:
                     self._building.pop(key, None)
@@ -245,17 +273,39 @@ class _CompileCache:
             self._entries.clear()
 
 
+def _build_index(regex: str, vocabulary: TokenVocabulary) -> Index:
+    confined = exclude_sentinel_plane(regex)
+    # Before the expensive part, which cannot be interrupted. A regex whose classes cannot be
+    # confined (verbose mode, say) still compiles correctly, since the sentinels are never
+    # offered as text tokens, but its DFA tracks every offset a match could start at.
+    check_regex_budget(regex, unanchored=confined is None)
+    try:
+        return Index(_with_sentinels(regex, confined), vocabulary.outlines)
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        message = str(exc)
+        if "incompatible" in message and find_unsupported(regex)[0] is None:
+            missing = re.search(r"characters: (\[.*?\])", message)
+            raise ConstraintError(
+                f"the tokenizer cannot spell regex {regex!r}: no token produces "
+                f"{missing.group(1) if missing else 'some required character'}"
+            ) from None
+        raise diagnose_regex(regex, message) from None
+
+
 _cache = _CompileCache(capacity=64)
 
 
 def compile_fsm(regex: str, vocabulary: TokenVocabulary) -> CompiledFSM:
     """The cached ``CompiledFSM`` of ``regex`` over ``vocabulary`` (compiling it on a miss).
 
-    Raises ``ConstraintError`` naming the position of an invalid or unsupported construct, or
-    the character the vocabulary cannot produce.
+    Raises ``ConstraintError`` naming the position of an invalid or unsupported construct,
+    the character the vocabulary cannot produce, or the part that makes the automaton larger
+    than ``regex_budget.MAX_REGEX_SIZE``.
     """
     if not isinstance(regex, str):
         raise ConstraintError(f"regex must be a string, got {type(regex).__name__}")
+    if len(regex) > MAX_REGEX_LENGTH:
+        check_regex_budget(regex)  # raises: too long to be worth normalizing first
     regex = normalize_regex(regex)
     check_groups_balanced(regex)
     return _cache.get(regex, vocabulary)

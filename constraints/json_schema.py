@@ -26,12 +26,13 @@ import secrets
 import threading
 from collections import OrderedDict
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from outlines_core.json_schema import build_regex_from_schema
 
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
+from sglite.constraints.regex_budget import budget_problem
 
 SchemaInput = Union[str, dict, bool, type]
 """What ``json_schema=`` accepts: a JSON string, a dict, or a pydantic model class."""
@@ -86,6 +87,8 @@ def normalize_schema(schema: SchemaInput) -> dict | bool:
             raise ConstraintError(
                 f"json_schema is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
             ) from None
+        except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+            raise ConstraintError(f"json_schema cannot be parsed: {exc}") from None
     elif isinstance(schema, (dict, bool)):
         parsed = schema
     else:
@@ -171,7 +174,30 @@ def _compile_schema(schema: SchemaInput, whitespace_pattern: str | None) -> str:
         if quoted not in regex:
             raise ConstraintError(f"internal: schema placeholder {placeholder} vanished from the regex")
         regex = regex.replace(quoted, f"(?:{override})")
+    problem = budget_problem(regex)
+    if problem is not None:
+        raise ConstraintError(f"json_schema is too large for a constraint FSM{_largest_bound(parsed)}: {problem}")
     return regex
+
+
+_COUNT_KEYWORDS = ("maxLength", "minLength", "maxItems", "minItems")
+
+
+def _largest_bound(schema: Any) -> str:
+    """Where to start shrinking: ``" (largest count: maxLength=5000 at /properties/bio)"``, or the
+    numeric bound with the most digits, or ``""``."""
+    counts, bounds = [], []
+    for path, node in _subschemas(schema, ""):
+        counts.extend((node[k], k, path) for k in _COUNT_KEYWORDS if isinstance(node.get(k), int))
+        bounds.extend((_digits(Decimal(str(node[k]))), k, path) for k in _BOUND_KEYS
+                      if isinstance(node.get(k), (int, float)))
+    if counts:
+        value, keyword, path = max(counts, key=lambda c: c[0])
+        return f" (largest count: {keyword}={value} at {path or '(root)'})"
+    if bounds:
+        digits, keyword, path = max(bounds, key=lambda b: b[0])
+        return f" (longest bound: {keyword} at {path or '(root)'}, {digits} digits)"
+    return ""
 
 
 def _extract_overrides(schema: Any, nonce: str) -> tuple[Any, dict[str, str]]:
@@ -228,19 +254,42 @@ def _bounded_number_regex(node: dict) -> str:
         raise ConstraintError(f"json_schema: {exc}") from None
 
 
+MAX_BOUND_DIGITS = 400
+"""Most digits a numeric bound may have (``1.8e308``, the largest double, has 309): the
+regex grows with the square of the digits, and the regex budget refuses far fewer."""
+
+
 def _tightest(node: dict, inclusive_key: str, exclusive_key: str, *, lower: bool) -> tuple[Decimal | None, bool]:
     """The binding bound among ``minimum``/``exclusiveMinimum`` (or the maximum pair)."""
     candidates = []
-    if inclusive_key in node:
-        candidates.append((Decimal(str(node[inclusive_key])), False))
-    if exclusive_key in node:
-        candidates.append((Decimal(str(node[exclusive_key])), True))
+    for key, exclusive in ((inclusive_key, False), (exclusive_key, True)):
+        if key in node:
+            candidates.append((_bound(node[key], key), exclusive))
     if not candidates:
         return None, False
     # For a lower bound the larger value binds; on a tie the exclusive one is stricter.
     if lower:
         return max(candidates, key=lambda c: (c[0], c[1]))
     return min(candidates, key=lambda c: (c[0], not c[1]))
+
+
+def _bound(value: Any, keyword: str) -> Decimal:
+    try:
+        bound = Decimal(str(value))
+    except ValueError:  # str() of an int over Python's 4300-digit limit
+        bound = None
+    if bound is None or not bound.is_finite() or _digits(bound) > MAX_BOUND_DIGITS:
+        raise ConstraintError(
+            f"json_schema: {keyword} has more than {MAX_BOUND_DIGITS} digits; use a smaller bound or none"
+        )
+    return bound
+
+
+def _digits(value: Decimal) -> int:
+    """Digits of ``value`` written in fixed point (integer part plus fraction)."""
+    exponent = value.as_tuple().exponent
+    fraction = -exponent if isinstance(exponent, int) and exponent < 0 else 0
+    return max(value.adjusted() + 1, 1) + fraction
 
 
 def _unsupported_message(schema: Any, detail: str) -> str:
@@ -256,23 +305,26 @@ def _unsupported_message(schema: Any, detail: str) -> str:
 
 
 def _find_keyword(node: Any, keywords: tuple[str, ...], path: str) -> tuple[str, str] | None:
+    for sub_path, sub in _subschemas(node, path):
+        for keyword in keywords:
+            if keyword in sub:
+                return keyword, sub_path
+    return None
+
+
+def _subschemas(node: Any, path: str) -> Iterator[tuple[str, dict]]:
+    """``(JSON pointer, subschema)`` of ``node`` and every schema inside it, depth first."""
     if not isinstance(node, dict):
-        return None
-    for keyword in keywords:
-        if keyword in node:
-            return keyword, path
-    children: list[tuple[str, Any]] = []
+        return
+    yield path, node
     for key in _ONE_SCHEMA:
         if isinstance(node.get(key), dict):
-            children.append((f"{path}/{key}", node[key]))
+            yield from _subschemas(node[key], f"{path}/{key}")
     for key in _SCHEMA_LIST:
         if isinstance(node.get(key), list):
-            children.extend((f"{path}/{key}/{i}", s) for i, s in enumerate(node[key]))
+            for i, child in enumerate(node[key]):
+                yield from _subschemas(child, f"{path}/{key}/{i}")
     for key in _SCHEMA_MAP:
         if isinstance(node.get(key), dict):
-            children.extend((f"{path}/{key}/{name}", s) for name, s in node[key].items())
-    for child_path, child in children:
-        found = _find_keyword(child, keywords, child_path)
-        if found is not None:
-            return found
-    return None
+            for name, child in node[key].items():
+                yield from _subschemas(child, f"{path}/{key}/{name}")

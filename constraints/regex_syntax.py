@@ -4,6 +4,7 @@ The flavour is Rust's ``regex`` crate (what outlines-core compiles): Python's co
 plus ``\\p{L}``-style classes; lookarounds, backreferences, word boundaries and anchors inside
 the pattern have no DFA and are rejected. A leading ``^`` and trailing ``$`` are dropped (a
 constraint always matches the whole output) and ``\\d`` means ``[0-9]``, not every Unicode digit.
+``exclude_sentinel_plane`` takes plane 16 out of every class for the compiler's sentinels.
 
     >>> normalize_regex(r"^\\d{3}$")
     '[0-9]{3}'
@@ -126,3 +127,104 @@ def diagnose_regex(regex: str, detail: str) -> ConstraintError:
             return ConstraintError(f"invalid regex {regex!r}: unknown Unicode class at position {exc.pos}")
         return ConstraintError(f"invalid regex {regex!r}: {exc.msg} at position {exc.pos}")
     return ConstraintError(f"invalid regex {regex!r}: {detail.splitlines()[0] if detail else 'rejected'}")
+
+
+# ---- confining classes to text (see compiler.CompiledFSM) ---------------------------------
+
+SENTINEL_PLANE = r"\x{100000}-\x{10FFFF}"
+"""Plane 16, where the compiler's sentinels live; no token can spell it (lead byte 0xF4)."""
+
+_FLAG_GROUP = re.compile(r"\(\?([a-zA-Z-]*)([:)])")
+_ESCAPE_WITH_BRACES = re.compile(r"\\[xuUpP]\{[^}]*\}|\\[pP].|\\.", re.DOTALL)
+_POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
+_PLANE_ESCAPES = ("\\P", "\\p", "\\W", "\\S", "\\D")  # escapes whose class may reach plane 16
+
+
+def exclude_sentinel_plane(regex: str) -> str | None:
+    """``regex`` with plane 16 removed from every class, ``.`` and ``\\W``-like escape.
+
+    Nothing a tokenizer produces changes, but a pattern that cannot consume the start sentinel
+    lets the compiled DFA forget every match attempt begun before it (see ``compiler``).
+    ``None`` when the pattern is not safe to rewrite (verbose or non-Unicode mode, or a class
+    this scanner cannot close); the caller then compiles it unchanged.
+
+        >>> exclude_sentinel_plane(r'"[^"]*"')
+        '"[[^"]--[\\\\x{100000}-\\\\x{10FFFF}]]*"'
+    """
+    out: list[str] = []
+    flags: set[str] = set()
+    saved: list[set[str]] = []
+    i = 0
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\":
+            escape = _ESCAPE_WITH_BRACES.match(regex, i)
+            if escape is None:
+                return None  # a trailing backslash: invalid anyway
+            text = escape.group(0)
+            out.append(f"[{text}--[{SENTINEL_PLANE}]]" if text.startswith(_PLANE_ESCAPES) else text)
+            i = escape.end()
+        elif char == "[":
+            end = _class_end(regex, i)
+            if end is None:
+                return None
+            out.append(f"[{regex[i:end]}--[{SENTINEL_PLANE}]]")
+            i = end
+        elif char == ".":
+            newline = "" if "s" in flags else ("\\r\\n" if "R" in flags else "\\n")
+            out.append(f"[^{newline}{SENTINEL_PLANE}]")
+            i += 1
+        elif char == "(":
+            group = _FLAG_GROUP.match(regex, i)
+            if group is None or group.group(1).startswith(("P", "<")):
+                saved.append(set(flags))  # a plain, named or lookaround group
+                out.append(char)
+                i += 1
+                continue
+            on, _, off = group.group(1).partition("-")
+            if "x" in on or "u" in off:
+                return None  # comments and byte classes would need a different rewrite
+            if group.group(2) == ":":
+                saved.append(set(flags))
+            flags = (flags | set(on)) - set(off)
+            out.append(group.group(0))
+            i = group.end()
+        elif char == ")":
+            if saved:
+                flags = saved.pop()
+            out.append(char)
+            i += 1
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _class_end(regex: str, start: int) -> int | None:
+    """Index just past the class opened at ``start`` (Rust rules: nested ``[..]`` and POSIX)."""
+    i = start + 1
+    if regex.startswith("^", i):
+        i += 1
+    if regex.startswith("]", i):
+        i += 1  # a leading ] is literal
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\":
+            escape = _ESCAPE_WITH_BRACES.match(regex, i)
+            if escape is None:
+                return None
+            i = escape.end()
+        elif char == "[":
+            posix = _POSIX_CLASS.match(regex, i)
+            if posix is not None:
+                i = posix.end()
+                continue
+            nested = _class_end(regex, i)
+            if nested is None:
+                return None
+            i = nested
+        elif char == "]":
+            return i + 1
+        else:
+            i += 1
+    return None

@@ -11,10 +11,11 @@ it produces:
 * special tokens are left out, so the FSM never allows them; EOS is passed to outlines-core
   separately and is allowed exactly in accepting states.
 
-The outlines-core vocabulary also carries one synthetic token, ``ACCEPT_SENTINEL``: the
-compiler appends that character to every regex and reads "this state accepts" off its
-transition (see ``compiler.CompiledFSM``). Tokens containing byte ``0xF4`` (the lead byte of
-U+100000..U+10FFFF, private-use plane 16) are left out so no real token can spell it.
+The outlines-core vocabulary also carries two synthetic tokens: ``START_SENTINEL``, which the
+compiler puts before every regex (and steps over to reach the initial state), and
+``ACCEPT_SENTINEL``, which it appends and reads "this state accepts" off (see
+``compiler.CompiledFSM``). Tokens containing byte ``0xF4`` (the lead byte of
+U+100000..U+10FFFF, private-use plane 16) are left out so no real token can spell either.
 
     >>> from transformers import AutoTokenizer                                  # doctest: +SKIP
     >>> vocab = get_vocabulary(AutoTokenizer.from_pretrained(path))             # doctest: +SKIP
@@ -39,7 +40,11 @@ ACCEPT_SENTINEL = "\U0010FFFF"
 """Appended to every compiled regex; its transition marks accepting states."""
 ACCEPT_SENTINEL_ID = 0x7FFF_FFF0
 """The synthetic token id spelling ``ACCEPT_SENTINEL`` (beyond any real vocabulary)."""
-_SENTINEL_LEAD = ACCEPT_SENTINEL.encode("utf-8")[0]
+START_SENTINEL = "\U0010FFFE"
+"""Put before every compiled regex; stepping over it gives the initial state."""
+START_SENTINEL_ID = 0x7FFF_FFF1
+"""The synthetic token id spelling ``START_SENTINEL``."""
+_SENTINEL_LEAD = ACCEPT_SENTINEL.encode("utf-8")[0]  # 0xF4, shared by START_SENTINEL
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_PIECE = "\u2581"  # SentencePiece's "▁"
@@ -135,7 +140,7 @@ def _build(tokenizer, key: tuple, extra_eos: Iterable[int] | None) -> TokenVocab
 
     bytes_to_ids: dict[bytes, list[int]] = {}
     for token_id, spelled in enumerate(table):
-        # Empty spellings would loop the FSM in place; 0xF4 could spell the sentinel.
+        # Empty spellings would loop the FSM in place; 0xF4 could spell a sentinel.
         if spelled and _SENTINEL_LEAD not in spelled:
             bytes_to_ids.setdefault(spelled, []).append(token_id)
     if not bytes_to_ids:
@@ -146,6 +151,7 @@ def _build(tokenizer, key: tuple, extra_eos: Iterable[int] | None) -> TokenVocab
         primary_eos = min(eos_ids) if eos_ids else size  # an id no token uses
     outlines_map = dict(bytes_to_ids)
     outlines_map[ACCEPT_SENTINEL.encode("utf-8")] = [ACCEPT_SENTINEL_ID]
+    outlines_map[START_SENTINEL.encode("utf-8")] = [START_SENTINEL_ID]
     outlines = Vocabulary(int(primary_eos), outlines_map)
     return TokenVocabulary(
         key=key,
