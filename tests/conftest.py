@@ -41,3 +41,29 @@ def sentencepiece_path(tiny_model_factory) -> Path:
 
     (transformers maps a ``qwen2`` config to a byte-level tokenizer class, which would mangle it.)"""
     return tiny_model_factory("llama", tokenizer="sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama_path):
+    """The byte-level BPE tokenizer of ``llama_path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_path)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sentencepiece_path):
+    """The SentencePiece-style tokenizer of ``sentencepiece_path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sentencepiece_path)
+
+
+@pytest.fixture(scope="module")
+def runtime(llama_path):
+    """An in-process ``sgl.Runtime`` on ``llama_path``, one per test module."""
+    import sglite as sgl
+
+    backend = sgl.Runtime(llama_path)
+    yield backend
+    backend.shutdown()

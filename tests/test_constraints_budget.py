@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer
 
 from sglite.constraints import ConstraintError, build_logits_processor, clear_compile_cache
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, check_regex_budget, regex_size
@@ -18,11 +17,6 @@ from sglite.constraints.regex_syntax import exclude_sentinel_plane
 from sglite.constraints.simulate import simulate_decode
 
 VOCAB = 2100
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama_path):
-    return AutoTokenizer.from_pretrained(llama_path)
 
 
 class HugeBio(BaseModel):

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer
 
 from sglite.constraints import ConstraintError, build_logits_processor, normalize_schema, schema_to_regex
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
@@ -112,11 +111,6 @@ SCHEMAS = {
     "unicode_enum": {"enum": ["café", "naïve", "日本", "😀"]},
     "unicode_string": {"type": "string", "pattern": "[äöüß]{1,4}"},
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama_path):
-    return AutoTokenizer.from_pretrained(llama_path)
 
 
 def sample_document(tokenizer, schema, seed: int, temperature: float = 1.0, max_steps: int = 300, **kwargs) -> str:

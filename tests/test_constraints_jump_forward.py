@@ -7,7 +7,6 @@ import re
 
 import jsonschema
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sglite.constraints import build_logits_processor
 from sglite.constraints.jump_forward import forced_bytes
@@ -25,18 +24,6 @@ EXTRACTION = {
     },
     "required": ["customer_name", "customer_email_verified", "shipping_priority", "order_quantity"],
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama_path):
-    return AutoTokenizer.from_pretrained(llama_path)
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer(sentencepiece_path):
-    # transformers 5 maps model_type qwen2 to Qwen2Tokenizer, which rebuilds a byte-level
-    # pipeline over this SentencePiece vocabulary; load the tokenizer.json as written.
-    return PreTrainedTokenizerFast.from_pretrained(sentencepiece_path)
 
 
 def run(tokenizer, seed: int, jump_forward: bool, **constraint):

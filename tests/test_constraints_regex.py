@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sglite.constraints import (
     BOOL_REGEX,
@@ -61,18 +60,6 @@ REGEXES = [
     r"[\u0400-\u04ff]{1,4}",
     r"\p{Greek}{1,3}",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama_path):
-    return AutoTokenizer.from_pretrained(llama_path)
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer(sentencepiece_path):
-    # transformers 5 maps model_type qwen2 to Qwen2Tokenizer, which rebuilds a byte-level
-    # pipeline over this SentencePiece vocabulary; load the tokenizer.json as written.
-    return PreTrainedTokenizerFast.from_pretrained(sentencepiece_path)
 
 
 def generate(tokenizer, seed: int, temperature: float, max_steps: int = 200, **constraint) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from sglite.constraints import get_vocabulary
 from sglite.constraints.vocabulary import detect_kind
@@ -21,13 +21,6 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bpe_tokenizer(llama_path):
     return AutoTokenizer.from_pretrained(llama_path)
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer(sentencepiece_path):
-    # transformers 5 maps model_type qwen2 to Qwen2Tokenizer, which rebuilds a byte-level
-    # pipeline over this SentencePiece vocabulary; load the tokenizer.json as written.
-    return PreTrainedTokenizerFast.from_pretrained(sentencepiece_path)
 
 
 def spelled(vocab, ids: list[int]) -> str:

@@ -12,13 +12,11 @@ from pydantic import BaseModel, Field
 import sglite as sgl
 
 
-@pytest.fixture(scope="module")
-def runtime(llama_path):
-    backend = sgl.Runtime(llama_path)
-    sgl.set_default_backend(backend)
-    yield backend
+@pytest.fixture(scope="module", autouse=True)
+def default_backend(runtime):
+    sgl.set_default_backend(runtime)
+    yield runtime
     sgl.set_default_backend(None)
-    backend.shutdown()
 
 
 @sgl.function

@@ -15,13 +15,6 @@ API_KEY = "sk-lang-test"
 
 
 @pytest.fixture(scope="module")
-def runtime(llama_path):
-    backend = sgl.Runtime(llama_path)
-    yield backend
-    backend.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server_url(runtime):
     with serve_in_thread(runtime.engine, ServerConfig(api_key=API_KEY, log_level="warning")) as url:
         yield url

@@ -12,13 +12,6 @@ CHOICES = ["yes", "no", "maybe not", "Yes!"]
 
 
 @pytest.fixture(scope="module")
-def runtime(llama_path):
-    backend = sgl.Runtime(llama_path)
-    yield backend
-    backend.shutdown()
-
-
-@pytest.fixture(scope="module")
 def hf_model(llama_path):
     from transformers import AutoModelForCausalLM
 
