@@ -20,7 +20,7 @@ from sglite.runtime.tiny_model import build_tiny_model
 
 def few_shot_prompts(tokenizer, n_examples: int, n_questions: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and 3 <= len(w) <= 8][:800]
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and 3 <= len(w) <= 8)[:800]
     shots = []
     for i in range(n_examples):
         body = []

@@ -1,9 +1,12 @@
-"""Throughput: 32 concurrent requests x 64 new tokens, engine vs transformers; and single-stream decode.
+"""Throughput: 32 concurrent requests x 64 new tokens, engine vs transformers; a mixed prefill +
+decode workload; and single-stream decode.
 
-    python benchmarks/throughput.py [--model PATH] [--requests 32] [--max-new-tokens 64]
+    python benchmarks/throughput.py [--model PATH] [--requests 32] [--max-new-tokens 64] [--long-prompts 8]
 
 Rows: the engine (continuous batching), sequential transformers ``generate``, batched (left-padded)
-transformers ``generate``. Then single-stream decode tokens/s next to the memory-bandwidth bound
+transformers ``generate``. The mixed table adds ``--long-prompts`` prompts of ~1000 tokens behind
+the short ones, so for many steps one batch holds a 512-token prefill chunk next to the decode
+steps of the others. Then single-stream decode tokens/s next to the memory-bandwidth bound
 (model bytes / measured copy bandwidth).
 """
 
@@ -21,6 +24,18 @@ PROMPTS = [
     "def main():", "import numpy as np", "class Config:", "for key, value in", "The results show that",
     "return self.", "if __name__ ==", "with open(path) as f:",
 ]
+
+
+def long_prompts(tok, count: int, min_tokens: int = 1000) -> list[str]:
+    """Distinct prompts of at least ``min_tokens`` tokens (distinct from the start: no shared prefix)."""
+    prompts = []
+    for i in range(count):
+        text, j = f"[{i}]", 0
+        while len(tok.encode(text)) < min_tokens:
+            text += "".join(f" {PROMPTS[(i + k) % len(PROMPTS)]} {j + k}" for k in range(8))
+            j += 8
+        prompts.append(text)
+    return prompts
 
 
 def engine_throughput(model: str, prompts: list[str], n: int) -> tuple[float, int]:
@@ -67,11 +82,21 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes * 5 / (time.perf_counter() - start)
 
 
+def print_table(rows: dict[str, tuple[float, int]], baseline: str) -> None:
+    base_tps = rows[baseline][1] / rows[baseline][0]
+    print(f"| {'setup':<36} | {'wall s':>7} | {'tokens/s':>9} | {'vs sequential':>13} |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 11}|{'-' * 15}|")
+    for name, (elapsed, tokens) in rows.items():
+        tps = tokens / elapsed
+        print(f"| {name:<36} | {elapsed:7.2f} | {tps:9.1f} | {tps / base_tps:12.1f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--long-prompts", type=int, default=8, help="long prompts in the mixed workload (0: skip)")
     args = parser.parse_args()
     model_path = args.model or str(build_tiny_model("llama"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,14 +110,19 @@ def main() -> None:
         "transformers generate, sequential": hf_sequential(hf, tok, prompts, n),
         "transformers generate, padded batch": hf_batched(hf, tok, prompts, n),
     }
-    base = rows["transformers generate, sequential"]
-    base_tps = base[1] / base[0]
     print(f"\nthroughput: {args.requests} requests x {n} new tokens; torch threads {torch.get_num_threads()}")
-    print(f"| {'setup':<36} | {'wall s':>7} | {'tokens/s':>9} | {'vs sequential':>13} |")
-    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 11}|{'-' * 15}|")
-    for name, (elapsed, tokens) in rows.items():
-        tps = tokens / elapsed
-        print(f"| {name:<36} | {elapsed:7.2f} | {tps:9.1f} | {tps / base_tps:12.1f}x |")
+    print_table(rows, "transformers generate, sequential")
+
+    if args.long_prompts:
+        mixed = prompts + long_prompts(tok, args.long_prompts)
+        long_tokens = sum(len(tok.encode(p)) for p in mixed[args.requests :])
+        mixed_rows = {
+            "sglite engine (continuous batching)": engine_throughput(model_path, mixed, n),
+            "transformers generate, sequential": hf_sequential(hf, tok, mixed, n),
+        }
+        print(f"\nmixed prefill + decode: the {args.requests} requests above plus {args.long_prompts} prompts of "
+              f"~{long_tokens // args.long_prompts} tokens, all x {n} new tokens (tokens/s counts new tokens)")
+        print_table(mixed_rows, "transformers generate, sequential")
 
     model_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     bandwidth = copy_bandwidth()

@@ -34,12 +34,9 @@ LPM_QUEUE_LIMIT = 128
 """Longest-prefix ordering costs a tree walk per waiting request; past this many, use arrival order."""
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _share_prefix(a: list[int], b: list[int], n: int) -> bool:
+    """Whether ``a`` and ``b`` agree on their first ``n`` tokens (a C-speed slice compare, not a loop)."""
+    return len(a) >= n and len(b) >= n and a[:n] == b[:n]
 
 
 class Scheduler:
@@ -141,7 +138,7 @@ class Scheduler:
             ids = req.fill_ids
             slots, node = self.tree.match_prefix(ids[: self._prefix_limit(req)])
             if not self.tree.disable and any(
-                _common_prefix_len(ids, other.prompt_ids) - len(slots) >= IN_BATCH_PREFIX_MIN for other in prefilling
+                _share_prefix(ids, other.prompt_ids, len(slots) + IN_BATCH_PREFIX_MIN) for other in prefilling
             ):
                 continue  # its prefix is being computed right now; reuse it next step
             self.tree.lock(node)

@@ -278,3 +278,21 @@ def test_bfloat16_pool_and_float32_logits(llama_path):
     pool = KVSlotPool(32, model.num_layers, model.num_kv_heads, model.head_dim, dtype=torch.bfloat16)
     (logits,) = run(model, pool, [(list(range(10, 20)), 0, pool.alloc(10))])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen3"])
+def test_decode_steps_share_a_forward_with_prefill_chunks(checkpoints, case):
+    """A decode token, a fresh prefill and a chunk over a cached prefix in one forward: each as if alone."""
+    ckpt = checkpoints(case)
+    pool = ckpt.pool(512)
+    long_ids, short_ids, other = ckpt.prompts
+    slots = {n: pool.alloc(len(i)) for n, i in (("long", long_ids), ("short", short_ids), ("other", other))}
+    run(ckpt.model, pool, [(short_ids[:-1], 0, slots["short"]), (other[:5], 0, slots["other"])])
+    requests = [
+        (short_ids[-1:], len(short_ids) - 1, slots["short"]),
+        (long_ids, 0, slots["long"]),
+        (other[5:], 5, slots["other"]),
+    ]
+    for request, rows in zip(requests, run(ckpt.model, pool, requests)):
+        (alone,) = run(ckpt.model, pool, [request])
+        assert_same_predictions(rows, alone)

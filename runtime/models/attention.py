@@ -6,6 +6,10 @@ decode row would pay for the longest chunk (31 decodes + a 512-token chunk = 32 
 rows), so the batch is split once per forward into groups whose extend lengths share a
 power-of-two bucket — decode steps form their own group — and each group is padded on its own
 (less than 2x query padding). Every layer reuses that layout.
+
+Two cases skip work: a decode group folds the query heads of each KV head into the query axis
+(no K/V expansion for GQA), and a fresh prefill (no cached prefix) attends to its own new K/V
+with SDPA's causal kernel instead of reading them back from the pool through a mask.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class AttentionGroup:
     """``[T_g]`` row of each token in the flat ``[B * max_extend]`` query layout; ``None`` when
     every sequence of the group extends by the same count and no padding is needed."""
     max_extend: int
+    fresh: bool
+    """Every sequence prefills from position 0, unpadded: its keys are exactly the new tokens, and
+    the mask is plain causal (SDPA's ``is_causal``, which skips the masked blocks)."""
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -63,6 +70,8 @@ class AttentionGroup:
 def _build_group(
     batch: ForwardBatch, seqs: list[int], token_starts: list[int], whole_batch: bool, device: torch.device
 ) -> AttentionGroup:
+    """Lay out sequences ``seqs`` of ``batch``, whose token ``j`` of sequence ``i`` is flat row
+    ``token_starts[i] + j``; ``whole_batch``: ``seqs`` is every sequence, in order."""
     extend = [batch.extend_lens[i] for i in seqs]
     max_extend = max(extend)
     extend_lens = torch.tensor(extend, dtype=torch.int64, device=device)
@@ -87,7 +96,8 @@ def _build_group(
         if not whole_batch:
             starts = torch.tensor([token_starts[i] for i in seqs], dtype=torch.int64, device=device)
             token_rows = starts[seq_of_token] + offset_in_seq
-    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend)
+    fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
+    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh)
 
 
 @dataclass
@@ -95,7 +105,7 @@ class AttentionMetadata:
     """The grouped, padded layout of one :class:`ForwardBatch`, built once and shared by all layers.
 
         >>> meta = AttentionMetadata.from_batch(batch)          # doctest: +SKIP
-        >>> [g.max_extend for g in meta.groups]                 # e.g. 31 decodes + one chunk: [1, 512]  # doctest: +SKIP
+        >>> [g.max_extend for g in meta.groups]   # 31 decodes + a 512-token chunk: [1, 512]  # doctest: +SKIP
         >>> out = paged_attention(q, k, v, pool, layer_id, meta, scaling=0.125)  # doctest: +SKIP
     """
 
@@ -122,22 +132,30 @@ class AttentionMetadata:
 
 def _attend_group(
     q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     group: AttentionGroup,
     scaling: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Attention of one group's queries ``[T_g, heads, head_dim]``; returns ``[T_g, heads * head_dim]``."""
+    """Attention of one group's new tokens (``q``/``k``/``v`` rows ``[T_g, heads | kv_heads, head_dim]``);
+    returns ``[T_g, heads * head_dim]``."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     batch_size, max_extend = group.batch_size, group.max_extend
-    # index_select on the flat index: several times faster on CPU than k_cache[kv_index] (2-D advanced indexing)
-    flat_index = group.kv_index.view(-1)
     layout = (batch_size, group.kv_index.shape[1], k_cache.shape[1], head_dim)
-    keys = k_cache.index_select(0, flat_index).view(layout).transpose(1, 2)  # [B, kv_heads, max_kv, d]
-    values = v_cache.index_select(0, flat_index).view(layout).transpose(1, 2)
+    if group.fresh:
+        keys, values = k.view(layout), v.view(layout)  # no cached prefix: skip the pool round trip
+    else:
+        # index_select on the flat index: several times faster on CPU than k_cache[kv_index] (2-D indexing)
+        flat_index = group.kv_index.view(-1)
+        keys = k_cache.index_select(0, flat_index).view(layout)
+        values = v_cache.index_select(0, flat_index).view(layout)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, max_kv, d]
     num_kv_heads = keys.shape[1]
-    mask = group.mask(sliding_window)
+    causal = group.fresh and sliding_window is None
+    mask = None if causal else group.mask(sliding_window)
 
     if max_extend == 1:
         # Decode: the query heads sharing a KV head take the query-length axis, so K/V are not
@@ -159,7 +177,7 @@ def _attend_group(
         queries[group.padded_rows] = q
         queries = queries.view(batch_size, max_extend, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scaling
+        queries.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=scaling
     )  # [B, heads, max_extend, d]
     out = out.transpose(1, 2).reshape(batch_size * max_extend, num_heads * head_dim)
     return out if group.padded_rows is None else out.index_select(0, group.padded_rows)
@@ -184,9 +202,15 @@ def paged_attention(
     k_cache[meta.out_slots] = k
     v_cache[meta.out_slots] = v
     if len(meta.groups) == 1:
-        return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window)
+        return _attend_group(q, k, v, k_cache, v_cache, meta.groups[0], scaling, sliding_window)
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
     for group in meta.groups:
         rows = group.token_rows
-        out[rows] = _attend_group(q.index_select(0, rows), k_cache, v_cache, group, scaling, sliding_window)
+        if group.fresh:
+            k_rows, v_rows = k.index_select(0, rows), v.index_select(0, rows)
+        else:
+            k_rows = v_rows = None  # read from the pool
+        out[rows] = _attend_group(
+            q.index_select(0, rows), k_rows, v_rows, k_cache, v_cache, group, scaling, sliding_window
+        )
     return out
