@@ -38,8 +38,8 @@ def long_prompts(tok, count: int, min_tokens: int = 1000) -> list[str]:
     return prompts
 
 
-def engine_throughput(model: str, prompts: list[str], n: int) -> tuple[float, int]:
-    with sglite.Engine(model) as engine:
+def engine_throughput(model: str, prompts: list[str], n: int, **options) -> tuple[float, int]:
+    with sglite.Engine(model, **options) as engine:
         engine.generate("warm up", {"max_new_tokens": 2})
         start = time.perf_counter()
         outs = engine.generate(prompts, {"max_new_tokens": n, "temperature": 0, "ignore_eos": True})
@@ -112,6 +112,18 @@ def main() -> None:
     }
     print(f"\nthroughput: {args.requests} requests x {n} new tokens; torch threads {torch.get_num_threads()}")
     print_table(rows, "transformers generate, sequential")
+
+    # Small models on few cores lose more to thread-pool overhead than they gain from a second thread;
+    # the same three rows with one torch thread each (Engine(num_threads=1)).
+    default_threads = torch.get_num_threads()
+    one_thread = {
+        "sglite engine, num_threads=1": engine_throughput(model_path, prompts, n, num_threads=1),
+        "transformers sequential, 1 thread": hf_sequential(hf, tok, prompts, n),
+        "transformers padded batch, 1 thread": hf_batched(hf, tok, prompts, n),
+    }
+    torch.set_num_threads(default_threads)
+    print("\nthe same with torch threads 1")
+    print_table(one_thread, "transformers sequential, 1 thread")
 
     if args.long_prompts:
         mixed = prompts + long_prompts(tok, args.long_prompts)

@@ -30,6 +30,9 @@ class EngineConfig:
     """Append text forced by a regex/JSON constraint without sampling it token by token."""
     random_seed: int = 0
     """Seeds the generators of requests that give no ``seed``."""
+    num_threads: int | None = None
+    """CPU threads for torch's intra-op pool (process-wide: ``torch.set_num_threads``); None keeps torch's
+    default. Small models on few cores often run faster with 1 (see benchmarks/throughput.py)."""
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in ("lpm", "fcfs"):
@@ -37,6 +40,8 @@ class EngineConfig:
         for name in ("max_running_requests", "chunked_prefill_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

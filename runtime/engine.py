@@ -49,6 +49,8 @@ class Engine:
         from sglite.runtime.model_loader import resolve_model_path
 
         self.config = EngineConfig.from_options(**options)
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
         self.model_path = str(resolve_model_path(str(model_path)))
         self.runner = ModelRunner(self.model_path, self.config.device, self.config.dtype)
         self.model_config = self.runner.hf_config

@@ -288,3 +288,15 @@ def test_flush_cache_only_when_idle_and_shutdown_is_final(llama_path):
     eng.shutdown()
     with pytest.raises(EngineShutdownError):
         eng.generate("x")
+
+
+def test_num_threads_option_sets_torch_threads(llama_path):
+    before = torch.get_num_threads()
+    try:
+        with sglite.Engine(str(llama_path), num_threads=1) as eng:
+            assert torch.get_num_threads() == 1
+            assert eng.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+        with pytest.raises(ValueError, match="num_threads"):
+            sglite.Engine(str(llama_path), num_threads=0)
+    finally:
+        torch.set_num_threads(before)
