@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,10 +13,10 @@ import torch
 
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
-from sglite.runtime.detokenizer import IncrementalDecoder, held_back_len
+from sglite.runtime.detokenizer import held_back_len
+from sglite.runtime.input_processor import InputProcessor, eos_token_ids
 from sglite.runtime.model_runner import ModelRunner
 from sglite.runtime.request import Request
-from sglite.runtime.sampling_params import SamplingParams
 from sglite.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ class Engine:
         )
         self.pool = self.runner.make_pool(pool_size)
         self.tree = RadixCache(self.pool, disable=self.config.disable_radix_cache)
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_token_ids(self.model_path, self.model_config, self.tokenizer)
         self.scheduler = Scheduler(
             lambda batch, rows: self.runner.forward(batch, self.pool, rows),
             self.pool,
@@ -75,8 +73,10 @@ class Engine:
             self.eos_token_ids,
             self.context_length,
         )
+        self.inputs = InputProcessor(
+            self.tokenizer, self.runner.model.vocab_size, self.context_length, self.pool.size, self.eos_token_ids, self.config
+        )
         self._inbox: queue.Queue = queue.Queue()
-        self._ids = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="sglite-engine", daemon=True)
         self._thread.start()
@@ -194,106 +194,10 @@ class Engine:
         except Exception:
             pass
 
-    # ---- request construction (caller's thread) ------------------------------------------------
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.model_config, getattr(self.runner.model, "generation_config", None)):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        try:
-            from transformers import GenerationConfig
-
-            value = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-            ids.update([value] if isinstance(value, int) else (value or []))
-        except (OSError, ValueError):
-            pass
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
-    def _make_requests(
-        self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
-    ) -> tuple[list[Request], bool]:
+    def _make_requests(self, *args) -> tuple[list[Request], bool]:
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("give exactly one of prompt or input_ids")
-        source = prompt if prompt is not None else input_ids
-        single = isinstance(source, str) or (
-            isinstance(source, list) and (not source or isinstance(source[0], int))
-        )
-        prompts = [source] if single else list(source)
-        if not prompts:
-            raise ValueError("prompt: the list of prompts is empty")
-        if isinstance(sampling_params, list):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(
-                    f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts; give one dict or one per prompt"
-                )
-            params_list = sampling_params
-        else:
-            params_list = [sampling_params] * len(prompts)
-        rids = [rid] if isinstance(rid, str) else (rid or [None] * len(prompts))
-        return [
-            self._make_request(p, sp, return_logprob, logprob_start_len, top_logprobs_num, r)
-            for p, sp, r in zip(prompts, params_list, rids)
-        ], single
-
-    def _make_request(self, prompt, params, return_logprob, logprob_start_len, top_logprobs_num, rid) -> Request:
-        sp = SamplingParams.from_dict(dict(params) if isinstance(params, dict) else params)
-        if return_logprob:
-            sp.return_logprob = True
-        if top_logprobs_num:
-            sp.top_logprobs_num = int(top_logprobs_num)
-            sp.validate()
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            vocab = self.runner.model.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(ids) >= self.context_length:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens, over the context length of {self.context_length} "
-                "(prompt plus at least one generated token must fit)"
-            )
-        if len(ids) + 1 > self.pool.size:
-            raise ValueError(f"prompt is {len(ids)} tokens but the KV pool holds only {self.pool.size}; raise max_total_tokens")
-        if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
-            raise ValueError(f"logprob_start_len must be an int >= -1, got {logprob_start_len!r}")
-        processor = None
-        if sp.has_constraint:
-            from sglite.constraints import build_logits_processor
-
-            processor = build_logits_processor(
-                self.tokenizer,
-                self.runner.model.vocab_size,
-                regex=sp.regex,
-                json_schema=sp.json_schema,
-                choices=sp.choices,
-                jump_forward=self.config.jump_forward,
-                eos_token_ids=self.eos_token_ids,
-            )
-        generator = torch.Generator()
-        generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))
-        return Request(
-            rid=rid or uuid.uuid4().hex,
-            prompt_ids=ids,
-            params=sp,
-            decoder=IncrementalDecoder(self.tokenizer, sp.skip_special_tokens, ids),
-            processor=processor,
-            logprob_start_len=logprob_start_len if (sp.return_logprob and logprob_start_len >= 0) else -1,
-            generator=generator,
-        )
+        return self.inputs.make_requests(*args)
 
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:

@@ -1,0 +1,140 @@
+"""Caller-side input processing: prompts and sampling parameters become validated requests.
+
+Runs in the caller's thread (or a worker thread for ``async_generate``), so tokenization and
+constraint compilation never stall the step loop; every error here is raised before queuing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterable
+
+import torch
+
+from sglite.runtime.config import EngineConfig
+from sglite.runtime.detokenizer import IncrementalDecoder
+from sglite.runtime.request import Request
+from sglite.runtime.sampling_params import SamplingParams
+
+
+def eos_token_ids(model_path: str, model_config, tokenizer) -> set[int]:
+    """Every id that ends generation: the config's, generation_config.json's and the tokenizer's EOS."""
+    ids: set[int] = set()
+
+    def add(value: int | Iterable[int] | None) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+
+    add(getattr(model_config, "eos_token_id", None))
+    try:
+        from transformers import GenerationConfig
+
+        add(GenerationConfig.from_pretrained(model_path).eos_token_id)
+    except (OSError, ValueError):  # no generation_config.json
+        pass
+    add(tokenizer.eos_token_id)
+    return ids
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts, parses sampling parameters and compiles constraints."""
+
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        context_length: int,
+        pool_size: int,
+        eos_token_ids: set[int],
+        config: EngineConfig,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.pool_size = pool_size
+        self.eos_token_ids = eos_token_ids
+        self.config = config
+        self._ids = itertools.count()
+
+    def make_requests(
+        self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
+    ) -> tuple[list[Request], bool]:
+        """One validated request per prompt, and whether the caller gave a single prompt."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt or input_ids")
+        source = prompt if prompt is not None else input_ids
+        single = isinstance(source, str) or (
+            isinstance(source, list) and (not source or isinstance(source[0], int))
+        )
+        prompts = [source] if single else list(source)
+        if not prompts:
+            raise ValueError("prompt: the list of prompts is empty")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(
+                    f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts; give one dict or one per prompt"
+                )
+            params_list = sampling_params
+        else:
+            params_list = [sampling_params] * len(prompts)
+        rids = [rid] if isinstance(rid, str) else (rid or [None] * len(prompts))
+        return [
+            self.make_request(p, sp, return_logprob, logprob_start_len, top_logprobs_num, r)
+            for p, sp, r in zip(prompts, params_list, rids)
+        ], single
+
+    def make_request(self, prompt, params, return_logprob, logprob_start_len, top_logprobs_num, rid) -> Request:
+        sp = SamplingParams.from_dict(dict(params) if isinstance(params, dict) else params)
+        if return_logprob:
+            sp.return_logprob = True
+        if top_logprobs_num:
+            sp.top_logprobs_num = int(top_logprobs_num)
+            sp.validate()
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, over the context length of {self.context_length} "
+                "(prompt plus at least one generated token must fit)"
+            )
+        if len(ids) + 1 > self.pool_size:
+            raise ValueError(f"prompt is {len(ids)} tokens but the KV pool holds only {self.pool_size}; raise max_total_tokens")
+        if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
+            raise ValueError(f"logprob_start_len must be an int >= -1, got {logprob_start_len!r}")
+        processor = None
+        if sp.has_constraint:
+            from sglite.constraints import build_logits_processor
+
+            processor = build_logits_processor(
+                self.tokenizer,
+                self.vocab_size,
+                regex=sp.regex,
+                json_schema=sp.json_schema,
+                choices=sp.choices,
+                jump_forward=self.config.jump_forward,
+                eos_token_ids=self.eos_token_ids,
+            )
+        generator = torch.Generator()
+        generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))
+        return Request(
+            rid=rid or uuid.uuid4().hex,
+            prompt_ids=ids,
+            params=sp,
+            decoder=IncrementalDecoder(self.tokenizer, sp.skip_special_tokens, ids),
+            processor=processor,
+            logprob_start_len=logprob_start_len if (sp.return_logprob and logprob_start_len >= 0) else -1,
+            generator=generator,
+        )
