@@ -86,3 +86,10 @@ def test_jump_forward_makes_fewer_forward_calls(engine, engine_without_jump_forw
             jsonschema.validate(json.loads(out["text"]), EXTRACTION)
     assert forced["off"] == 0 and forced["on"] > 60
     assert calls["on"] < calls["off"] * 0.6, calls
+
+
+def test_a_finished_constraint_ends_the_request_before_min_new_tokens(engine):
+    out = engine.generate("Answer:", {"regex": "yes|no", "min_new_tokens": 10, "max_new_tokens": 20, "temperature": 0})
+    assert out["text"] in ("yes", "no")
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    engine.check_invariant()
