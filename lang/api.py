@@ -37,6 +37,7 @@ def gen(
     name: str | None = None,
     max_tokens: int | None = None,
     min_tokens: int | None = None,
+    n: int | None = None,
     stop: str | list[str] | None = None,
     stop_token_ids: list[int] | None = None,
     temperature: float | None = None,
@@ -49,6 +50,7 @@ def gen(
     return_logprob: bool | None = None,
     logprob_start_len: int | None = None,
     top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
     dtype: type | str | None = None,
     choices: list[str] | None = None,
     choices_method: ChoicesSamplingMethod | None = None,
@@ -61,7 +63,11 @@ def gen(
     class) constrain the output; ``choices`` makes this a ``select``.
 
         >>> s += "Age: " + sgl.gen("age", dtype=int)      # doctest: +SKIP
+
+    ``n`` is accepted for SGLang compatibility and must be 1; for several samples fork the state.
     """
+    if n not in (None, 1):
+        raise LangError(f"gen(n={n!r}) is not supported; use forks = s.fork({n}) and a gen in each fork")
     if choices is not None:
         return select(name, choices, 0.0 if temperature is None else temperature,
                       choices_method or token_length_normalized)
@@ -80,6 +86,7 @@ def gen(
         return_logprob=return_logprob,
         logprob_start_len=logprob_start_len,
         top_logprobs_num=top_logprobs_num,
+        return_text_in_logprobs=return_text_in_logprobs,
         dtype=dtype,
         regex=regex,
         json_schema=json_schema,

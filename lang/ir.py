@@ -55,6 +55,8 @@ class GenParams:
     """Also record prompt-token logprobs from this position on."""
     top_logprobs_num: int | None = None
     """Record this many top alternatives per output token."""
+    return_text_in_logprobs: bool | None = None
+    """Fill each logprob entry's third element with its token's text (else ``None``)."""
     dtype: type | str | None = None
     """``int``, ``float``, ``bool`` or ``str``: constrain the output to that literal's grammar."""
     regex: str | None = None
@@ -63,7 +65,9 @@ class GenParams:
     """Constrain the output to JSON valid for this schema (a JSON string, a dict or a pydantic model)."""
 
     # Keys that travel as engine.generate arguments rather than inside sampling_params.
-    REQUEST_KEYS: ClassVar[tuple[str, ...]] = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+    REQUEST_KEYS: ClassVar[tuple[str, ...]] = (
+        "return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"
+    )
 
     def merged_over(self, defaults: GenParams) -> GenParams:
         """These values where set, ``defaults`` elsewhere (how ``gen`` overrides ``run``)."""
@@ -103,12 +107,14 @@ class GenParams:
         return self.regex, None
 
     def request_options(self) -> dict[str, Any]:
-        """``return_logprob``/``logprob_start_len``/``top_logprobs_num`` with the engine's defaults."""
+        """``return_logprob``/``logprob_start_len``/``top_logprobs_num``/``return_text_in_logprobs``
+        with the engine's defaults."""
         top = self.top_logprobs_num or 0
         return {
             "return_logprob": bool(self.return_logprob) or top > 0,
             "logprob_start_len": -1 if self.logprob_start_len is None else self.logprob_start_len,
             "top_logprobs_num": top,
+            "return_text_in_logprobs": bool(self.return_text_in_logprobs),
         }
 
 

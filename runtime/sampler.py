@@ -64,7 +64,10 @@ def sample(
     top_ks = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in sub], device=logits.device)
     top_ps = torch.tensor([sp.top_p for sp in sub], dtype=logits.dtype, device=logits.device)
     min_ps = torch.tensor([sp.min_p for sp in sub], dtype=logits.dtype, device=logits.device)
-    probs = filter_probs(probs, top_ks, top_ps, min_ps)
+    # Sorting the vocabulary is the costly part; rows that filter nothing skip it (and keep their tail
+    # tokens, which a cumulative sum can push past top_p=1.0 by rounding).
+    if any(0 < sp.top_k < vocab or sp.top_p < 1.0 or sp.min_p > 0.0 for sp in sub):
+        probs = filter_probs(probs, top_ks, top_ps, min_ps)
     for j, row in enumerate(sampled_rows):
         next_ids[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)
     return next_ids

@@ -264,3 +264,24 @@ def test_display_stream_prints_outside_notebooks(runtime, capsys):
 def test_state_renders_html_with_variable_spans(runtime):
     html = qa.run(question="<b>")._repr_html_()
     assert 'title="answer"' in html and "&lt;b&gt;" in html
+
+
+def test_sglang_signature_keywords_are_accepted(runtime):
+    """Programs written for SGLang pass these keywords to gen/run/run_batch; they must run unchanged."""
+
+    @sgl.function
+    def scored(s, word):
+        s += word + sgl.gen("x", max_tokens=3, n=1, ignore_eos=True, return_logprob=True, top_logprobs_num=2,
+                            return_text_in_logprobs=True)
+
+    meta = scored.run(word="Hello", temperature=0, use_thread=False).get_meta_info("x")
+    tokenizer = runtime.get_tokenizer()
+    assert [text for _, _, text in meta["output_token_logprobs"]] == [
+        tokenizer.decode([tid]) for _, tid, _ in meta["output_token_logprobs"]
+    ]
+    assert all(text is not None for row in meta["output_top_logprobs"] for _, _, text in row)
+    states = scored.run_batch([{"word": w} for w in ("a", "b", "c")], generator_style=True, temperature=0)
+    assert not isinstance(states, list)
+    assert [st.text()[0] for st in states] == ["a", "b", "c"]
+    with pytest.raises(sgl.LangError, match="fork"):
+        sgl.gen("x", n=2)
