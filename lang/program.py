@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import fields
 from typing import Any
@@ -67,8 +67,13 @@ class Program:
             raise TypeError(f"{self.__name__}() has no parameter(s) {', '.join(unknown)}; parameters: {', '.join(self.arg_names)}")
         return Program(self.func, {**self.bind_arguments, **kwargs})
 
-    def run(self, *args: Any, backend: Backend | None = None, stream: bool = False, **kwargs: Any) -> ProgramState:
-        """Run once and return its state (already finished unless ``stream=True``)."""
+    def run(
+        self, *args: Any, backend: Backend | None = None, stream: bool = False, use_thread: bool = True, **kwargs: Any
+    ) -> ProgramState:
+        """Run once and return its state (already finished unless ``stream=True``).
+
+        ``use_thread`` is accepted for SGLang compatibility; nodes always run off the program's thread.
+        """
         defaults, program_kwargs = _split_sampling(kwargs)
         return run_program(self, resolve_backend(backend), args, program_kwargs, defaults, stream)
 
@@ -82,19 +87,24 @@ class Program:
         backend: Backend | None = None,
         num_threads: int | str = "auto",
         progress_bar: bool = False,
+        generator_style: bool = False,
         **sampling: Any,
-    ) -> list[ProgramState]:
+    ) -> list[ProgramState] | Iterator[ProgramState]:
         """Run once per argument dict (or positional tuple), concurrently; states in input order.
 
         Programs run on ``num_threads`` threads (``"auto"``: enough to keep the engine's batch
         full), so the engine batches their calls and their shared prefixes hit the radix cache.
-        The first program error is re-raised after every program has ended.
+        The first program error is re-raised after every program has ended. With
+        ``generator_style`` the states are yielded in input order as they finish instead
+        (a failing program raises when its turn comes).
         """
         defaults, extra = _split_sampling(sampling)
         if extra:
             raise TypeError(f"run_batch() got unexpected keyword argument(s) {', '.join(sorted(extra))}")
         backend = resolve_backend(backend)
         batch = [self._kwargs_of(item) for item in batch_kwargs]
+        if generator_style:
+            return self._run_batch_in_order(backend, batch, defaults, num_threads, progress_bar)
         if not batch:
             return []
         threads = _thread_count(num_threads, len(batch))
@@ -111,6 +121,24 @@ class Program:
             if future.exception() is not None:
                 raise future.exception()
         return states  # type: ignore[return-value]
+
+    def _run_batch_in_order(
+        self, backend: Backend, batch: list[dict[str, Any]], defaults: GenParams, num_threads: int | str, progress_bar: bool
+    ) -> Iterator[ProgramState]:
+        if not batch:
+            return
+        progress = _progress(len(batch), progress_bar, self.__name__)
+        with ThreadPoolExecutor(_thread_count(num_threads, len(batch)), thread_name_prefix="sglite-batch") as pool:
+            futures = [pool.submit(run_program, self, backend, (), kw, defaults, False) for kw in batch]
+            try:
+                for future in futures:
+                    state = future.result()
+                    progress.update(1)
+                    yield state
+            finally:  # the caller stopped early or a program failed: skip the programs not yet started
+                for future in futures:
+                    future.cancel()
+                progress.close()
 
     def _kwargs_of(self, item: dict[str, Any] | Sequence[Any]) -> dict[str, Any]:
         if isinstance(item, dict):

@@ -124,3 +124,18 @@ def test_openai_completion_model(server_url, llama_path):
     backend = sgl.OpenAI(llama_path.name, base_url=f"{server_url}/v1", api_key=API_KEY, is_chat_model=False)
     state = qa.run(question="Complete?", backend=backend)
     assert state["answer"] and state["sure"] in ("yes", "no", "not at all")
+
+
+def test_endpoint_returns_token_text_in_logprobs_like_runtime(runtime, endpoint):
+    """SGLang's ``return_text_in_logprobs`` through POST /generate (and so ``RuntimeEndpoint``)."""
+
+    @sgl.function
+    def scored(s):
+        s += "Hello" + sgl.gen("x", max_tokens=3, temperature=0, ignore_eos=True, top_logprobs_num=2,
+                               return_text_in_logprobs=True)
+
+    local = scored.run(backend=runtime).get_meta_info("x")
+    remote = scored.run(backend=endpoint).get_meta_info("x")
+    texts = [text for _, _, text in remote["output_token_logprobs"]]
+    assert texts == [text for _, _, text in local["output_token_logprobs"]] and all(texts)
+    assert all(text is not None for row in remote["output_top_logprobs"] for _, _, text in row)

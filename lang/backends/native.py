@@ -30,8 +30,10 @@ class NativeBackend(Backend):
         return_logprob: bool = False,
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
     ) -> dict | list[dict]:
-        """``Engine.generate`` semantics: a dict per prompt, lists in, lists out."""
+        """``Engine.generate`` semantics: a dict per prompt, lists in, lists out; with
+        ``return_text_in_logprobs`` each logprob entry carries its token's text (SGLang's option)."""
 
     @abstractmethod
     def _generate_stream(
@@ -41,6 +43,7 @@ class NativeBackend(Backend):
         return_logprob: bool = False,
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
     ) -> Iterator[dict]:
         """Stream chunks ``{"text": new_text, "meta_info": {...}, "finished": bool}``."""
 

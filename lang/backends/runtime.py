@@ -55,19 +55,26 @@ class Runtime(NativeBackend):
         else:
             self.chat_template = resolve_chat_template(chat_template, self.model_path)
 
-    def _generate(self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0):
-        return self.engine.generate(
+    def _generate(
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+        return_text_in_logprobs=False,
+    ):
+        out = self.engine.generate(
             **_prompt_argument(prompt),
             sampling_params=sampling_params,
             return_logprob=return_logprob,
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
         )
+        if not return_text_in_logprobs:
+            return out
+        return [self._with_texts(o) for o in out] if isinstance(out, list) else self._with_texts(out)
 
     def _generate_stream(
-        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+        return_text_in_logprobs=False,
     ) -> Iterator[dict]:
-        return self.engine.generate(
+        chunks = self.engine.generate(
             **_prompt_argument(prompt),
             sampling_params=sampling_params,
             stream=True,
@@ -75,6 +82,12 @@ class Runtime(NativeBackend):
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
         )
+        return (self._with_texts(c) for c in chunks) if return_text_in_logprobs else chunks
+
+    def _with_texts(self, out: dict) -> dict:
+        from sglite.runtime.server.logprobs import with_logprob_texts
+
+        return {**out, "meta_info": with_logprob_texts(out["meta_info"], lambda tid: self.engine.tokenizer.decode([tid]))}
 
     def get_tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer."""

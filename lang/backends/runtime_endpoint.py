@@ -53,26 +53,39 @@ class RuntimeEndpoint(NativeBackend):
             pass  # an endpoint without /v1/models still works, with the default template
         return ""
 
-    def _payload(self, prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> dict[str, Any]:
+    def _payload(
+        self, prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs
+    ) -> dict[str, Any]:
         is_ids = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
-        return {
+        payload = {
             "input_ids" if is_ids else "text": prompt,
             "sampling_params": sampling_params,
             "return_logprob": return_logprob,
             "logprob_start_len": logprob_start_len,
             "top_logprobs_num": top_logprobs_num,
         }
+        if return_text_in_logprobs:  # only when asked: servers without the option still work otherwise
+            payload["return_text_in_logprobs"] = True
+        return payload
 
-    def _generate(self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0):
-        payload = self._payload(prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+    def _generate(
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+        return_text_in_logprobs=False,
+    ):
+        payload = self._payload(
+            prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs
+        )
         response = self.client.post("/generate", json=payload)
         _raise_for_status(response.status_code, response.text)
         return _restore_tuples(response.json())
 
     def _generate_stream(
-        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0
+        self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+        return_text_in_logprobs=False,
     ) -> Iterator[dict]:
-        payload = self._payload(prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+        payload = self._payload(
+            prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs
+        )
         with self.client.stream("POST", "/generate", json={**payload, "stream": True}) as response:
             if response.status_code >= 400:
                 _raise_for_status(response.status_code, response.read().decode("utf-8", "replace"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sglite.constraints.vocabulary import get_vocabulary
@@ -104,3 +104,24 @@ def completion_logprobs(
         top.setdefault(token, finite_logprob(logprob))
         result.top_logprobs.append(top)
     return result, text_offset
+
+
+def with_logprob_texts(meta_info: dict[str, Any], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """``meta_info`` with every logprob entry's third element set to its token's text.
+
+    SGLang's ``return_text_in_logprobs``: ``(logprob, token_id, None)`` -> ``(logprob, token_id, "text")``.
+
+        >>> with_logprob_texts(meta, lambda tid: tokenizer.decode([tid]))["output_token_logprobs"]
+    """
+
+    def fill(entries: Sequence[LogprobEntry] | None) -> list[tuple] | None:
+        return None if entries is None else [(lp, tid, token_text(tid)) for lp, tid, *_ in entries]
+
+    filled = dict(meta_info)
+    for key in ("input_token_logprobs", "output_token_logprobs"):
+        if key in filled:
+            filled[key] = fill(filled[key])
+    for key in ("input_top_logprobs", "output_top_logprobs"):
+        if key in filled:
+            filled[key] = [fill(row) for row in filled[key]]
+    return filled

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request
-from sglite.runtime.server.logprobs import FLOOR_LOGPROB
+from sglite.runtime.server.logprobs import FLOOR_LOGPROB, with_logprob_texts
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     Chunk,
@@ -112,15 +112,25 @@ class NativeServing:
             "logprob_start_len": req.logprob_start_len,
             "top_logprobs_num": req.top_logprobs_num,
         }
+        texts = req.return_text_in_logprobs
         if not req.stream:
-            outputs = await generate_all(request, self.inflight, calls, **kwargs)
+            outputs = [self._with_texts(out, texts) for out in await generate_all(request, self.inflight, calls, **kwargs)]
             return JSONResponse(json_safe(outputs[0] if single else outputs))
         streams = await open_streams(self.inflight, calls, **kwargs)
-        events = self._events(streams, rids, single)
+        events = self._events(streams, rids, single, texts)
         return SSEResponse(sse_stream(events, on_exit=lambda: self.inflight.release(rids, abort=True)))
 
-    async def _events(self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool) -> AsyncGenerator[str, None]:
+    def _with_texts(self, out: Chunk, texts: bool) -> Chunk:
+        if not texts:
+            return out
+        decode = self.inflight.engine.tokenizer.decode
+        return {**out, "meta_info": with_logprob_texts(out["meta_info"], lambda tid: decode([tid]))}
+
+    async def _events(
+        self, streams: list[AsyncIterator[Chunk]], rids: list[str], single: bool, texts: bool
+    ) -> AsyncGenerator[str, None]:
         async for index, chunk in merge_streams(streams):
             if chunk.get("finished"):
                 self.inflight.release([rids[index]], abort=False)
+            chunk = self._with_texts(chunk, texts)
             yield sse(json.dumps(json_safe(chunk if single else {**chunk, "index": index})))

@@ -250,6 +250,8 @@ class GenerateRequest(_StrictModel):
     return_logprob: bool = False
     logprob_start_len: int = Field(-1, ge=-1, le=2**31 - 1)
     top_logprobs_num: int = Field(0, ge=0, le=100)
+    return_text_in_logprobs: bool = False
+    """Each logprob entry's third element is its token's text instead of null."""
     rid: str | list[str] | None = None
 
 
