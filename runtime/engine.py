@@ -77,6 +77,8 @@ class Engine:
             self.tokenizer, self.runner.model.vocab_size, self.context_length, self.pool.size, self.eos_token_ids, self.config
         )
         self._inbox: queue.Queue = queue.Queue()
+        self._live_rids: set[str] = set()
+        self._live_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="sglite-engine", daemon=True)
         self._thread.start()
@@ -201,8 +203,23 @@ class Engine:
 
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:
+        """Queue ``req``; its id must not belong to a request still in flight (abort goes by id)."""
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
+        with self._live_lock:
+            if req.rid in self._live_rids:
+                raise ValueError(f"rid: {req.rid!r} is already used by a request in flight")
+            self._live_rids.add(req.rid)
+        deliver = req.on_update
+
+        def on_update(r: Request, finished: bool) -> None:
+            if finished:
+                with self._live_lock:
+                    self._live_rids.discard(r.rid)
+            if deliver is not None:
+                deliver(r, finished)
+
+        req.on_update = on_update
         self._inbox.put(("add", req))
 
     @staticmethod

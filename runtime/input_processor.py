@@ -81,6 +81,11 @@ class InputProcessor:
         else:
             params_list = [sampling_params] * len(prompts)
         rids = [rid] if isinstance(rid, str) else (rid or [None] * len(prompts))
+        if len(rids) != len(prompts):
+            raise ValueError(f"rid: got {len(rids)} ids for {len(prompts)} prompts; give one per prompt")
+        given = [r for r in rids if r is not None]
+        if len(set(given)) != len(given):
+            raise ValueError("rid: request ids must be unique within a batch")
         return [
             self.make_request(p, sp, return_logprob, logprob_start_len, top_logprobs_num, r)
             for p, sp, r in zip(prompts, params_list, rids)

@@ -300,3 +300,26 @@ def test_num_threads_option_sets_torch_threads(llama_path):
             sglite.Engine(str(llama_path), num_threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_request_ids_must_be_unique_while_in_flight(engine):
+    with pytest.raises(ValueError, match="unique"):
+        engine.generate(["a", "b"], {"max_new_tokens": 1}, rid=["x", "x"])
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(["a", "b"], {"max_new_tokens": 1}, rid=["x"])
+    stream = engine.generate("a", {"max_new_tokens": 100, "ignore_eos": True}, stream=True, rid="busy")
+    next(stream)
+    with pytest.raises(ValueError, match="in flight"):
+        engine.generate("b", {"max_new_tokens": 1}, rid="busy")
+    stream.close()
+    import time
+
+    deadline = time.time() + 5
+    while True:  # the abort lands on the step loop shortly after close()
+        try:
+            out = engine.generate("b", {"max_new_tokens": 1}, rid="busy")
+            break
+        except ValueError:
+            assert time.time() < deadline, "the aborted request never released its id"
+            time.sleep(0.01)
+    assert out["meta_info"]["id"] == "busy"
