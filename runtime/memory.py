@@ -220,11 +220,19 @@ def _human(num_bytes: float) -> str:
     return f"{num_bytes:.2f} TiB"
 
 
+def _count(n: float) -> str:
+    """12_345_678 -> '12.35 M' (billions, millions, thousands as a reader would say them)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)}"
+
+
 def format_estimate(est: MemoryEstimate) -> str:
     """A small table of an estimate, for humans."""
     params = est.weight_bytes / DTYPE_BYTES.get(est.dtype, 2)
     rows = [
-        ("weights", _human(est.weight_bytes), f"{params / 1e9:.2f} B params in {est.dtype}"),
+        ("weights", _human(est.weight_bytes), f"{_count(params)} params in {est.dtype}"),
         ("KV cache / token", _human(est.kv_bytes_per_token), ""),
         ("KV cache", _human(est.kv_bytes), f"{est.context} tokens x {est.batch} sequence(s)"),
         ("overhead", _human(est.overhead_bytes), "activations, allocator slack"),
