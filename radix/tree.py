@@ -44,12 +44,12 @@ class TreeNode:
         return f"TreeNode(key={self.key}, lock_ref={self.lock_ref}, last_access={self.last_access})"
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def _common_prefix_len(key: list[int], tokens: list[int], pos: int) -> int:
+    """How many leading tokens of ``key`` equal ``tokens[pos:]``."""
+    window = tokens[pos : pos + len(key)]  # only as many tokens as the key, not the whole tail
+    if key[: len(window)] == window:  # the usual case, compared at C speed
+        return len(window)
+    return next(i for i, (k, t) in enumerate(zip(key, window)) if k != t)
 
 
 class RadixCache:
@@ -95,7 +95,7 @@ class RadixCache:
         node.last_access = now
         while pos < len(tokens) and tokens[pos] in node.children:
             child = node.children[tokens[pos]]
-            shared = _common_prefix_len(child.key, tokens[pos:])
+            shared = _common_prefix_len(child.key, tokens, pos)
             if shared < len(child):
                 child = self._split(child, shared)
             child.last_access = now
@@ -144,7 +144,7 @@ class RadixCache:
                 node.children[tokens[pos]] = leaf
                 self._evictable_size += len(leaf)
                 break
-            shared = _common_prefix_len(child.key, tokens[pos:])
+            shared = _common_prefix_len(child.key, tokens, pos)
             if shared < len(child):
                 child = self._split(child, shared)
             incoming = slots[pos : pos + shared]

@@ -125,18 +125,23 @@ class Scheduler:
     def _admit(self) -> None:
         if not self.waiting:
             return
+        # One tree walk per waiting request per step; the results stay valid until the step inserts or evicts.
+        matches: dict[str, tuple[torch.Tensor, object]] = {}
+
+        def match(req: Request) -> tuple[torch.Tensor, object]:
+            if req.rid not in matches:
+                matches[req.rid] = self.tree.match_prefix(req.fill_ids[: self._prefix_limit(req)])
+            return matches[req.rid]
+
         if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_QUEUE_LIMIT:
-            prefix_lens = {
-                req.rid: len(self.tree.match_prefix(req.fill_ids[: self._prefix_limit(req)])[0]) for req in self.waiting
-            }
             # stable sort: equal prefixes keep arrival order
-            self.waiting.sort(key=lambda r: -prefix_lens[r.rid])
+            self.waiting.sort(key=lambda r: -len(match(r)[0]))
         prefilling = [r for r in self.running if r.kv_len < len(r.prompt_ids)]
         for req in list(self.waiting):
             if len(self.running) >= self.config.max_running_requests:
                 break
             ids = req.fill_ids
-            slots, node = self.tree.match_prefix(ids[: self._prefix_limit(req)])
+            slots, node = match(req)
             if not self.tree.disable and any(
                 _share_prefix(ids, other.prompt_ids, len(slots) + IN_BATCH_PREFIX_MIN) for other in prefilling
             ):
