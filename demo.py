@@ -54,17 +54,13 @@ def classify(s, doc):
 
 def main_demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sglite demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="local path or HF hub id (default: the embedded tiny model)")
+    parser.add_argument("--model", default=None, help="local path or HF hub id (default: $SGLITE_MODEL, else the embedded tiny model)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    model = args.model
-    if model is None:
-        from sglite.runtime.tiny_model import build_tiny_model
-
-        print("building the embedded default model (tiny random Llama, offline, cached after the first run)...")
-        model = str(build_tiny_model("llama"))
-    runtime = sgl.Runtime(model, device=args.device)
+    if args.model is None:
+        print("loading the embedded default model (tiny random Llama, built offline at first run)...")
+    runtime = sgl.Runtime(args.model, device=args.device)  # None: $SGLITE_MODEL, else the embedded default
     sgl.set_default_backend(runtime)
     try:
         start = time.perf_counter()

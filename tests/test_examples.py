@@ -63,3 +63,13 @@ def test_tour_notebook_executes(llama_path):
     assert not [out for out in outputs if out.output_type == "error"]
     html = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
     assert any('title="answer"' in h for h in html)  # a state rendered with its variables highlighted
+
+
+def test_demo_main_job_validates_every_extraction(llama_path, monkeypatch, capsys):
+    from sglite.demo import DOCS, main_demo
+
+    monkeypatch.setenv("SGLITE_MODEL", str(llama_path))
+    assert main_demo([]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(DOCS)}/{len(DOCS)} outputs validate against the Person schema" in out
+    assert "served from cache" in out
