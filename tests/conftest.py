@@ -59,6 +59,16 @@ def sp_tokenizer(sentencepiece_path):
     return AutoTokenizer.from_pretrained(sentencepiece_path)
 
 
+@pytest.fixture(scope="session")
+def real_model_path() -> str:
+    """The real default model (SmolLM2-135M-Instruct): ``$SGLITE_REAL_MODEL`` if set, else the packaged GGUF."""
+    if os.environ.get("SGLITE_REAL_MODEL"):
+        return os.environ["SGLITE_REAL_MODEL"]
+    from sglite.runtime.default_model import default_gguf_path
+
+    return str(default_gguf_path())
+
+
 @pytest.fixture(scope="module")
 def runtime(llama_path):
     """An in-process ``sgl.Runtime`` on ``llama_path``, one per test module."""

