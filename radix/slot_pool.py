@@ -1,37 +1,29 @@
-"""A fixed pool of KV-cache slots: one slot holds one token's keys and values in every layer."""
+"""Who owns the free KV slots: a fixed range of slot indices, handed out and taken back."""
 
 from __future__ import annotations
 
 import torch
 
 
-class KVSlotPool:
-    """``kv[layer, 0|1, slot]`` holds the keys (0) and values (1) of one token.
+class SlotAllocator:
+    """The free slots among ``range(size)``.
 
-    The pool owns the free slots; whoever ``alloc``s slots owns them until it
-    ``free``s them or hands them to the radix cache (which then owns them).
+    The allocator owns the free slots; whoever ``alloc``s slots owns them until it ``free``s them
+    or hands them to the radix cache (which then owns them). It holds indices only: the KV tensors
+    the slots index live in the runtime (``sglite.runtime.kv_pool.KVSlotPool`` extends this class).
 
-        >>> pool = KVSlotPool(16, num_layers=2, num_kv_heads=2, head_dim=8)
-        >>> slots = pool.alloc(3); pool.num_free
+        >>> slots = SlotAllocator(16)
+        >>> taken = slots.alloc(3); slots.num_free
         13
-        >>> pool.free(slots); pool.num_free
+        >>> slots.free(taken); slots.num_free
         16
     """
 
-    def __init__(
-        self,
-        size: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> None:
+    def __init__(self, size: int, device: str | torch.device = "cpu") -> None:
         if size <= 0:
             raise ValueError(f"KV pool size must be positive, got {size}")
         self.size = size
         self.device = torch.device(device)
-        self.kv = torch.zeros(num_layers, 2, size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
         self._free = torch.arange(size, dtype=torch.int64, device=self.device)
 
     @property
@@ -41,13 +33,6 @@ class KVSlotPool:
     @property
     def num_used(self) -> int:
         return self.size - self.num_free
-
-    def k(self, layer: int) -> torch.Tensor:
-        """Keys of ``layer``: ``[slots, kv_heads, head_dim]`` (a view; writes land in the pool)."""
-        return self.kv[layer, 0]
-
-    def v(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 1]
 
     def alloc(self, n: int) -> torch.Tensor | None:
         """Take ``n`` free slots (int64 tensor), or ``None`` when fewer than ``n`` are free."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.radix.slot_pool import SlotAllocator
 
 
 class TreeNode:
@@ -56,7 +56,7 @@ class RadixCache:
     """Cached KV of token prefixes, shared across requests.
 
         >>> import torch
-        >>> pool = KVSlotPool(8, num_layers=1, num_kv_heads=1, head_dim=4)
+        >>> pool = SlotAllocator(8)
         >>> cache = RadixCache(pool)
         >>> slots = pool.alloc(3)                      # a request computed KV for tokens [1, 2, 3]
         >>> cache.insert([1, 2, 3], slots)             # the tree now owns those slots
@@ -70,7 +70,7 @@ class RadixCache:
         (2, 8)
     """
 
-    def __init__(self, pool: KVSlotPool, disable: bool = False) -> None:
+    def __init__(self, pool: SlotAllocator, disable: bool = False) -> None:
         self.pool = pool
         self.disable = disable
         self._clock = itertools.count(1)  # logical time: LRU order must not depend on the wall clock

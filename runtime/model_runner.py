@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 
 def pick_device(device: str | None) -> torch.device:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.runtime.kv_pool import KVSlotPool
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import find_stop

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.model_loader import (
     ModelNotFoundError,

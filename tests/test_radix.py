@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
-from sglite.radix import KVSlotPool, RadixCache, TreeNode
+from sglite.radix import RadixCache, TreeNode
+from sglite.runtime.kv_pool import KVSlotPool
 
 
 def make_cache(size: int = 32, disable: bool = False) -> tuple[KVSlotPool, RadixCache]:

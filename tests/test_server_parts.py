@@ -14,7 +14,8 @@ from sglite.runtime.server.cli import build_parser, parse_rate_limit
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import validation_error_to_api_error
 from sglite.runtime.server.flags import add_dataclass_flags, dataclass_values, field_docs
-from sglite.runtime.server.logprobs import FLOOR_LOGPROB, TokenStrings, completion_logprobs
+from sglite.runtime.logprob_text import FLOOR_LOGPROB, TokenStrings
+from sglite.runtime.server.logprobs import completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
 from sglite.runtime.server.native_api import json_safe
 from sglite.runtime.server.protocol import JSON_OBJECT_SCHEMA, ChatCompletionRequest, CompletionRequest

@@ -85,7 +85,7 @@ class Runtime(NativeBackend):
         return (self._with_texts(c) for c in chunks) if return_text_in_logprobs else chunks
 
     def _with_texts(self, out: dict) -> dict:
-        from sglite.runtime.server.logprobs import with_logprob_texts
+        from sglite.runtime.logprob_text import with_logprob_texts
 
         return {**out, "meta_info": with_logprob_texts(out["meta_info"], lambda tid: self.engine.tokenizer.decode([tid]))}
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.models.attention import AttentionMetadata, paged_attention
 from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, head_dim_of

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request
-from sglite.runtime.server.logprobs import FLOOR_LOGPROB, with_logprob_texts
+from sglite.runtime.logprob_text import FLOOR_LOGPROB, with_logprob_texts
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     Chunk,

@@ -20,7 +20,8 @@ from starlette.responses import Response
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request
-from sglite.runtime.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from sglite.runtime.logprob_text import TokenStrings
+from sglite.runtime.server.logprobs import chat_logprobs, completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
 from sglite.runtime.server.protocol import (
     INT64_MAX,
