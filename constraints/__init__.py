@@ -25,6 +25,7 @@ from sglite.constraints.compiler import (
 )
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.fsm_processor import FSMLogitsProcessor, build_logits_processor
+from sglite.constraints.json_layout import COMPACT, FLEXIBLE, SPACED, JsonLayout
 from sglite.constraints.json_schema import normalize_schema, schema_to_regex
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, check_regex_budget, regex_size
 from sglite.constraints.vocabulary import TokenVocabulary, get_vocabulary
@@ -34,10 +35,14 @@ __all__ = [
     "FLOAT_REGEX",
     "INT_REGEX",
     "STRING_REGEX",
+    "COMPACT",
     "CompiledFSM",
     "ConstraintError",
+    "FLEXIBLE",
     "FSMLogitsProcessor",
+    "JsonLayout",
     "MAX_REGEX_SIZE",
+    "SPACED",
     "TokenVocabulary",
     "build_logits_processor",
     "check_regex_budget",

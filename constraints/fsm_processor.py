@@ -5,10 +5,10 @@ thread (compiling, or hitting the caches, before the request is queued); the pro
 returns is then driven by the step loop through ``runtime.logits_processor.LogitsProcessor``:
 
     >>> proc = build_logits_processor(tokenizer, vocab_size, regex=r"\\d{3}-\\d{4}")  # doctest: +SKIP
-    >>> proc.mask_logits(logits_row)          # forbidden tokens -> -inf, in place
-    >>> proc.accept_token(sampled_id)
-    >>> proc.forced_tokens()                  # jump-forward: ids to append unsampled
-    >>> proc.is_finished()                    # accepting and nothing more allowed (or EOS taken)
+    >>> proc.mask_logits(logits_row)          # forbidden tokens -> -inf, in place  # doctest: +SKIP
+    >>> proc.accept_token(sampled_id)  # doctest: +SKIP
+    >>> proc.forced_tokens()                  # jump-forward: ids to append unsampled  # doctest: +SKIP
+    >>> proc.is_finished()                    # accepting and nothing more allowed (or EOS taken)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from sglite.constraints.compiler import CompiledFSM, compile_fsm, regex_for_choices
 from sglite.constraints.errors import ConstraintError
+from sglite.constraints.json_layout import JsonLayout
 from sglite.constraints.json_schema import SchemaInput, schema_to_regex
 from sglite.constraints.jump_forward import plan_jump_forward
 from sglite.constraints.vocabulary import get_vocabulary
@@ -102,14 +103,16 @@ def build_logits_processor(
     json_schema: SchemaInput | None = None,
     choices: list[str] | None = None,
     whitespace_pattern: str | None = None,
+    json_layout: str | JsonLayout | None = None,
     jump_forward: bool = True,
     eos_token_ids: Iterable[int] | None = None,
 ) -> FSMLogitsProcessor:
     """A fresh processor constraining output to ``regex``, ``json_schema`` or one of ``choices``.
 
     Exactly one of the three must be given. ``vocab_size`` is the model's logits width (ids at
-    or beyond the tokenizer's length are always masked). ``whitespace_pattern`` applies to
-    JSON schemas (default compact, no whitespace). ``eos_token_ids`` adds stop ids beyond
+    or beyond the tokenizer's length are always masked). ``json_layout`` (``"spaced"``, the
+    default, ``"compact"`` or ``"flexible"``) or a ``whitespace_pattern`` regex sets the whitespace of
+    JSON-schema output (see ``json_layout``). ``eos_token_ids`` adds stop ids beyond
     ``tokenizer.eos_token_id`` (e.g. the model's ``generation_config.eos_token_id``); each is
     allowed exactly where the constraint accepts. Compiles are cached, so repeated constraints
     cost only a dictionary lookup. Raises ``ConstraintError`` (a ``ValueError``) on bad input.
@@ -126,10 +129,12 @@ def build_logits_processor(
         )
     if whitespace_pattern is not None and json_schema is None:
         raise ConstraintError("whitespace_pattern only applies to json_schema")
+    if json_layout is not None and json_schema is None:
+        raise ConstraintError("json_layout only applies to json_schema")
     if not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ConstraintError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if json_schema is not None:
-        pattern = schema_to_regex(json_schema, whitespace_pattern)
+        pattern = schema_to_regex(json_schema, whitespace_pattern, json_layout)
     elif choices is not None:
         pattern = regex_for_choices(choices)
     else:

@@ -7,14 +7,14 @@ parsed (errors name the JSON position), checked against the Draft 2020-12 meta-s
 (``numeric_range``) and spliced into its regex, as are the string formats in
 ``FORMAT_REGEXES`` (``ipv4``, and JSON-safe ``time``/``email``/``uri``).
 
-Whitespace is compact by default (``whitespace_pattern=""``): ``{"a":1,"b":[2,3]}``. It is
-still valid JSON, costs the fewest tokens, and leaves the model no freedom to ramble in
-whitespace. Pass e.g. ``r"[ ]?"`` for outlines' own default.
+The layout follows ``json.dumps`` by default (``{"a": 1, "b": [2, 3]}``, the text models saw in
+training); ``json_layout`` picks ``compact`` or bounded ``flexible`` whitespace instead, and
+``whitespace_pattern`` any regex between JSON tokens (``json_layout``).
 
     >>> import json, re
     >>> rx = schema_to_regex({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
     ...                       "required": ["n"]})
-    >>> bool(re.fullmatch(rx, '{"n":42}')), bool(re.fullmatch(rx, '{"n":0}'))
+    >>> bool(re.fullmatch(rx, '{"n": 42}')), bool(re.fullmatch(rx, '{"n": 0}'))
     (True, False)
 """
 
@@ -31,14 +31,12 @@ from typing import Any, Iterator, Union
 from outlines_core.json_schema import build_regex_from_schema
 
 from sglite.constraints.errors import ConstraintError
+from sglite.constraints.json_layout import JsonLayout, apply_layout
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
 from sglite.constraints.regex_budget import budget_problem
 
 SchemaInput = Union[str, dict, bool, type]
 """What ``json_schema=`` accepts: a JSON string, a dict, or a pydantic model class."""
-
-COMPACT_WHITESPACE = ""
-"""The default whitespace pattern: no whitespace between JSON tokens."""
 
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
@@ -115,22 +113,32 @@ def _check_meta_schema(schema: dict | bool) -> None:
         )
 
 
-def schema_to_regex(schema: SchemaInput, whitespace_pattern: str | None = None) -> str:
+def schema_to_regex(
+    schema: SchemaInput, whitespace_pattern: str | None = None, json_layout: str | JsonLayout | None = None
+) -> str:
     """The regex of every JSON document valid under ``schema`` (as far as outlines-core supports).
 
-    ``whitespace_pattern`` is the regex allowed between JSON tokens; ``None`` means compact
-    (``""``). Raises ``ConstraintError`` naming the problem for bad or unsupported schemas.
+    ``json_layout`` (``"spaced"``, the default, ``"compact"``, ``"flexible"``) sets the separators;
+    ``whitespace_pattern``, if given, is the regex allowed between any two JSON tokens instead.
+    Raises ``ConstraintError`` naming the problem for bad or unsupported schemas.
 
         >>> schema_to_regex({"enum": ["red", "green"]})
         '("red"|"green")'
+        >>> import re
+        >>> rx = schema_to_regex({"type": "array", "items": {"type": "boolean"}}, json_layout="compact")
+        >>> bool(re.fullmatch(rx, "[true,false]")), bool(re.fullmatch(rx, "[true, false]"))
+        (True, False)
     """
-    key = _cache_key(schema, whitespace_pattern)
+    layout = JsonLayout.parse(json_layout)
+    if whitespace_pattern is not None:
+        layout = JsonLayout(item_separator=",", key_separator=":", whitespace_pattern=whitespace_pattern)
+    key = _cache_key(schema, layout)
     with _regex_cache_lock:
         cached = _regex_cache.get(key) if key is not None else None
         if cached is not None:
             _regex_cache.move_to_end(key)
             return cached
-    regex = _compile_schema(schema, whitespace_pattern)
+    regex = _compile_schema(schema, layout)
     if key is not None:
         with _regex_cache_lock:
             _regex_cache[key] = regex
@@ -144,19 +152,19 @@ _regex_cache: OrderedDict[tuple, str] = OrderedDict()
 _regex_cache_lock = threading.Lock()
 
 
-def _cache_key(schema: SchemaInput, whitespace_pattern: str | None) -> tuple | None:
+def _cache_key(schema: SchemaInput, layout: JsonLayout) -> tuple | None:
     """Property order shapes the regex, so the key keeps it (no ``sort_keys``)."""
     if isinstance(schema, str):
-        return ("text", schema, whitespace_pattern)
+        return ("text", schema, layout)
     if isinstance(schema, type):
-        return ("model", schema, whitespace_pattern)
+        return ("model", schema, layout)
     try:
-        return ("json", json.dumps(schema), whitespace_pattern)
+        return ("json", json.dumps(schema), layout)
     except (TypeError, ValueError):
         return None  # not JSON data: let normalize_schema report it
 
 
-def _compile_schema(schema: SchemaInput, whitespace_pattern: str | None) -> str:
+def _compile_schema(schema: SchemaInput, layout: JsonLayout) -> str:
     parsed = normalize_schema(schema)
     if parsed is True:
         parsed = {}
@@ -164,11 +172,12 @@ def _compile_schema(schema: SchemaInput, whitespace_pattern: str | None) -> str:
         raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
     nonce = secrets.token_hex(4)
     rewritten, overrides = _extract_overrides(parsed, nonce)
-    whitespace = COMPACT_WHITESPACE if whitespace_pattern is None else whitespace_pattern
+    marker = f"sglitews{nonce}"  # where outlines-core puts whitespace; json_layout decides what goes there
     try:
-        regex = build_regex_from_schema(json.dumps(rewritten), whitespace)
+        regex = build_regex_from_schema(json.dumps(rewritten), marker)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ConstraintError(_unsupported_message(parsed, str(exc))) from None
+    regex = apply_layout(regex, marker, layout)
     for placeholder, override in overrides.items():
         quoted = f'"{placeholder}"'
         if quoted not in regex:

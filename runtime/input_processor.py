@@ -129,6 +129,7 @@ class InputProcessor:
                 regex=sp.regex,
                 json_schema=sp.json_schema,
                 choices=sp.choices,
+                json_layout=sp.json_layout,
                 jump_forward=self.config.jump_forward,
                 eos_token_ids=self.eos_token_ids,
             )

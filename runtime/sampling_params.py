@@ -44,6 +44,8 @@ class SamplingParams:
     json_schema: str | dict | None = None
     choices: list[str] | None = None
     """Constrain the output to exactly one of these strings."""
+    json_layout: str | None = None
+    """Whitespace of ``json_schema`` output: ``spaced`` (default, as ``json.dumps``), ``compact`` or ``flexible``."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:

@@ -145,7 +145,7 @@ def test_sampled_documents_validate(tokenizer, name):
 def test_valid_documents_are_accepted(tokenizer, schema, document):
     """Unbounded formats wander too long to sample; check the FSM accepts a real instance."""
     proc = build_logits_processor(tokenizer, VOCAB, json_schema=schema, jump_forward=False)
-    for token_id in tokenizer.encode(json.dumps(document, separators=(",", ":")), add_special_tokens=False):
+    for token_id in tokenizer.encode(json.dumps(document), add_special_tokens=False):
         assert token_id in proc.allowed_token_ids()
         proc.accept_token(token_id)
     assert proc.fsm.is_final(proc.state)
@@ -202,11 +202,26 @@ def test_schema_inputs_are_equivalent():
     assert normalize_schema(Address)["properties"]["city"]["maxLength"] == 10
 
 
-def test_whitespace_pattern(tokenizer):
-    compact = schema_to_regex(SCHEMAS["flat_object"])
-    assert re.fullmatch(compact, '{"name":"x","age":3}') and not re.fullmatch(compact, '{"name": "x", "age": 3}')
-    spaced = schema_to_regex(SCHEMAS["flat_object"], whitespace_pattern=r"[ ]?")
-    assert re.fullmatch(spaced, '{"name": "x", "age": 3}')
+def test_json_layout_follows_json_dumps_by_default(tokenizer):
+    doc = {"name": "x", "age": 3, "tags": [1, 2]}
+    schema = {"type": "object", "properties": {"name": SHORT, "age": {"type": "integer"},
+              "tags": {"type": "array", "items": {"type": "integer"}}}, "required": ["name", "age", "tags"]}
+    spaced = schema_to_regex(schema)
+    assert re.fullmatch(spaced, json.dumps(doc))
+    assert not re.fullmatch(spaced, json.dumps(doc, separators=(",", ":")))
+    compact = schema_to_regex(schema, json_layout="compact")
+    assert re.fullmatch(compact, json.dumps(doc, separators=(",", ":"))) and not re.fullmatch(compact, json.dumps(doc))
+    flexible = schema_to_regex(schema, json_layout="flexible")
+    for text in (json.dumps(doc), json.dumps(doc, indent=2), json.dumps(doc, separators=(",", ":"))):
+        assert re.fullmatch(flexible, text), text
+    assert not re.fullmatch(flexible, json.dumps(doc, indent=21))  # bounded: at most 20 whitespace characters
+    no_strings = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tags": {
+        "type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2}}, "required": ["ok", "tags"]}
+    for seed in range(3):
+        text = sample_document(tokenizer, no_strings, seed)
+        assert text == json.dumps(json.loads(text))  # laid out exactly as json.dumps writes it
+    with pytest.raises(ConstraintError, match="json_layout must be one of"):
+        schema_to_regex(schema, json_layout="pretty-ish")
     text = sample_document(tokenizer, SCHEMAS["flat_object"], 0, whitespace_pattern=r"[ \n]{0,2}")
     jsonschema.validate(json.loads(text), SCHEMAS["flat_object"])
 

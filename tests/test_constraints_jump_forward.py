@@ -47,11 +47,11 @@ def test_schema_extraction_saves_steps(tokenizer, seed):
 def test_forced_bytes_follow_the_schema(tokenizer):
     proc = build_logits_processor(tokenizer, VOCAB, json_schema=EXTRACTION)
     # Nothing is forced before the first token: the engine samples it from the prefill logits.
-    assert forced_bytes(proc.fsm, proc.state) == b'{"customer_name":"'
+    assert forced_bytes(proc.fsm, proc.state) == b'{"customer_name": "'
     proc.accept_token(tokenizer.convert_tokens_to_ids("{"))
     forced = proc.forced_tokens()
-    assert tokenizer.decode(forced) == '"customer_name":"'
-    assert forced == tokenizer.encode('"customer_name":"', add_special_tokens=False)  # the tokenizer's split
+    assert tokenizer.decode(forced) == '"customer_name": "'
+    assert forced == tokenizer.encode('"customer_name": "', add_special_tokens=False)  # the tokenizer's split
     assert proc.forced_tokens() == []  # a string's content is free
 
 
