@@ -245,6 +245,12 @@ def load_config(model: str) -> PretrainedConfig:
     """The text config of ``model``: a local directory (or config.json) or a Hugging Face id in the local cache."""
     from transformers import AutoConfig
 
+    from sglite.runtime.gguf_loader import find_gguf, is_gguf
+
+    if is_gguf(model):  # read from the file's metadata; no conversion just to estimate
+        from sglite.runtime.gguf_metadata import hf_config_from_gguf
+
+        return hf_config_from_gguf(find_gguf(model))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=offline)
@@ -265,7 +271,7 @@ def _config_dtype(config: PretrainedConfig) -> str:
 def main_estimate(argv: list[str]) -> int:
     """``python -m sglite estimate MODEL [--context N] [--batch B] [--dtype D] [--memory-gb G]``."""
     parser = argparse.ArgumentParser(prog="sglite estimate", description="Estimate the memory to serve a model.")
-    parser.add_argument("model", help="a local model directory (with config.json) or a cached Hugging Face id")
+    parser.add_argument("model", help="a local model directory (with config.json), a .gguf file, or a cached Hugging Face id")
     parser.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     parser.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     parser.add_argument("--dtype", choices=["auto", *DTYPE_BYTES], default="auto", help="default: the config's dtype")

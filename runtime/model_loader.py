@@ -53,18 +53,25 @@ def _looks_like_local_path(name: str) -> bool:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local directory holding ``config.json`` for ``name_or_path``.
 
-    A directory is used as is. Anything else is taken as a hub id and looked up in the local HF
-    cache; only when that misses and ``HF_HUB_OFFLINE`` is not set is a download attempted.
+    A directory is used as is. A ``.gguf`` file (or a directory holding one and no config.json) is
+    converted once into a cached folder (``runtime/gguf_loader.py``), and that folder is returned.
+    Anything else is taken as a hub id and looked up in the local HF cache; only when that misses and
+    ``HF_HUB_OFFLINE`` is not set is a download attempted.
 
         >>> resolve_model_path("/models/llama")                 # doctest: +SKIP
         PosixPath('/models/llama')
     """
+    from sglite.runtime.gguf_loader import gguf_model_dir, is_gguf
+
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)
+    if is_gguf(path):
+        return gguf_model_dir(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"{path} is a directory but has no config.json; point at a Hugging Face model directory"
+                f"{path} is a directory but has no config.json (nor a .gguf file); "
+                "point at a Hugging Face model directory or a GGUF file"
             )
         return path.absolute()
     if path.exists() or _looks_like_local_path(name):

@@ -1,0 +1,310 @@
+"""GGUF loading, on small GGUF files written here from the tiny random checkpoints with ``gguf.GGUFWriter``.
+
+Each file is written the way llama.cpp's converter writes one (its tensor names, Q/K rows of the
+llama family interleaved per head, quantized blocks), so the loader must undo all of it to get
+the checkpoint back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, quants
+from safetensors.torch import load_file
+
+import sglite
+from sglite.runtime import gguf_loader
+from sglite.runtime.gguf_loader import GGUFNotFoundError, find_gguf, gguf_model_dir
+from sglite.runtime.gguf_metadata import (
+    UnsupportedGGUFArchitectureError,
+    UnsupportedGGUFError,
+    UnsupportedGGUFQuantizationError,
+)
+
+# Written from the GGUF side on purpose (the loader's table goes the other way).
+TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class A:\n    x = 1  5", "Hello  2024 world"]
+
+
+def gguf_name(hf_name: str) -> str:
+    globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+    if hf_name in globals_:
+        return globals_[hf_name]
+    layer, part, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name).groups()
+    return f"blk.{layer}.{TO_GGUF[part]}.{kind}"
+
+
+def interleave_rows(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's order: within each head, row i of the first half then row i of the second half."""
+    first, second = np.split(rows.reshape(heads, rows.shape[0] // heads, *rows.shape[1:]), 2, axis=1)
+    return np.stack([first, second], axis=2).reshape(rows.shape)
+
+
+def k_quant_blocks(rows: int, cols: int, qtype: Q, seed: int = 0) -> np.ndarray:
+    """Random K-quant blocks (gguf has no K-quantizer) with small finite f16 scales."""
+    block_elems, block_bytes = 256, {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    blocks = np.random.default_rng(seed).integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if qtype == Q.Q4_K:  # d, dmin lead the block
+        blocks[..., 0:2], blocks[..., 2:4] = scale, scale
+    else:  # d ends it
+        blocks[..., -2:] = scale
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(
+    hf_dir: Path,
+    out: Path,
+    arch: str | None = None,
+    types: dict[str, Q] | None = None,
+    pre: str = "gpt2",
+    extra_raw: dict[str, tuple[np.ndarray, Q]] | None = None,
+    additional: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write ``hf_dir`` as a GGUF file; return the float32 tensors (HF names and order) the loader must produce.
+
+    ``types`` maps a regex over GGUF tensor names to the type to store them in (default F32);
+    ``extra_raw`` replaces tensors by raw blocks of a type (K-quants, unsupported types);
+    ``additional`` adds float32 tensors under GGUF names of their own.
+    """
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = arch or config["model_type"]
+    weights = {name: t.float().numpy() for name, t in load_file(str(hf_dir / "model.safetensors")).items()}
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = GGUFWriter(str(out), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
+    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if index in special else 1 for _, index in vocab])
+    writer.add_token_merges([" ".join(merge) for merge in tokenizer["model"]["merges"]])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_chat_template((hf_dir / "chat_template.jinja").read_text())
+
+    expected = {}
+    for name, values in weights.items():
+        target = gguf_name(name)
+        qtype = next((t for pattern, t in (types or {}).items() if re.search(pattern, target)), Q.F32)
+        stored = values
+        if arch == "llama" and ".q_proj." in name:
+            stored = interleave_rows(values, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            stored = interleave_rows(values, kv_heads)
+        if target in (extra_raw or {}):
+            raw, raw_type = extra_raw[target]
+            writer.add_tensor(target, raw, raw_dtype=raw_type)
+            # (only K-quants are expected to load; q/k tensors are never replaced, so no row order to undo)
+            expected[name] = quants.dequantize(raw, raw_type) if raw_type in (Q.Q4_K, Q.Q6_K) else values
+            continue
+        if qtype == Q.F32:
+            writer.add_tensor(target, stored)
+            expected[name] = values
+        else:
+            writer.add_tensor(target, quants.quantize(stored, qtype), raw_dtype=qtype)
+            # Quantization works within a row and the interleave moves whole rows, so they commute.
+            expected[name] = quants.dequantize(quants.quantize(values, qtype), qtype)
+    for target, values in (additional or {}).items():
+        writer.add_tensor(target, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SGLITE_CACHE", str(root))
+    return root
+
+
+def loaded_weights(folder: Path) -> dict[str, np.ndarray]:
+    return {name: t.float().numpy() for name, t in load_file(str(folder / "model.safetensors")).items()}
+
+
+def test_llama_f32_round_trip_is_exact(llama_path, tmp_path, cache):
+    expected = write_gguf(llama_path, tmp_path / "tiny.gguf")
+    folder = gguf_model_dir(tmp_path / "tiny.gguf")
+    assert folder.parent == cache
+    got = loaded_weights(folder)
+    assert got.keys() == expected.keys()
+    for name, values in expected.items():
+        assert np.array_equal(got[name], values), name  # Q/K rows restored, nothing else moved
+    config, original = (json.loads((d / "config.json").read_text()) for d in (folder, llama_path))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "rope_parameters",
+                "tie_word_embeddings", "eos_token_id", "model_type"):
+        assert config[key] == original[key], key
+    assert config["rms_norm_eps"] == pytest.approx(original["rms_norm_eps"], rel=1e-6)  # GGUF stores float32
+    assert (folder / "chat_template.jinja").read_text() == (llama_path / "chat_template.jinja").read_text()
+    from transformers import AutoTokenizer
+
+    mine, reference = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(llama_path)
+    for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert mine.encode(text) == reference.encode(text)
+
+
+def test_engine_greedy_on_gguf_equals_the_checkpoint(llama_path, tmp_path, cache):
+    write_gguf(llama_path, tmp_path / "tiny.gguf")
+    params = {"max_new_tokens": 12, "temperature": 0}
+    outputs = []
+    for source in (llama_path, tmp_path, tmp_path / "tiny.gguf"):  # directory holding one .gguf, the file
+        with sglite.Engine(str(source), max_total_tokens=512) as engine:
+            outputs.append([out["output_ids"] for out in engine.generate(PROMPTS, params)])
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert all(len(ids) == 12 for ids in outputs[0])
+
+
+def test_quantized_types_dequantize_to_the_blocks_values(llama_path, tmp_path, cache):
+    rows, cols = 128, 256  # ffn_down of the tiny model: [hidden, intermediate]
+    types = {r"token_embd": Q.Q8_0, r"attn_q\.": Q.Q4_0, r"attn_k\.": Q.Q4_1, r"attn_v": Q.Q5_0,
+             r"attn_output": Q.Q5_1, r"ffn_gate": Q.F16, r"ffn_up": Q.BF16}
+    raw = {"blk.0.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q4_K), Q.Q4_K),
+           "blk.1.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q6_K, seed=1), Q.Q6_K)}
+    expected = write_gguf(llama_path, tmp_path / "q.gguf", types=types, extra_raw=raw)
+    got = loaded_weights(gguf_model_dir(tmp_path / "q.gguf"))
+    for name, values in expected.items():
+        assert got[name].shape == values.shape, name
+        assert np.array_equal(got[name], values), name
+    assert not np.array_equal(got["model.layers.0.self_attn.q_proj.weight"],
+                              load_file(str(llama_path / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].numpy())
+    # F16/BF16 stay in their own exact dtype; dequantized blocks become float32
+    dtypes = {name: t.dtype for name, t in load_file(str(gguf_model_dir(tmp_path / "q.gguf") / "model.safetensors")).items()}
+    assert dtypes["model.layers.0.mlp.gate_proj.weight"] == torch.float16
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.float32
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_unpermuted_families_round_trip(family, tiny_model_factory, tmp_path, cache):
+    hf_dir = tiny_model_factory(family)
+    expected = write_gguf(hf_dir, tmp_path / f"{family}.gguf")
+    folder = gguf_model_dir(tmp_path / f"{family}.gguf")
+    got = loaded_weights(folder)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[name], values) for name, values in expected.items())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [json.loads((hf_dir / "config.json").read_text())["architectures"][0]]
+
+
+def test_digit_splitting_pre_tokenizer(llama_path, tmp_path, cache):
+    """``tokenizer.ggml.pre = smollm`` isolates digits first: two spaces before a digit stay one ``ĠĠ`` token."""
+    from transformers import AutoTokenizer
+
+    write_gguf(llama_path, tmp_path / "gpt2.gguf", pre="gpt2")
+    (tmp_path / "smol").mkdir()
+    write_gguf(llama_path, tmp_path / "smol" / "smol.gguf", pre="smollm")
+    plain = AutoTokenizer.from_pretrained(gguf_model_dir(tmp_path / "gpt2.gguf"))
+    digits = AutoTokenizer.from_pretrained(gguf_model_dir(tmp_path / "smol"))
+    original = AutoTokenizer.from_pretrained(llama_path)  # GPT-2 split, like pre = gpt2
+    assert plain.encode("x  5") == original.encode("x  5")
+    assert plain.convert_ids_to_tokens(plain.encode("x  5")) == ["x", "Ġ", "Ġ5"]
+    assert digits.convert_ids_to_tokens(digits.encode("x  5")) == ["x", "ĠĠ", "5"]
+    assert digits.convert_ids_to_tokens(digits.encode("x 12")) == ["x", "Ġ", "1", "2"]
+
+
+def test_second_start_reuses_the_cache(llama_path, tmp_path, cache, monkeypatch):
+    write_gguf(llama_path, tmp_path / "tiny.gguf")
+    first = gguf_model_dir(tmp_path / "tiny.gguf")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf_loader, "convert_gguf", no_conversion)
+    assert gguf_model_dir(tmp_path / "tiny.gguf") == first
+    # a different file (here: other quantization) gets its own folder
+    (tmp_path / "other").mkdir()
+    write_gguf(llama_path, tmp_path / "other" / "tiny.gguf", types={"ffn_up": Q.Q8_0})
+    with pytest.raises(AssertionError, match="converted again"):
+        gguf_model_dir(tmp_path / "other" / "tiny.gguf")
+
+
+def test_concurrent_conversions_agree(llama_path, tmp_path, cache):
+    write_gguf(llama_path, tmp_path / "tiny.gguf")
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(gguf_model_dir(tmp_path / "tiny.gguf"))
+        except Exception as error:  # noqa: BLE001 - surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=convert) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(results)) == 1
+    assert [p.name for p in cache.iterdir()] == [results[0].name]  # no temporary folder left behind
+    assert (results[0] / "model.safetensors").is_file()
+
+
+def test_unsupported_architecture_is_named(llama_path, tmp_path, cache):
+    write_gguf(llama_path, tmp_path / "phi.gguf", arch="phi3")
+    with pytest.raises(UnsupportedGGUFArchitectureError, match="'phi3'"):
+        gguf_model_dir(tmp_path / "phi.gguf")
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_unsupported_quantization_is_named(llama_path, tmp_path, cache):
+    rows, cols = 128, 256
+    iq4 = np.random.default_rng(0).integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
+    write_gguf(llama_path, tmp_path / "iq.gguf", extra_raw={"blk.2.ffn_down.weight": (iq4, Q.IQ4_NL)})
+    with pytest.raises(UnsupportedGGUFQuantizationError, match=r"blk\.2\.ffn_down\.weight is stored as IQ4_NL"):
+        sglite.Engine(str(tmp_path / "iq.gguf"))
+    assert not any(cache.iterdir())
+
+
+def test_unknown_tensor_is_named(llama_path, tmp_path, cache):
+    write_gguf(llama_path, tmp_path / "moe.gguf", additional={"blk.0.ffn_gate_exps.weight": np.zeros((2, 4), np.float32)})
+    with pytest.raises(UnsupportedGGUFError, match="'blk.0.ffn_gate_exps.weight' has no Hugging Face equivalent"):
+        gguf_model_dir(tmp_path / "moe.gguf")
+
+
+def test_a_directory_must_hold_exactly_one_gguf(llama_path, tmp_path, cache):
+    write_gguf(llama_path, tmp_path / "a.gguf")
+    write_gguf(llama_path, tmp_path / "b.gguf")
+    with pytest.raises(GGUFNotFoundError, match="found a.gguf, b.gguf"):
+        sglite.Engine(str(tmp_path))
+    with pytest.raises(GGUFNotFoundError, match="not a .gguf file"):
+        find_gguf(llama_path / "config.json")
+
+
+def test_estimate_reads_gguf_metadata(llama_path, tmp_path, cache, capsys):
+    from sglite.runtime.memory import main_estimate
+
+    write_gguf(llama_path, tmp_path / "tiny.gguf")
+    assert main_estimate([str(tmp_path / "tiny.gguf"), "--context", "1024"]) == 0
+    out = capsys.readouterr().out
+    params = sum(t.numel() for t in load_file(str(llama_path / "model.safetensors")).values())
+    assert f"{params / 1e3:.2f} K params" in out
+    assert not cache.exists() or not any(cache.iterdir())  # no conversion just to estimate
