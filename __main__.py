@@ -7,10 +7,10 @@ import sys
 USAGE = """usage: python -m sglite COMMAND [ARGS]
 
 commands:
-  demo       run an extraction program on the embedded default model (or --model PATH_OR_HUB_ID)
-  serve      start the OpenAI-compatible HTTP server: serve --model PATH [--port 30000 ...]
+  demo       extraction + classification on the embedded SmolLM2-135M-Instruct (or --model PATH)
+  serve      start the OpenAI-compatible HTTP server: serve [--model PATH|FILE.gguf] [--port 30000 ...]
   run        batch job: run FILE.py:FUNCTION --input rows.jsonl --output out.jsonl [--model PATH]
-  estimate   memory estimate: estimate MODEL [--context N --batch B --dtype D]
+  estimate   memory estimate: estimate MODEL|FILE.gguf [--context N --batch B --dtype D]
 
 `python -m sglite COMMAND --help` describes each command's options."""
 

@@ -32,7 +32,7 @@ def extract(s, text):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the tiny model)")
+    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     rows = [

@@ -3,8 +3,8 @@
 Every program starts with the same examples, so after the first one the engine serves that
 prefix from its radix cache; the printed cache hit rate shows it.
 
-    python examples/few_shot_qa.py                     # the embedded tiny model (noise answers)
-    python examples/few_shot_qa.py --model PATH        # a real model: real answers
+    python examples/few_shot_qa.py                     # the embedded SmolLM2-135M-Instruct
+    python examples/few_shot_qa.py --model PATH        # another model (directory, .gguf file or hub id)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def few_shot_qa(s, question, examples=EXAMPLES):
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the tiny model)")
+    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     with sgl.Runtime(args.model) as runtime:

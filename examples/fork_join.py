@@ -33,7 +33,7 @@ def tip_suggestion(s, topic, num_tips=3):
 
 def main(argv: list[str] | None = None) -> sgl.ProgramState:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the tiny model)")
+    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     with sgl.Runtime(args.model) as runtime:

@@ -46,7 +46,7 @@ def answer_with_context(s, context, question):
 
 def main(argv: list[str] | None = None) -> list[sgl.ProgramState]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the tiny model)")
+    parser.add_argument("--model", default=None, help="model path (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     # One retrieval for the whole topic keeps the context identical, hence cacheable.

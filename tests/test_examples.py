@@ -1,4 +1,4 @@
-"""Every example runs on the tiny model, and the tour notebook executes cell by cell."""
+"""Every example runs on the real default model (SmolLM2-135M-Instruct), and the tour notebook executes cell by cell."""
 
 from __future__ import annotations
 
@@ -20,41 +20,46 @@ def load_example(name: str):
     return module
 
 
-def test_few_shot_qa_reuses_the_shared_prefix(llama_path, capsys):
-    answers = load_example("few_shot_qa").main(["--model", str(llama_path)])
+@pytest.mark.slow
+def test_few_shot_qa_reuses_the_shared_prefix(real_model_path, capsys):
+    answers = load_example("few_shot_qa").main(["--model", real_model_path])
     assert len(answers) == 6 and all(isinstance(a, str) for a in answers)
     assert "served from cache" in capsys.readouterr().out
 
 
-def test_json_extraction_always_parses(llama_path):
-    orders = load_example("json_extraction").main(["--model", str(llama_path)])
+@pytest.mark.slow
+def test_json_extraction_always_parses(real_model_path):
+    orders = load_example("json_extraction").main(["--model", real_model_path])
     assert len(orders) == 2 and all(1 <= o.quantity <= 100 for o in orders)
 
 
-def test_fork_join_branches_hit_the_cache(llama_path):
-    state = load_example("fork_join").main(["--model", str(llama_path)])
+@pytest.mark.slow
+def test_fork_join_branches_hit_the_cache(real_model_path):
+    state = load_example("fork_join").main(["--model", real_model_path])
     assert state["summary"] and all(cached > 0 for cached in state.ret_value)
 
 
-def test_rag_questions_share_the_context(llama_path):
-    states = load_example("rag").main(["--model", str(llama_path)])
+@pytest.mark.slow
+def test_rag_questions_share_the_context(real_model_path):
+    states = load_example("rag").main(["--model", real_model_path])
     assert all(st["supported"] in ("yes", "no") for st in states)
     assert sum(st.get_meta_info("answer")["cached_tokens"] > 0 for st in states) >= len(states) - 1
 
 
-def test_extract_returns_records(llama_path, monkeypatch):
-    monkeypatch.setenv("SGLITE_MODEL", str(llama_path))  # the examples' default model
+@pytest.mark.slow
+def test_extract_returns_records(real_model_path, monkeypatch):
+    monkeypatch.setenv("SGLITE_MODEL", real_model_path)  # the examples' default model
     records = load_example("extract").main([])
     assert [sorted(r) for r in records] == [["company", "email", "name"]] * 2
 
 
 @pytest.mark.slow
-def test_tour_notebook_executes(llama_path):
+def test_tour_notebook_executes(real_model_path):
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(EXAMPLES / "tour.ipynb", as_version=4)
-    os.environ["SGLITE_MODEL"] = str(llama_path)  # inherited by the kernel
+    os.environ["SGLITE_MODEL"] = real_model_path  # inherited by the kernel
     try:
         NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}).execute()
     finally:
@@ -65,11 +70,15 @@ def test_tour_notebook_executes(llama_path):
     assert any('title="answer"' in h for h in html)  # a state rendered with its variables highlighted
 
 
-def test_demo_main_job_validates_every_extraction(llama_path, monkeypatch, capsys):
-    from sglite.demo import DOCS, main_demo
+@pytest.mark.slow
+def test_demo_main_job_extracts_and_classifies_correctly(real_model_path, capsys):
+    import sglite as sgl
+    from sglite.demo import load_labelled, run_demo
 
-    monkeypatch.setenv("SGLITE_MODEL", str(llama_path))
-    assert main_demo([]) == 0
-    out = capsys.readouterr().out
-    assert f"{len(DOCS)}/{len(DOCS)} outputs validate against the Person schema" in out
-    assert "served from cache" in out
+    with sgl.Runtime(real_model_path) as runtime:
+        report = run_demo(runtime)
+    assert report.valid_objects == len(load_labelled("labelled_bios"))
+    assert report.fields_correct >= 0.8 * report.fields_total
+    assert report.sentiment_correct >= 0.8 * report.sentiment_total
+    assert report.cached_tokens > report.prompt_tokens / 3  # the shared system prompts come from the cache
+    assert "served from cache" in capsys.readouterr().out

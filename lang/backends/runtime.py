@@ -3,38 +3,25 @@
     >>> import sglite as sgl
     >>> runtime = sgl.Runtime("path/to/model")          # doctest: +SKIP
     >>> sgl.set_default_backend(runtime)                # doctest: +SKIP
-    >>> ...                                             # run programs
+    >>> ...                                             # run programs  # doctest: +SKIP
     >>> runtime.shutdown()                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sglite.lang.backends.native import NativeBackend
 from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
-
-MODEL_ENV = "SGLITE_MODEL"
-"""Environment variable naming the model ``Runtime()`` loads when given none."""
-
-
-def default_model_path() -> str:
-    """``$SGLITE_MODEL`` if set, else the embedded tiny Llama checkpoint (built offline on first use)."""
-    configured = os.environ.get(MODEL_ENV)
-    if configured:
-        return configured
-    from sglite.runtime.tiny_model import build_tiny_model
-
-    return str(build_tiny_model("llama"))
+from sglite.runtime.default_model import MODEL_ENV, default_model_path  # noqa: F401 - re-exported for programs
 
 
 class Runtime(NativeBackend):
     """An in-process engine as a program backend.
 
-    ``model_path`` defaults to ``$SGLITE_MODEL``, else the embedded tiny model. Chat turns are
+    ``model_path`` defaults to ``$SGLITE_MODEL``, else the embedded SmolLM2-135M-Instruct. Chat turns are
     rendered with the tokenizer's own chat template unless ``chat_template`` names one
     (``"chatml"``, ``"llama-3"``, ``"qwen"``, ``"mistral"``) or is a ``ChatTemplate``. Other keyword
     arguments go to ``sglite.Engine`` (e.g. ``disable_radix_cache=True``, ``max_total_tokens``).

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
         "/v1/models), SGLang's native /generate, /health and Prometheus /metrics.",
     )
-    parser.add_argument("--model", "--model-path", dest="model", required=True, help="checkpoint directory (or hub id when online)")
+    parser.add_argument("--model", "--model-path", dest="model", default=None,
+                        help="checkpoint directory, .gguf file, or hub id when online "
+                        "(default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     add_dataclass_flags(parser.add_argument_group("server"), ServerConfig, types_override={"rate_limit": parse_rate_limit})
     add_dataclass_flags(parser.add_argument_group("engine"), EngineConfig)
     return parser
@@ -70,6 +72,10 @@ def main_serve(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=server_config.log_level.upper() if server_config.log_level != "trace" else "DEBUG")
     try:
+        if args.model is None:
+            from sglite.runtime.default_model import default_model_path
+
+            args.model = default_model_path()
         engine = sglite.Engine(args.model, **engine_options)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
