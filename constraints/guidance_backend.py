@@ -31,7 +31,7 @@ from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_schema import normalize_schema
 from sglite.constraints.limits import ConstraintLimits
 from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, normalize_regex
-from sglite.constraints.schema_keywords import describe
+from sglite.constraints.schema_keywords import close_objects, describe
 from sglite.constraints.spec import ConstraintSpec
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class GuidanceBackend:
                 raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
             if schema is True:
                 schema = {}
+            generated = close_objects(schema)
             layout = spec.json_layout
             options: dict = {"lenient": spec.lenient, "coerce_one_of": spec.lenient}
             if layout.is_flexible:
@@ -113,7 +114,7 @@ class GuidanceBackend:
             else:
                 options.update(whitespace_flexible=False, item_separator=layout.item_separator,
                                key_separator=layout.key_separator)
-            return matcher.grammar_from_json_schema(schema, overrides=options), schema
+            return matcher.grammar_from_json_schema(generated, overrides=options), schema
         if spec.kind == "ebnf":
             text = spec.source
             if "::=" in text:  # GBNF / xgrammar EBNF (SGLang's ebnf): convert to Lark

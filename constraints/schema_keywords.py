@@ -80,3 +80,52 @@ def describe(schema: Any, message: str) -> str:
             located.append(repr(keyword))
     first_line = message.strip().splitlines()[0] if message.strip() else message
     return f"{'; '.join(located)} ({first_line})" if located else first_line
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of ``schema`` where an object schema listing ``properties`` but saying nothing about
+    others gets ``additionalProperties: false`` (as xgrammar's and Outlines' strict modes do).
+
+    Every output stays valid under the original schema; without it a model may append invented
+    keys until it runs out of tokens. Left open: objects whose ``required`` names something not
+    in ``properties``, that use ``patternProperties``/``unevaluatedProperties``/``allOf``, and any
+    schema an ``allOf`` combines (closing those would make the intersection reject listed keys).
+
+        >>> close_objects({"type": "object", "properties": {"a": {}}})["additionalProperties"]
+        False
+        >>> "additionalProperties" in close_objects({"allOf": [{"properties": {"a": {}}}]})["allOf"][0]
+        False
+    """
+    in_all_of: set[str] = set()
+    refs_in_all_of: set[str] = set()
+    for pointer, node in subschemas(schema):
+        if isinstance(node.get("allOf"), list):
+            for i, member in enumerate(node["allOf"]):
+                for inner_pointer, inner in subschemas(member, f"{pointer}/allOf/{i}"):
+                    in_all_of.add(inner_pointer)
+                    if isinstance(inner.get("$ref"), str) and inner["$ref"].startswith("#"):
+                        refs_in_all_of.add(inner["$ref"][1:])
+
+    def walk(node: Any, pointer: str) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in ONE_SCHEMA:
+            if isinstance(out.get(key), dict):
+                out[key] = walk(out[key], f"{pointer}/{key}")
+        for key in SCHEMA_LIST:
+            if isinstance(out.get(key), list):
+                out[key] = [walk(child, f"{pointer}/{key}/{i}") for i, child in enumerate(out[key])]
+        for key in SCHEMA_MAP:
+            if isinstance(out.get(key), dict):
+                out[key] = {name: walk(child, f"{pointer}/{key}/{_escape(name)}") for name, child in out[key].items()}
+        properties = out.get("properties")
+        required = out.get("required") if isinstance(out.get("required"), list) else []
+        if (isinstance(properties, dict) and not any(k in out for k in (
+                "additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref"))
+                and all(name in properties for name in required)
+                and pointer not in in_all_of and not any(pointer.startswith(r) for r in refs_in_all_of if r)):
+            out["additionalProperties"] = False
+        return out
+
+    return walk(schema, "")
