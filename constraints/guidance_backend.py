@@ -118,8 +118,10 @@ class GuidanceBackend:
         if spec.kind == "ebnf":
             text = spec.source
             if "::=" in text:  # GBNF / xgrammar EBNF (SGLang's ebnf): convert to Lark
+                from llguidance.gbnf_to_lark import gbnf_to_lark
+
                 try:
-                    text = self._llguidance.gbnf_to_lark(text)
+                    text = gbnf_to_lark(text)
                 except Exception as exc:  # the converter raises plain exceptions on bad input
                     raise ConstraintError(f"ebnf: not a valid GBNF grammar: {exc}") from None
             if len(text) > self.limits.max_grammar_chars:
