@@ -71,8 +71,11 @@ def keywords_in_message(message: str) -> list[str]:
 def describe(schema: Any, message: str) -> str:
     """``message`` with each keyword it names located: ``'uniqueItems' at /properties/tags``."""
     located = []
+    unknown_format = re.search(r"Unknown format: (\S+)", message)
     for keyword in keywords_in_message(message):
         pointers = keyword_pointers(schema, keyword)
+        if unknown_format and keyword == "format":
+            pointers = [p for p, node in subschemas(schema) if node.get("format") == unknown_format.group(1)]
         if pointers:
             shown = ", ".join(p or "(root)" for p in pointers[:5]) + (" ..." if len(pointers) > 5 else "")
             located.append(f"{keyword!r} at {shown}")
