@@ -1,16 +1,17 @@
 """Constrained decoding costs: compile, per-step mask, decode speed, jump-forward, and outlines.
 
     python benchmarks/constrained.py                    # embedded tiny model (~2k vocab)
-    python benchmarks/constrained.py --model PATH --big-vocab 150000 --requests 16
+    python benchmarks/constrained.py --model PATH --vocab-model PATH --requests 16 --skip extraction
     pip install -e .[bench]                             # adds outlines to table 4
 
-Prints four tables, each measured side by side in one run:
+Prints five tables, each measured side by side (both grammar backends) in one run:
 
-1. compile time per regex / schema: cold (empty caches) vs cached, at the tokenizer's vocabulary
-   and at a synthetic ``--big-vocab`` one (a fake tokenizer of random pieces; 0 skips it);
-2. per-step mask cost (``mask_logits`` on a row at full vocabulary width) vs a bool ``masked_fill_``;
-3. decode tokens/s through the engine, constrained vs unconstrained;
-4. a schema-heavy extraction (same chat prompts, schema, checkpoint, greedy) through sglite with
+1. compile time per regex / schema: cold (a fresh backend, its one-time vocabulary build printed
+   separately) vs cached, at the tiny model's vocabulary and the real model's (49k);
+2. per-step constrained cost (``mask_logits`` and ``accept_token`` on a full-width row) vs a bool ``masked_fill_``;
+3. decode tokens/s through the engine, constrained vs unconstrained, repeated (min / median / max);
+4. the longest stall of 8 running streams while one more request compiles (or is refused) a big constraint;
+5. a schema-heavy extraction (same chat prompts, schema, checkpoint, greedy) through sglite with
    jump-forward on and off, batched and one at a time, and through ``outlines`` 1.x over
    ``transformers`` one prompt at a time: wall time, tokens/s, forward calls, and how many
    outputs pass ``json.loads`` plus JSON Schema validation. Without outlines installed the
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import string
+import os
+import statistics
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,7 +38,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import sglite
-from sglite.constraints import ConstraintError, build_logits_processor, clear_compile_cache
+from sglite.constraints import BACKENDS, ConstraintError, backend_processor, make_backend
 from sglite.runtime.tiny_model import build_tiny_model
 
 EXTRACTION = {
@@ -68,32 +71,6 @@ CONSTRAINTS = {
 }
 
 
-class FakeTokenizer:
-    """Just enough of a Hugging Face tokenizer to build a big vocabulary (no encode fidelity)."""
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        rng = random.Random(seed)
-        pieces = {chr(c) for c in range(32, 127)} | {chr(c) for c in range(160, 1200)}
-        alphabet = string.ascii_lowercase + string.digits + "_-.,:\"{}[]"
-        while len(pieces) < size - 1:
-            word = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9)))
-            pieces.add((" " if rng.random() < 0.5 else "") + word)
-        self._vocab = {"</s>": 0, **{p: i + 1 for i, p in enumerate(sorted(pieces))}}
-        self.eos_token_id = 0
-        self.all_special_ids = [0]
-        self.added_tokens_decoder: dict = {}
-        self.name_or_path = f"fake-{size}"
-
-    def get_vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    def __len__(self) -> int:
-        return len(self._vocab)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [self._vocab[c] for c in text if c in self._vocab]
-
-
 def time_call(fn, repeat: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(repeat):
@@ -101,23 +78,41 @@ def time_call(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def stats(values: list[float]) -> str:
+    """``min / median / max``."""
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def fresh_backend(name: str, tokenizer, eos_ids=None) -> tuple[object, float]:
+    """A backend with empty caches, and the seconds its one-time vocabulary build took."""
+    start = time.perf_counter()
+    backend = make_backend(name, tokenizer, len(tokenizer), eos_ids or {tokenizer.eos_token_id})
+    return backend, time.perf_counter() - start
+
+
 def compile_table(tokenizers: dict[str, object]) -> None:
-    print("\n## Compile time (ms): cold = empty caches, cached = LRU hit")
-    header = "| constraint | " + " | ".join(f"{name} cold | {name} cached | ratio" for name in tokenizers) + " |"
-    print(header)
-    print("|" + "---|" * (1 + 3 * len(tokenizers)))
-    for label, constraint in CONSTRAINTS.items():
-        cells = []
-        for tokenizer in tokenizers.values():
-            clear_compile_cache()
-            try:
-                cold = time_call(lambda: build_logits_processor(tokenizer, len(tokenizer), **constraint))
-            except ConstraintError:  # e.g. a --model tokenizer with no token for "ã"
-                cells.append("cannot spell | - | -")
-                continue
-            cached = time_call(lambda: build_logits_processor(tokenizer, len(tokenizer), **constraint), repeat=20)
-            cells.append(f"{cold * 1e3:.1f} | {cached * 1e3:.3f} | {cold / cached:.0f}x")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n## Compile time (ms): cold = first compile on a fresh backend (its vocabulary build shown "
+          "separately), cached = a repeat")
+    for tok_name, tokenizer in tokenizers.items():
+        print(f"\n### {tok_name}")
+        builds = {}
+        header = "| constraint | " + " | ".join(f"{b} cold | {b} cached" for b in BACKENDS) + " |"
+        print(header)
+        print("|" + "---|" * (1 + 2 * len(BACKENDS)))
+        for label, constraint in CONSTRAINTS.items():
+            cells = []
+            for name in BACKENDS:
+                backend, build_s = fresh_backend(name, tokenizer)
+                builds[name] = build_s
+                try:
+                    cold = time_call(lambda: backend_processor(backend, **constraint))
+                except ConstraintError as exc:
+                    cells.append(f"refused: {str(exc)[:40]} | -")
+                    continue
+                cached = time_call(lambda: backend_processor(backend, **constraint), repeat=20)
+                cells.append(f"{cold * 1e3:.1f} | {cached * 1e3:.3f}")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print("one-time vocabulary build: " + ", ".join(f"{n} {s:.2f} s" for n, s in builds.items()))
 
 
 @contextmanager
@@ -133,49 +128,117 @@ def one_thread() -> Iterator[None]:
 
 @one_thread()
 def mask_table(tokenizers: dict[str, object], steps: int = 300) -> None:
-    print("\n## Per-step mask cost (µs per row, 1 thread; state bias cached; free-string state)")
-    print("| vocabulary | width | mask_logits (bias add_) | bool masked_fill_ (alternative) | ratio |")
-    print("|---|---|---|---|---|")
+    print("\n## Per-step constrained cost (µs per row, 1 thread; free-string state, mask cached after its first use)")
+    print("| vocabulary | width | backend | mask_logits | accept_token | bool masked_fill_ (alternative apply) |")
+    print("|---|---|---|---|---|---|")
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-    for name, tokenizer in tokenizers.items():
+    for tok_name, tokenizer in tokenizers.items():
         width = len(tokenizer)
-        proc = build_logits_processor(tokenizer, width, json_schema=schema, jump_forward=False)
-        for char in '{"text":"':  # walk into the free string: the widest allowed set
-            ids = tokenizer.encode(char, add_special_tokens=False)
-            if ids:
-                proc.accept_token(ids[0])
-        row = torch.randn(width)
-        proc.mask_logits(row)  # build the state's bias off the clock; re-adding 0/-inf is idempotent
-        mask = proc.fsm.disallowed_mask(proc.state, width, row.device)
-        added = time_call(lambda: proc.mask_logits(row), steps)
-        filled = time_call(lambda: row.masked_fill_(mask, float("-inf")), steps)
-        print(f"| {name} | {width} | {added * 1e6:.1f} | {filled * 1e6:.1f} | {filled / added:.1f}x |")
+        prefix = tokenizer.encode('{"text": "', add_special_tokens=False)
+        letter = tokenizer.encode("a", add_special_tokens=False)[0]
+        for name in BACKENDS:
+            backend, _ = fresh_backend(name, tokenizer)
+            proc = backend_processor(backend, json_schema=schema, jump_forward=False)
+            for token in prefix:  # walk into the free string: the widest allowed set
+                proc.accept_token(token)
+            row = torch.randn(width)
+            proc.mask_logits(row)  # build the state's bias off the clock; re-adding 0/-inf is idempotent
+            mask = torch.isinf(row)
+            added = time_call(lambda: proc.mask_logits(row), steps)
+            clones = [backend_processor(backend, json_schema=schema, jump_forward=False) for _ in range(steps)]
+            for clone in clones:
+                for token in prefix:
+                    clone.accept_token(token)
+            start = time.perf_counter()
+            for clone in clones:
+                clone.accept_token(letter)
+            accepted = (time.perf_counter() - start) / steps
+            filled = time_call(lambda: row.masked_fill_(mask, float("-inf")), steps)
+            print(f"| {tok_name} | {width} | {name} | {added * 1e6:.1f} | {accepted * 1e6:.1f} | {filled * 1e6:.1f} |")
 
 
-def decode_table(model: str, requests: int, max_new_tokens: int) -> None:
-    print(f"\n## Decode through the engine ({requests} requests, up to {max_new_tokens} new tokens each)")
-    print("| workload | tokens | seconds | tok/s | ratio vs free |")
-    print("|---|---|---|---|---|")
+def decode_table(model: str, requests: int, max_new_tokens: int, repeats: int) -> None:
+    print(f"\n## Decode through the engine ({requests} requests, {max_new_tokens} new tokens each, jump-forward off; "
+          f"{repeats} timed runs after a warm-up, seconds min / median / max)")
+    print("| backend | workload | tokens | seconds | tok/s (median) | ratio vs free |")
+    print("|---|---|---|---|---|---|")
     prompts = [f"Record {i}:" for i in range(requests)]
+    # min_new_tokens keeps EOS masked so every request decodes as many tokens as the free one
+    equal = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
     workloads = {
         "unconstrained": {"max_new_tokens": max_new_tokens, "ignore_eos": True},
-        # min_new_tokens keeps EOS masked so every request decodes as many tokens as the free one
-        "regex (date list)": {"regex": r"(\d{4}-\d{2}-\d{2}, ){0,30}\d{4}-\d{2}-\d{2}",
-                              "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens},
-        "json schema (extraction)": {"json_schema": json.dumps(EXTRACTION), "max_new_tokens": max_new_tokens},
+        "regex (date list)": {"regex": r"(\d{4}-\d{2}-\d{2}, ){0,60}\d{4}-\d{2}-\d{2}", **equal},
+        "json schema (free text field)": {"json_schema": {"type": "object", "properties": {
+            "notes": {"type": "string"}}, "required": ["notes"]}, **equal},
     }
-    with sglite.Engine(model, jump_forward=False) as engine:
-        engine.generate("warm up", {"max_new_tokens": 2})
-        base = None
-        for label, params in workloads.items():
-            engine.generate(prompts[0], params)  # compile off the clock
-            start = time.perf_counter()
-            outs = engine.generate(prompts, [{**params, "seed": i} for i in range(requests)])
-            elapsed = time.perf_counter() - start
-            tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-            rate = tokens / elapsed
-            base = base or rate
-            print(f"| {label} | {tokens} | {elapsed:.2f} | {rate:.0f} | {rate / base:.2f} |")
+    for name in BACKENDS:
+        with sglite.Engine(model, jump_forward=False, grammar_backend=name) as engine:
+            engine.generate("warm up", {"max_new_tokens": 2})
+            base = None
+            for label, params in workloads.items():
+                if base is not None and name != BACKENDS[0] and label == "unconstrained":
+                    continue
+                engine.generate(prompts[0], params)  # compile (and warm the mask cache) off the clock
+                times, tokens = [], 0
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    outs = engine.generate(prompts, [{**params, "seed": i} for i in range(requests)])
+                    times.append(time.perf_counter() - start)
+                    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+                rate = tokens / statistics.median(times)
+                base = base or rate
+                print(f"| {name} | {label} | {tokens} | {stats(times)} | {rate:.0f} | {rate / base:.2f} |")
+
+
+def gil_table(model: str, streams: int = 8) -> None:
+    """Max gap between tokens of running streams while another request's constraint compiles (or is refused)."""
+    print(f"\n## Stalls: max inter-token gap (ms) of {streams} running streams while one more request brings a "
+          "big constraint (compiled or refused in its caller's thread)")
+    print("| backend | big constraint | outcome | compile s | max gap before | max gap during |")
+    print("|---|---|---|---|---|---|")
+    big = {
+        "enum of 10k values": {"json_schema": {"enum": [f"value-{i:05d}" for i in range(10_000)]}},
+        "94k-char alternation": {"regex": "(?:" + "|".join(f"w{i:06d}x" for i in range(10_500)) + ")"},
+        "schema, 300 properties": {"json_schema": {"type": "object", "properties": {
+            f"field_{i}": {"type": "string", "maxLength": 30} for i in range(300)}}},
+    }
+    for name in BACKENDS:
+        with sglite.Engine(model, grammar_backend=name) as engine:
+            engine.generate("warm up", {"max_new_tokens": 2})
+            for label, constraint in big.items():
+                stamps: list[list[float]] = [[] for _ in range(streams)]
+                stop = threading.Event()
+
+                def stream(k: int) -> None:
+                    for _ in engine.generate(f"Story {k}:", {"max_new_tokens": 100_000, "ignore_eos": True},
+                                             stream=True):
+                        stamps[k].append(time.perf_counter())
+                        if stop.is_set():
+                            break
+
+                threads = [threading.Thread(target=stream, args=(k,)) for k in range(streams)]
+                for t in threads:
+                    t.start()
+                time.sleep(1.5)
+                begin = time.perf_counter()
+                try:
+                    engine.generate("x", {**constraint, "max_new_tokens": 1})
+                    outcome = "compiled"
+                except ConstraintError as exc:
+                    outcome = f"refused: {str(exc)[:40]}"
+                end = time.perf_counter()
+                time.sleep(0.5)
+                stop.set()
+                for t in threads:
+                    t.join()
+
+                def max_gap(lo: float, hi: float) -> float:
+                    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if lo <= b and a <= hi]
+                    return max(gaps, default=float("nan")) * 1e3
+
+                first = min(s[0] for s in stamps if s)
+                print(f"| {name} | {label} | {outcome} | {end - begin:.2f} | {max_gap(first + 0.3, begin):.0f} "
+                      f"| {max_gap(begin, end):.0f} |")
 
 
 EXTRACTION_FACTS = [("Ana", 3, "express"), ("Bo", 12, "standard"), ("Chen", 1, "same-day"), ("Dee", 40, "express")]
@@ -256,8 +319,8 @@ def run_outlines(model: str, messages: list[str], max_new_tokens: int) -> Extrac
     hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)  # sglite's dtype on CPU
     generator = outlines.Generator(
         outlines.from_transformers(hf_model, AutoTokenizer.from_pretrained(model)),
-        # Compact whitespace, as sglite compiles schemas by default, so both constrain the same JSON layout.
-        outlines.types.JsonSchema(json.dumps(EXTRACTION), whitespace_pattern=""),
+        # Outlines' own default whitespace (an optional space around JSON tokens); sglite writes json.dumps's layout.
+        outlines.types.JsonSchema(json.dumps(EXTRACTION)),
     )
     calls = 0
 
@@ -329,22 +392,35 @@ def extraction_table(model: str, requests: int, max_new_tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny llama)")
-    parser.add_argument("--big-vocab", type=int, default=150_000, help="synthetic vocabulary size; 0 to skip")
+    parser.add_argument("--vocab-model", default=os.environ.get("SGLITE_REAL_MODEL", "/root/models/SmolLM2-135M-Instruct"),
+                        help="a second tokenizer for the compile and mask tables (default: the real model's, 49k)")
     parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each decode workload")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decode table's output length")
     parser.add_argument("--extraction-max-new-tokens", type=int, default=256,
                         help="extraction table's cap (the schema needs ~100-200 tokens on the tiny model)")
+    parser.add_argument("--skip", default="", help="comma-separated tables to skip: compile,mask,decode,gil,extraction")
     args = parser.parse_args()
     model = args.model or str(build_tiny_model("llama"))
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"# {' '.join(sys.argv)}\n# device cpu, dtype float32, torch threads {torch.get_num_threads()} "
+          f"(mask table: 1), torch {torch.__version__}, model {model}")
 
-    tokenizers: dict[str, object] = {f"tokenizer ({len(AutoTokenizer.from_pretrained(model))})":
+    tokenizers: dict[str, object] = {f"tiny ({len(AutoTokenizer.from_pretrained(model))})":
                                      AutoTokenizer.from_pretrained(model)}
-    if args.big_vocab:
-        tokenizers[f"fake {args.big_vocab // 1000}k"] = FakeTokenizer(args.big_vocab)
-    compile_table(tokenizers)
-    mask_table(tokenizers)
-    decode_table(model, args.requests, args.max_new_tokens)
-    extraction_table(model, args.requests, args.extraction_max_new_tokens)
+    if args.vocab_model and os.path.isdir(args.vocab_model):
+        tokenizer = AutoTokenizer.from_pretrained(args.vocab_model)
+        tokenizers[f"{os.path.basename(args.vocab_model)} ({len(tokenizer)})"] = tokenizer
+    if "compile" not in skip:
+        compile_table(tokenizers)
+    if "mask" not in skip:
+        mask_table(tokenizers)
+    if "decode" not in skip:
+        decode_table(model, args.requests, args.max_new_tokens, args.repeats)
+    if "gil" not in skip:
+        gil_table(model)
+    if "extraction" not in skip:
+        extraction_table(model, args.requests, args.extraction_max_new_tokens)
 
 
 if __name__ == "__main__":

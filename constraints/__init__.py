@@ -1,9 +1,11 @@
-"""Which tokens are allowed: regex, JSON-schema, pydantic and choice constraints as token FSMs.
+"""Which tokens are allowed: regex, JSON-schema, pydantic, choice and grammar constraints.
 
-A constraint compiles (outlines-core) to a token-level automaton over the tokenizer's byte
-vocabulary, unless its estimated size is over ``MAX_REGEX_SIZE`` (``regex_budget``); a
-per-request processor masks each step's logits to the allowed tokens and, with jump-forward,
-appends text the constraint forces without sampling it.
+An engine owns one grammar backend (``make_backend``): ``llguidance`` (the default; a lazily
+built lexer plus Earley parser, so all of JSON Schema's structure and context-free grammars)
+or ``outlines`` (outlines-core token DFAs from one regex). A per-request processor masks each
+step's logits to the allowed tokens and, with jump-forward, appends text the constraint forces
+without sampling it. Keywords a backend cannot enforce are refused with ``ConstraintError``
+naming them, or relaxed with a ``ConstraintWarning`` in ``lenient`` mode.
 
     >>> from sglite.constraints import build_logits_processor, regex_for_choices
     >>> proc = build_logits_processor(tokenizer, vocab_size, json_schema={"type": "integer"})  # doctest: +SKIP
@@ -11,45 +13,53 @@ appends text the constraint forces without sampling it.
 
 from __future__ import annotations
 
+from sglite.constraints.backend import BACKENDS, GrammarBackend, backend_processor, build_logits_processor, make_backend
 from sglite.constraints.compiler import (
     BOOL_REGEX,
     FLOAT_REGEX,
     INT_REGEX,
     STRING_REGEX,
     CompiledFSM,
-    clear_compile_cache,
-    compile_cache_info,
+    FSMCaches,
     compile_fsm,
     regex_for_choices,
     regex_for_type,
 )
-from sglite.constraints.errors import ConstraintError
-from sglite.constraints.fsm_processor import FSMLogitsProcessor, build_logits_processor
+from sglite.constraints.errors import ConstraintError, ConstraintWarning
+from sglite.constraints.fsm_processor import FSMLogitsProcessor
 from sglite.constraints.json_layout import COMPACT, FLEXIBLE, SPACED, JsonLayout
 from sglite.constraints.json_schema import normalize_schema, schema_to_regex
+from sglite.constraints.limits import ConstraintLimits
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, check_regex_budget, regex_size
+from sglite.constraints.spec import ConstraintSpec
 from sglite.constraints.vocabulary import TokenVocabulary, get_vocabulary
 
 __all__ = [
+    "BACKENDS",
     "BOOL_REGEX",
+    "COMPACT",
+    "FLEXIBLE",
     "FLOAT_REGEX",
     "INT_REGEX",
-    "STRING_REGEX",
-    "COMPACT",
-    "CompiledFSM",
-    "ConstraintError",
-    "FLEXIBLE",
-    "FSMLogitsProcessor",
-    "JsonLayout",
     "MAX_REGEX_SIZE",
     "SPACED",
+    "STRING_REGEX",
+    "CompiledFSM",
+    "ConstraintError",
+    "ConstraintLimits",
+    "ConstraintSpec",
+    "ConstraintWarning",
+    "FSMCaches",
+    "FSMLogitsProcessor",
+    "GrammarBackend",
+    "JsonLayout",
     "TokenVocabulary",
+    "backend_processor",
     "build_logits_processor",
     "check_regex_budget",
-    "clear_compile_cache",
-    "compile_cache_info",
     "compile_fsm",
     "get_vocabulary",
+    "make_backend",
     "normalize_schema",
     "regex_for_choices",
     "regex_for_type",

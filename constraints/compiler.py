@@ -2,9 +2,9 @@
 
 Regex syntax and its error messages live in ``regex_syntax``. Compiling is the slow part (a
 DFA over the whole vocabulary): ``regex_budget`` refuses patterns whose automaton would be too
-large before outlines-core starts, and ``compile_fsm`` keeps an LRU of ``CompiledFSM`` keyed by
-(regex, vocabulary); per FSM state, the 0/-inf logit bias the step loop adds with one ``add_``
-is cached too (in one byte-bounded LRU shared by all FSMs).
+large before outlines-core starts. ``FSMCaches`` (owned by one engine's backend, never
+module-level) keeps compiled ``CompiledFSM``s, keyed by a digest of (regex, vocabulary) and
+bounded in bytes, and per FSM state the 0/-inf logit bias the step loop adds with one ``add_``.
 
     >>> import re
     >>> rx = regex_for_choices(["yes", "no", "a.b"])
@@ -17,12 +17,12 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-from collections import OrderedDict
 
 import torch
 from outlines_core import Index
 from outlines_core import json_schema as oc_json
 
+from sglite.constraints.byte_cache import ByteLRU, digest
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.regex_budget import MAX_REGEX_LENGTH, MAX_REGEX_SIZE, check_regex_budget
 from sglite.constraints.regex_syntax import (
@@ -64,8 +64,8 @@ def regex_for_type(python_type: type) -> str:
         raise ConstraintError(f"no literal regex for {python_type!r}; use int, float, bool or str") from None
 
 
-def regex_for_choices(choices: list[str] | tuple[str, ...]) -> str:
-    """An alternation matching exactly one of ``choices`` (each taken literally)."""
+def regex_for_choices(choices: list[str] | tuple[str, ...], max_bytes: int = MAX_REGEX_SIZE) -> str:
+    """An alternation matching exactly one of ``choices`` (each taken literally), at most ``max_bytes`` long."""
     if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
         raise ConstraintError(f"choices must be a list of strings, got {type(choices).__name__}")
     if not choices:
@@ -76,10 +76,10 @@ def regex_for_choices(choices: list[str] | tuple[str, ...]) -> str:
     unique = list(dict.fromkeys(choices))  # the DFA accepts the union, so order is cosmetic
     # The alternation's regex_size is at most its UTF-8 length: refuse before building it.
     total = sum(len(c.encode("utf-8", "surrogatepass")) for c in unique)
-    if total > MAX_REGEX_SIZE:
+    if total > max_bytes:
         raise ConstraintError(
             f"choices: {len(unique):,} distinct strings totalling {total:,} bytes are too many for a constraint "
-            f"FSM (limit {MAX_REGEX_SIZE:,} bytes, SGLITE_MAX_REGEX_SIZE); pass fewer or shorter choices"
+            f"(limit {max_bytes:,} bytes); pass fewer or shorter choices"
         )
     return "(?:" + "|".join(re.escape(c) for c in unique) + ")"
 
@@ -106,8 +106,9 @@ class CompiledFSM:
       of the DFA is no bigger than the anchored one.
     """
 
-    def __init__(self, regex: str, vocabulary: TokenVocabulary, index: Index) -> None:
+    def __init__(self, regex: str, vocabulary: TokenVocabulary, index: Index, biases: ByteLRU | None = None) -> None:
         self.regex = regex
+        self.biases: ByteLRU[torch.Tensor] = biases if biases is not None else ByteLRU(BIAS_CACHE_BYTES)
         self.vocabulary = vocabulary
         self.index = index
         initial_state = index.get_next_state(index.get_initial_state(), START_SENTINEL_ID)
@@ -166,13 +167,13 @@ class CompiledFSM:
         150k row takes ~0.8 ms, a vectorized add ~0.03 ms (on GPUs both are a single fast kernel).
         """
         key = (self._serial, state, width, device, dtype)
-        bias = _bias_cache.get(key)
+        bias = self.biases.get(key)
         if bias is None:
             allowed = torch.tensor([t for t in self.allowed_tokens(state) if t < width], dtype=torch.long)
             bias = torch.full((width,), float("-inf"), dtype=dtype)
             bias[allowed] = 0
             bias = bias.to(device)
-            _bias_cache.put(key, bias)
+            self.biases.put(key, bias, bias.numel() * bias.element_size())
         return bias
 
     def disallowed_mask(self, state: int, width: int, device: torch.device) -> torch.Tensor:
@@ -180,38 +181,9 @@ class CompiledFSM:
         return torch.isinf(self.logit_bias(state, width, device, torch.float32))
 
 
-class _BiasCache:
-    """One LRU of per-state logit biases for all FSMs, bounded in bytes."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        with self._lock:
-            bias = self._entries.get(key)
-            if bias is not None:
-                self._entries.move_to_end(key)
-            return bias
-
-    def put(self, key: tuple, bias: torch.Tensor) -> None:
-        size = bias.numel() * bias.element_size()
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = bias
-            self._bytes += size
-            while self._bytes > self.budget_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.numel() * evicted.element_size()
-
-
 BIAS_CACHE_BYTES = 256 << 20
-"""Memory for cached per-state logit biases across all FSMs (4 bytes a token in float32)."""
-_bias_cache = _BiasCache(BIAS_CACHE_BYTES)
-_fsm_serials = itertools.count()
+"""Default memory for cached per-state logit biases (4 bytes a token in float32)."""
+_fsm_serials = itertools.count()  # an id per CompiledFSM (immutable counter, not a cache)
 
 
 def _with_sentinels(regex: str, confined: str | None) -> str:
@@ -223,62 +195,58 @@ def _with_sentinels(regex: str, confined: str | None) -> str:
     return f"\\x{{{ord(START_SENTINEL):X}}}(?:{inner})\\x{{{ord(ACCEPT_SENTINEL):X}}}"
 
 
-class _CompileCache:
-    """LRU of ``CompiledFSM`` keyed by (regex, vocabulary key); one compile per key at a time."""
+class FSMCaches:
+    """Compiled FSMs and their per-state biases, both bounded in bytes; one compile per key at a time.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple, CompiledFSM] = OrderedDict()
+    Owned by one backend (one engine): two engines in a process share nothing.
+    """
+
+    def __init__(self, compiled_bytes: int = 256 << 20, bias_bytes: int = BIAS_CACHE_BYTES,
+                 max_regex_size: int = MAX_REGEX_SIZE, max_regex_length: int = MAX_REGEX_LENGTH) -> None:
+        self.compiled: ByteLRU[CompiledFSM] = ByteLRU(compiled_bytes)
+        self.biases: ByteLRU[torch.Tensor] = ByteLRU(bias_bytes)
+        self.max_regex_size = max_regex_size
+        self.max_regex_length = max_regex_length
         self._lock = threading.Lock()
-        self._building: dict[tuple, threading.Lock] = {}
-        self.hits = 0
-        self.misses = 0
+        self._building: dict[str, threading.Lock] = {}
 
     def get(self, regex: str, vocabulary: TokenVocabulary) -> CompiledFSM:
-        key = (regex, vocabulary.key)
+        key = digest(regex, repr(vocabulary.key))
+        fsm = self.compiled.get(key)
+        if fsm is not None:
+            return fsm
         with self._lock:
-            fsm = self._lookup(key)
-            if fsm is not None:
-                return fsm
             build_lock = self._building.setdefault(key, threading.Lock())
         # Compile outside the cache lock so other constraints proceed; the per-key lock stops
         # two threads compiling the same regex twice.
         with build_lock:
-            with self._lock:
-                fsm = self._lookup(key)
-                if fsm is not None:
-                    return fsm
-                self.misses += 1
+            fsm = self.compiled.get(key)
+            if fsm is not None:
+                return fsm
             try:
-                index = _build_index(regex, vocabulary)
+                index = _build_index(regex, vocabulary, self.max_regex_size, self.max_regex_length)
             finally:
                 with self._lock:
                     self._building.pop(key, None)
-            fsm = CompiledFSM(regex, vocabulary, index)
-            with self._lock:
-                self._entries[key] = fsm
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
+            fsm = CompiledFSM(regex, vocabulary, index, self.biases)
+            # The serialized index is its transition table: a fair measure of its memory.
+            self.compiled.put(key, fsm, len(index.__reduce__()[1][0]) + 2 * len(regex))
             return fsm
 
-    def _lookup(self, key: tuple) -> CompiledFSM | None:
-        fsm = self._entries.get(key)
-        if fsm is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return fsm
+    def info(self) -> dict[str, dict[str, int]]:
+        return {"compiled": self.compiled.info(), "bias": self.biases.info()}
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self.compiled.clear()
+        self.biases.clear()
 
 
-def _build_index(regex: str, vocabulary: TokenVocabulary) -> Index:
+def _build_index(regex: str, vocabulary: TokenVocabulary, max_size: int, max_length: int) -> Index:
     confined = exclude_sentinel_plane(regex)
     # Before the expensive part, which cannot be interrupted. A regex whose classes cannot be
     # confined (verbose mode, say) still compiles correctly, since the sentinels are never
     # offered as text tokens, but its DFA tracks every offset a match could start at.
-    check_regex_budget(regex, unanchored=confined is None)
+    check_regex_budget(regex, max_size, max_length, unanchored=confined is None)
     try:
         return Index(_with_sentinels(regex, confined), vocabulary.outlines)
     except (ValueError, RuntimeError, OverflowError) as exc:
@@ -292,30 +260,19 @@ def _build_index(regex: str, vocabulary: TokenVocabulary) -> Index:
         raise diagnose_regex(regex, message) from None
 
 
-_cache = _CompileCache(capacity=64)
-
-
-def compile_fsm(regex: str, vocabulary: TokenVocabulary) -> CompiledFSM:
-    """The cached ``CompiledFSM`` of ``regex`` over ``vocabulary`` (compiling it on a miss).
+def compile_fsm(regex: str, vocabulary: TokenVocabulary, caches: FSMCaches | None = None) -> CompiledFSM:
+    """The ``CompiledFSM`` of ``regex`` over ``vocabulary``, from ``caches`` (compiled on a miss;
+    without ``caches``, compiled afresh with default limits).
 
     Raises ``ConstraintError`` naming the position of an invalid or unsupported construct,
     the character the vocabulary cannot produce, or the part that makes the automaton larger
-    than ``regex_budget.MAX_REGEX_SIZE``.
+    than the regex budget (``regex_budget``).
     """
+    caches = caches if caches is not None else FSMCaches()
     if not isinstance(regex, str):
         raise ConstraintError(f"regex must be a string, got {type(regex).__name__}")
-    if len(regex) > MAX_REGEX_LENGTH:
-        check_regex_budget(regex)  # raises: too long to be worth normalizing first
+    if len(regex) > caches.max_regex_length:
+        check_regex_budget(regex, caches.max_regex_size, caches.max_regex_length)  # raises before normalizing
     regex = normalize_regex(regex)
     check_groups_balanced(regex)
-    return _cache.get(regex, vocabulary)
-
-
-def compile_cache_info() -> dict[str, int]:
-    """``{"hits", "misses", "size"}`` of the compile LRU (for benchmarks and tests)."""
-    return {"hits": _cache.hits, "misses": _cache.misses, "size": len(_cache._entries)}
-
-
-def clear_compile_cache() -> None:
-    """Forget every compiled FSM (benchmarks use it to time cold compiles)."""
-    _cache.clear()
+    return caches.get(regex, vocabulary)

@@ -14,3 +14,7 @@ class ConstraintError(ValueError):
         >>> issubclass(ConstraintError, ValueError)
         True
     """
+
+
+class ConstraintWarning(UserWarning):
+    """A constraint was compiled with a relaxation (``lenient`` mode): the message names the keyword and where."""

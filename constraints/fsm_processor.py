@@ -1,10 +1,9 @@
 """The per-request logits processor: one FSM state, advanced token by token.
 
-``build_logits_processor`` is the constraint layer's front door. It runs in the caller's
-thread (compiling, or hitting the caches, before the request is queued); the processor it
-returns is then driven by the step loop through ``runtime.logits_processor.LogitsProcessor``:
+The outlines backend's processor (``outlines_backend``): built in the caller's thread, then
+driven by the step loop through ``runtime.logits_processor.LogitsProcessor``:
 
-    >>> proc = build_logits_processor(tokenizer, vocab_size, regex=r"\\d{3}-\\d{4}")  # doctest: +SKIP
+    >>> proc = build_logits_processor(tokenizer, vocab_size, regex=r"\\d{3}-\\d{4}", backend="outlines")  # doctest: +SKIP
     >>> proc.mask_logits(logits_row)          # forbidden tokens -> -inf, in place  # doctest: +SKIP
     >>> proc.accept_token(sampled_id)  # doctest: +SKIP
     >>> proc.forced_tokens()                  # jump-forward: ids to append unsampled  # doctest: +SKIP
@@ -13,16 +12,10 @@ returns is then driven by the step loop through ``runtime.logits_processor.Logit
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
-from sglite.constraints.compiler import CompiledFSM, compile_fsm, regex_for_choices
-from sglite.constraints.errors import ConstraintError
-from sglite.constraints.json_layout import JsonLayout
-from sglite.constraints.json_schema import SchemaInput, schema_to_regex
+from sglite.constraints.compiler import CompiledFSM
 from sglite.constraints.jump_forward import plan_jump_forward
-from sglite.constraints.vocabulary import get_vocabulary
 
 
 class FSMLogitsProcessor:
@@ -43,6 +36,8 @@ class FSMLogitsProcessor:
         self.violation: str | None = None
         """Set (and the processor finished) if a token outside the mask was accepted."""
         self._eos_accepted = False
+        self.warnings: tuple[str, ...] = ()
+        """Relaxations the backend took to compile this constraint (lenient mode)."""
 
     @property
     def regex(self) -> str:
@@ -93,52 +88,3 @@ class FSMLogitsProcessor:
 
     def __repr__(self) -> str:
         return f"FSMLogitsProcessor(regex={self.fsm.regex[:60]!r}, state={self.state}, finished={self.is_finished()})"
-
-
-def build_logits_processor(
-    tokenizer,
-    vocab_size: int,
-    *,
-    regex: str | None = None,
-    json_schema: SchemaInput | None = None,
-    choices: list[str] | None = None,
-    whitespace_pattern: str | None = None,
-    json_layout: str | JsonLayout | None = None,
-    jump_forward: bool = True,
-    eos_token_ids: Iterable[int] | None = None,
-) -> FSMLogitsProcessor:
-    """A fresh processor constraining output to ``regex``, ``json_schema`` or one of ``choices``.
-
-    Exactly one of the three must be given. ``vocab_size`` is the model's logits width (ids at
-    or beyond the tokenizer's length are always masked). ``json_layout`` (``"spaced"``, the
-    default, ``"compact"`` or ``"flexible"``) or a ``whitespace_pattern`` regex sets the whitespace of
-    JSON-schema output (see ``json_layout``). ``eos_token_ids`` adds stop ids beyond
-    ``tokenizer.eos_token_id`` (e.g. the model's ``generation_config.eos_token_id``); each is
-    allowed exactly where the constraint accepts. Compiles are cached, so repeated constraints
-    cost only a dictionary lookup. Raises ``ConstraintError`` (a ``ValueError``) on bad input.
-
-        >>> proc = build_logits_processor(tok, 2048, choices=["yes", "no"])  # doctest: +SKIP
-        >>> proc.jump_forward_tokens                                        # doctest: +SKIP
-        0
-    """
-    given = [name for name, value in (("regex", regex), ("json_schema", json_schema), ("choices", choices))
-             if value is not None]
-    if len(given) != 1:
-        raise ConstraintError(
-            f"give exactly one of regex, json_schema, choices; got {', '.join(given) if given else 'none'}"
-        )
-    if whitespace_pattern is not None and json_schema is None:
-        raise ConstraintError("whitespace_pattern only applies to json_schema")
-    if json_layout is not None and json_schema is None:
-        raise ConstraintError("json_layout only applies to json_schema")
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ConstraintError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    if json_schema is not None:
-        pattern = schema_to_regex(json_schema, whitespace_pattern, json_layout)
-    elif choices is not None:
-        pattern = regex_for_choices(choices)
-    else:
-        pattern = regex
-    vocabulary = get_vocabulary(tokenizer, eos_token_ids)
-    fsm = compile_fsm(pattern, vocabulary)
-    return FSMLogitsProcessor(fsm, tokenizer, vocab_size, jump_forward=jump_forward)

@@ -23,17 +23,16 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import threading
-from collections import OrderedDict
 from decimal import Decimal
 from typing import Any, Iterator, Union
 
 from outlines_core.json_schema import build_regex_from_schema
 
+from sglite.constraints.byte_cache import ByteLRU, digest
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_layout import JsonLayout, apply_layout
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
-from sglite.constraints.regex_budget import budget_problem
+from sglite.constraints.regex_budget import MAX_REGEX_SIZE, budget_problem
 
 SchemaInput = Union[str, dict, bool, type]
 """What ``json_schema=`` accepts: a JSON string, a dict, or a pydantic model class."""
@@ -114,13 +113,19 @@ def _check_meta_schema(schema: dict | bool) -> None:
 
 
 def schema_to_regex(
-    schema: SchemaInput, whitespace_pattern: str | None = None, json_layout: str | JsonLayout | None = None
+    schema: SchemaInput,
+    whitespace_pattern: str | None = None,
+    json_layout: str | JsonLayout | None = None,
+    *,
+    cache: ByteLRU[str] | None = None,
+    max_regex_size: int = MAX_REGEX_SIZE,
 ) -> str:
     """The regex of every JSON document valid under ``schema`` (as far as outlines-core supports).
 
     ``json_layout`` (``"spaced"``, the default, ``"compact"``, ``"flexible"``) sets the separators;
     ``whitespace_pattern``, if given, is the regex allowed between any two JSON tokens instead.
-    Raises ``ConstraintError`` naming the problem for bad or unsupported schemas.
+    ``cache`` (owned by the caller's backend) memoizes translations by digest. Raises
+    ``ConstraintError`` naming the problem for bad or unsupported schemas.
 
         >>> schema_to_regex({"enum": ["red", "green"]})
         '("red"|"green")'
@@ -132,39 +137,31 @@ def schema_to_regex(
     layout = JsonLayout.parse(json_layout)
     if whitespace_pattern is not None:
         layout = JsonLayout(item_separator=",", key_separator=":", whitespace_pattern=whitespace_pattern)
-    key = _cache_key(schema, layout)
-    with _regex_cache_lock:
-        cached = _regex_cache.get(key) if key is not None else None
-        if cached is not None:
-            _regex_cache.move_to_end(key)
-            return cached
-    regex = _compile_schema(schema, layout)
-    if key is not None:
-        with _regex_cache_lock:
-            _regex_cache[key] = regex
-            while len(_regex_cache) > _REGEX_CACHE_SIZE:
-                _regex_cache.popitem(last=False)
+    key = _cache_key(schema, layout, max_regex_size)
+    cached = cache.get(key) if cache is not None and key is not None else None
+    if cached is not None:
+        return cached
+    regex = _compile_schema(schema, layout, max_regex_size)
+    if cache is not None and key is not None:
+        cache.put(key, regex, 2 * len(regex) + 64)
     return regex
 
 
-_REGEX_CACHE_SIZE = 256
-_regex_cache: OrderedDict[tuple, str] = OrderedDict()
-_regex_cache_lock = threading.Lock()
-
-
-def _cache_key(schema: SchemaInput, layout: JsonLayout) -> tuple | None:
-    """Property order shapes the regex, so the key keeps it (no ``sort_keys``)."""
-    if isinstance(schema, str):
-        return ("text", schema, layout)
+def _cache_key(schema: SchemaInput, layout: JsonLayout, max_regex_size: int) -> str | None:
+    """A digest of the schema text and options; property order shapes the regex, so it is kept."""
     if isinstance(schema, type):
-        return ("model", schema, layout)
-    try:
-        return ("json", json.dumps(schema), layout)
-    except (TypeError, ValueError):
-        return None  # not JSON data: let normalize_schema report it
+        text = f"{schema.__module__}.{schema.__qualname__}:{id(schema)}"
+    elif isinstance(schema, str):
+        text = schema
+    else:
+        try:
+            text = json.dumps(schema)
+        except (TypeError, ValueError):
+            return None  # not JSON data: let normalize_schema report it
+    return digest(type(schema).__name__, text, repr(layout), str(max_regex_size))
 
 
-def _compile_schema(schema: SchemaInput, layout: JsonLayout) -> str:
+def _compile_schema(schema: SchemaInput, layout: JsonLayout, max_regex_size: int) -> str:
     parsed = normalize_schema(schema)
     if parsed is True:
         parsed = {}
@@ -183,7 +180,7 @@ def _compile_schema(schema: SchemaInput, layout: JsonLayout) -> str:
         if quoted not in regex:
             raise ConstraintError(f"internal: schema placeholder {placeholder} vanished from the regex")
         regex = regex.replace(quoted, f"(?:{override})")
-    problem = budget_problem(regex)
+    problem = budget_problem(regex, max_regex_size)
     if problem is not None:
         raise ConstraintError(f"json_schema is too large for a constraint FSM{_largest_bound(parsed)}: {problem}")
     return regex

@@ -13,7 +13,6 @@ responsible. Rust-only syntax is respelled for Python's parser (``\\p{..}`` is c
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,22 +22,15 @@ from sglite.constraints.regex_shape import RepeatCost, estimate, sre
 from sglite.constraints.regex_syntax import scan
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    try:
-        return default if value is None else int(value)
-    except ValueError:
-        raise ConstraintError(f"environment variable {name}={value!r} must be an integer") from None
-
-
-MAX_REGEX_SIZE = _env_int("SGLITE_MAX_REGEX_SIZE", 8_000)
-"""Largest ``regex_size`` a constraint may have (env ``SGLITE_MAX_REGEX_SIZE``).
+MAX_REGEX_SIZE = 8_000
+"""Default largest ``regex_size`` a constraint may have (an engine reads ``SGLITE_MAX_REGEX_SIZE``
+into its ``ConstraintLimits``).
 
 At the limit the slowest shapes measured compile in under 0.5 s on a 2-core CPU with a
 2k-token vocabulary (``[a-zA-Z0-9_ ]{8000}``). outlines-core scans the whole vocabulary from
 every state, so with 150k tokens the same sizes take ~60x longer: lower it for big models."""
-MAX_REGEX_LENGTH = _env_int("SGLITE_MAX_REGEX_LENGTH", 100_000)
-"""Longest regex text (characters) a constraint may have (env ``SGLITE_MAX_REGEX_LENGTH``)."""
+MAX_REGEX_LENGTH = 100_000
+"""Default longest regex text (characters) a constraint may have (``SGLITE_MAX_REGEX_LENGTH``)."""
 
 _HINT = {
     "": "lower the count (a large {m,n} can often become * or +)",

@@ -26,8 +26,6 @@ U+100000..U+10FFFF, private-use plane 16) are left out so no real token can spel
 from __future__ import annotations
 
 import re
-import threading
-import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
@@ -52,7 +50,7 @@ _SPACE_PIECE = "\u2581"  # SentencePiece's "▁"
 
 @dataclass(frozen=True, eq=False)
 class TokenVocabulary:
-    """One tokenizer's byte view, shared by every constraint compiled for it."""
+    """One tokenizer's byte view, shared by every constraint one backend compiles for it."""
 
     key: tuple
     """Cache identity: ``(id(tokenizer), name_or_path, len(tokenizer), eos ids)``."""
@@ -71,37 +69,20 @@ class TokenVocabulary:
         return len(self.token_bytes)
 
 
-_cache: dict[tuple, tuple[weakref.ref, TokenVocabulary]] = {}
-_cache_lock = threading.Lock()
-
-
 def vocabulary_key(tokenizer, eos_token_ids: Iterable[int] | None = None) -> tuple:
-    """The cache key of ``tokenizer``'s vocabulary (plus the EOS ids the caller adds)."""
+    """Identity of ``tokenizer``'s vocabulary (plus the EOS ids the caller adds), for cache keys."""
     name = getattr(tokenizer, "name_or_path", "") or ""
     extra = tuple(sorted(set(eos_token_ids or ())))
     return (id(tokenizer), str(name), len(tokenizer), extra)
 
 
 def get_vocabulary(tokenizer, eos_token_ids: Iterable[int] | None = None) -> TokenVocabulary:
-    """The (cached) byte vocabulary of a Hugging Face tokenizer.
+    """The byte vocabulary of a Hugging Face tokenizer (built afresh: the backend that needs it keeps it).
 
     ``eos_token_ids`` adds stop ids (e.g. a model's ``generation_config.eos_token_id`` list)
     to ``tokenizer.eos_token_id``; all of them act as EOS.
     """
-    key = vocabulary_key(tokenizer, eos_token_ids)
-    with _cache_lock:
-        hit = _cache.get(key)
-        # id() can be reused after garbage collection: the weakref proves it is the same object.
-        if hit is not None and hit[0]() is tokenizer:
-            return hit[1]
-    vocab = _build(tokenizer, key, eos_token_ids)
-    with _cache_lock:
-        try:
-            ref = weakref.ref(tokenizer)
-        except TypeError:
-            ref = lambda: tokenizer  # noqa: E731 - objects without weakref support stay alive
-        _cache[key] = (ref, vocab)
-    return vocab
+    return _build(tokenizer, vocabulary_key(tokenizer, eos_token_ids), eos_token_ids)
 
 
 def detect_kind(tokenizer) -> str:

@@ -56,11 +56,13 @@ def gen(
     choices_method: ChoicesSamplingMethod | None = None,
     regex: str | None = None,
     json_schema: str | dict | type | None = None,
+    grammar: str | None = None,
 ) -> Gen | Select:
     """Generate into variable ``name``; unset arguments inherit ``run(...)``'s defaults.
 
-    ``dtype`` (int/float/bool/str), ``regex`` or ``json_schema`` (JSON string, dict or pydantic
-    class) constrain the output; ``choices`` makes this a ``select``.
+    ``dtype`` (int/float/bool/str), ``regex``, ``json_schema`` (JSON string, dict or pydantic
+    class) or ``grammar`` (a Lark or GBNF context-free grammar; the engine's ``ebnf``) constrain
+    the output; ``choices`` makes this a ``select``.
 
         >>> s += "Age: " + sgl.gen("age", dtype=int)      # doctest: +SKIP
 
@@ -90,6 +92,7 @@ def gen(
         dtype=dtype,
         regex=regex,
         json_schema=json_schema,
+        grammar=grammar,
     )
     params.constraint()  # fail here, at the program line, on conflicting or unknown constraints
     return Gen(name, params)

@@ -63,6 +63,8 @@ class GenParams:
     """Constrain the output to match this regular expression."""
     json_schema: str | dict | type | None = None
     """Constrain the output to JSON valid for this schema (a JSON string, a dict or a pydantic model)."""
+    grammar: str | None = None
+    """Constrain the output to a context-free grammar (Lark, or GBNF with ``::=``); sent as ``ebnf``."""
 
     # Keys that travel as engine.generate arguments rather than inside sampling_params.
     REQUEST_KEYS: ClassVar[tuple[str, ...]] = (
@@ -86,20 +88,22 @@ class GenParams:
         params = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if getattr(self, f.name) is not None and f.name not in self.REQUEST_KEYS + ("dtype", "regex", "json_schema")
+            if getattr(self, f.name) is not None and f.name not in self.REQUEST_KEYS + ("dtype", "regex", "json_schema", "grammar")
         }
         regex, json_schema = self.constraint()
         if regex is not None:
             params["regex"] = regex
         if json_schema is not None:
             params["json_schema"] = json_schema
+        if self.grammar is not None:
+            params["ebnf"] = self.grammar
         return params
 
     def constraint(self) -> tuple[str | None, str | None]:
         """``(regex, json_schema_string)``: at most one is set; ``dtype`` becomes a regex."""
-        given = [n for n in ("dtype", "regex", "json_schema") if getattr(self, n) is not None]
+        given = [n for n in ("dtype", "regex", "json_schema", "grammar") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise LangError(f"gen() takes at most one of dtype, regex, json_schema; got {', '.join(given)}")
+            raise LangError(f"gen() takes at most one of dtype, regex, json_schema, grammar; got {', '.join(given)}")
         if self.dtype is not None:
             return dtype_regex(self.dtype), None
         if self.json_schema is not None:

@@ -36,7 +36,7 @@ RUN_DEFAULTS = GenParams(
 )
 """Sampling defaults of ``run``/``run_batch`` (SGLang's), overridden per ``gen``."""
 
-SAMPLING_KEYWORDS = frozenset(f.name for f in fields(GenParams)) - {"dtype", "regex", "json_schema"}
+SAMPLING_KEYWORDS = frozenset(f.name for f in fields(GenParams)) - {"dtype", "regex", "json_schema", "grammar"}
 """Keyword arguments of ``run``/``run_batch`` that set sampling defaults instead of program arguments."""
 
 

@@ -28,6 +28,8 @@ class EngineConfig:
     """Most prompt + output tokens per request; None takes the model's ``max_position_embeddings``."""
     jump_forward: bool = True
     """Append text forced by a regex/JSON constraint without sampling it token by token."""
+    grammar_backend: str = "llguidance"
+    """Constraint compiler: ``llguidance`` (full JSON Schema, context-free grammars) or ``outlines`` (regex DFAs)."""
     random_seed: int = 0
     """Seeds the generators of requests that give no ``seed``."""
     num_threads: int | None = None
@@ -44,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
+        if self.grammar_backend not in ("llguidance", "outlines"):
+            raise ValueError(f"grammar_backend must be 'llguidance' or 'outlines', got {self.grammar_backend!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -7,6 +7,8 @@ constraint compilation never stall the step loop; every error here is raised bef
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import uuid
 from collections.abc import Iterable
 
@@ -58,6 +60,22 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self.config = config
         self._ids = itertools.count()
+        self._constraints = None  # the engine's grammar backend, built on first use (~1 s for 50k tokens)
+        self._constraints_lock = threading.Lock()
+
+    @property
+    def constraints(self):
+        """This engine's grammar backend (``sglite.constraints.make_backend``): its caches are this engine's."""
+        if self._constraints is None:
+            with self._constraints_lock:
+                if self._constraints is None:
+                    from sglite.constraints import ConstraintLimits, make_backend
+
+                    self._constraints = make_backend(
+                        self.config.grammar_backend, self.tokenizer, self.vocab_size, self.eos_token_ids,
+                        ConstraintLimits.from_env(os.environ),
+                    )
+        return self._constraints
 
     def make_requests(
         self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
@@ -121,17 +139,17 @@ class InputProcessor:
             raise ValueError(f"logprob_start_len must be an int >= -1, got {logprob_start_len!r}")
         processor = None
         if sp.has_constraint:
-            from sglite.constraints import build_logits_processor
+            from sglite.constraints import backend_processor
 
-            processor = build_logits_processor(
-                self.tokenizer,
-                self.vocab_size,
+            processor = backend_processor(
+                self.constraints,
+                jump_forward=self.config.jump_forward,
                 regex=sp.regex,
                 json_schema=sp.json_schema,
                 choices=sp.choices,
+                ebnf=sp.ebnf,
                 json_layout=sp.json_layout,
-                jump_forward=self.config.jump_forward,
-                eos_token_ids=self.eos_token_ids,
+                lenient=sp.lenient,
             )
         generator = torch.Generator()
         generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))

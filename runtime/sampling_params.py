@@ -44,8 +44,12 @@ class SamplingParams:
     json_schema: str | dict | None = None
     choices: list[str] | None = None
     """Constrain the output to exactly one of these strings."""
+    ebnf: str | None = None
+    """Constrain the output to a context-free grammar: Lark syntax, or GBNF/EBNF with ``::=`` rules."""
     json_layout: str | None = None
     """Whitespace of ``json_schema`` output: ``spaced`` (default, as ``json.dumps``), ``compact`` or ``flexible``."""
+    lenient: bool = False
+    """JSON schema: relax keywords the backend cannot enforce (each reported as a warning) instead of refusing."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -63,7 +67,7 @@ class SamplingParams:
             raise ValueError(
                 f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
             )
-        values = {k: v for k, v in params.items() if v is not None or k in ("seed", "regex", "json_schema", "choices")}
+        values = {k: v for k, v in params.items() if v is not None or k in ("seed", "regex", "json_schema", "choices", "ebnf")}
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
         if isinstance(values.get("stop_token_ids"), int) and not isinstance(values.get("stop_token_ids"), bool):
@@ -120,7 +124,7 @@ class SamplingParams:
 
     @property
     def has_constraint(self) -> bool:
-        return self.regex is not None or self.json_schema is not None or self.choices is not None
+        return any(v is not None for v in (self.regex, self.json_schema, self.choices, self.ebnf))
 
 
 def _check_int(sp: SamplingParams, name: str, low: int | None = None, high: int | None = None) -> None:

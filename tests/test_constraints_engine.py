@@ -93,3 +93,43 @@ def test_a_finished_constraint_ends_the_request_before_min_new_tokens(engine):
     assert out["text"] in ("yes", "no")
     assert out["meta_info"]["finish_reason"]["type"] == "stop"
     engine.check_invariant()
+
+
+TOOL_GRAMMAR = r"""
+start: "call " NAME "(" ARG ")"
+NAME: "get_weather" | "get_time"
+ARG: /[a-z]{1,8}/
+"""
+
+
+def test_ebnf_sampling_param_and_lenient_through_the_engine(engine):
+    out = engine.generate("Tool:", {"ebnf": TOOL_GRAMMAR, "max_new_tokens": 32, "temperature": 1.0, "seed": 3})
+    assert re.fullmatch(r"call (get_weather|get_time)\([a-z]{1,8}\)", out["text"])
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3,
+              "uniqueItems": True}
+    with pytest.raises(ConstraintError, match="uniqueItems"):
+        engine.generate("x", {"json_schema": schema})
+    with pytest.warns(UserWarning, match="uniqueItems"):
+        out = engine.generate("Digits:", {"json_schema": schema, "lenient": True, "max_new_tokens": 32})
+    assert isinstance(json.loads(out["text"]), list)
+
+
+def test_lang_gen_grammar(runtime):
+    import sglite as sgl
+
+    @sgl.function
+    def tool(s):
+        s += "Tool: " + sgl.gen("call", grammar=TOOL_GRAMMAR, max_tokens=32, temperature=1.0)
+
+    assert re.fullmatch(r"call (get_weather|get_time)\([a-z]{1,8}\)", tool.run(backend=runtime)["call"])
+
+
+def test_outlines_backend_is_selectable(llama_path):
+    with sglite.Engine(str(llama_path), device="cpu", max_total_tokens=2048, grammar_backend="outlines") as eng:
+        out = eng.generate("JSON:", {"json_schema": EXTRACTION, "max_new_tokens": 96, "temperature": 1.0})
+        jsonschema.validate(json.loads(out["text"]), EXTRACTION)
+        with pytest.raises(ConstraintError, match="llguidance"):
+            eng.generate("x", {"ebnf": TOOL_GRAMMAR})
+    with pytest.raises(ValueError, match="grammar_backend"):
+        sglite.Engine(str(llama_path), device="cpu", grammar_backend="xgrammar")

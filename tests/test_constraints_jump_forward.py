@@ -27,7 +27,7 @@ EXTRACTION = {
 
 
 def run(tokenizer, seed: int, jump_forward: bool, **constraint):
-    proc = build_logits_processor(tokenizer, VOCAB, jump_forward=jump_forward, **constraint)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", jump_forward=jump_forward, **constraint)
     result = simulate_decode(proc, VOCAB, seed=seed, max_steps=300, eos_token_ids={tokenizer.eos_token_id})
     assert result.finished
     return proc, result, tokenizer.decode(result.token_ids)
@@ -45,7 +45,7 @@ def test_schema_extraction_saves_steps(tokenizer, seed):
 
 
 def test_forced_bytes_follow_the_schema(tokenizer):
-    proc = build_logits_processor(tokenizer, VOCAB, json_schema=EXTRACTION)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", json_schema=EXTRACTION)
     # Nothing is forced before the first token: the engine samples it from the prefill logits.
     assert forced_bytes(proc.fsm, proc.state) == b'{"customer_name": "'
     proc.accept_token(tokenizer.convert_tokens_to_ids("{"))
@@ -56,7 +56,7 @@ def test_forced_bytes_follow_the_schema(tokenizer):
 
 
 def test_enum_common_prefix_is_forced(tokenizer):
-    proc = build_logits_processor(tokenizer, VOCAB, choices=["standard_delivery", "standard_pickup"])
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", choices=["standard_delivery", "standard_pickup"])
     proc.accept_token(tokenizer.encode("st", add_special_tokens=False)[0])
     assert tokenizer.decode(proc.forced_tokens()).startswith("andard_")
     assert forced_bytes(proc.fsm, proc.state) == b""
@@ -69,7 +69,7 @@ def test_literal_is_one_step(tokenizer):
 
 
 def test_alternatives_are_not_forced(tokenizer):
-    proc = build_logits_processor(tokenizer, VOCAB, regex=r"(yes|no)")
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=r"(yes|no)")
     assert proc.forced_tokens() == []
     assert forced_bytes(proc.fsm, proc.state) == b""
 

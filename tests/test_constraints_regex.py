@@ -16,7 +16,7 @@ from sglite.constraints import (
     STRING_REGEX,
     ConstraintError,
     build_logits_processor,
-    compile_cache_info,
+    make_backend,
     regex_for_choices,
     regex_for_type,
 )
@@ -63,7 +63,7 @@ REGEXES = [
 
 
 def generate(tokenizer, seed: int, temperature: float, max_steps: int = 200, **constraint) -> str:
-    proc = build_logits_processor(tokenizer, VOCAB, **constraint)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", **constraint)
     result = simulate_decode(
         proc, VOCAB, seed=seed, temperature=temperature, max_steps=max_steps,
         eos_token_ids={tokenizer.eos_token_id},
@@ -158,7 +158,7 @@ def test_typed_regexes_sample(tokenizer, regex):
 )
 def test_invalid_regex_names_position(tokenizer, regex, fragment):
     with pytest.raises(ConstraintError, match=re.escape(fragment)) as info:
-        build_logits_processor(tokenizer, VOCAB, regex=regex)
+        build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=regex)
     assert isinstance(info.value, ValueError)
 
 
@@ -176,12 +176,12 @@ def test_invalid_regex_names_position(tokenizer, regex, fragment):
 )
 def test_bad_arguments(tokenizer, kwargs, fragment):
     with pytest.raises(ConstraintError, match=fragment):
-        build_logits_processor(tokenizer, VOCAB, **kwargs)
+        build_logits_processor(tokenizer, VOCAB, backend="outlines", **kwargs)
 
 
 def test_mask_allows_eos_only_when_accepting(tokenizer):
     eos = tokenizer.eos_token_id
-    proc = build_logits_processor(tokenizer, VOCAB, regex=r"ab(cd)?", jump_forward=False)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=r"ab(cd)?", jump_forward=False)
     logits = torch.zeros(VOCAB)
     proc.mask_logits(logits)
     assert logits[eos] == float("-inf")
@@ -203,7 +203,7 @@ def test_mask_allows_eos_only_when_accepting(tokenizer):
 @pytest.mark.parametrize("regex, text", [("ab|abcd", "abcd"), ("ab(cd)?", "abcd"), (r"\d+(\.\d+)?", "12.5")])
 def test_continuations_after_a_complete_match_survive(tokenizer, regex, text):
     # outlines-core alone drops a token that ends one byte after a complete match (see CompiledFSM).
-    proc = build_logits_processor(tokenizer, VOCAB, regex=regex, jump_forward=False)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=regex, jump_forward=False)
     for char in text:
         assert not proc.is_finished()
         assert tokenizer.convert_tokens_to_ids(char) in proc.allowed_token_ids(), (regex, char)
@@ -213,12 +213,12 @@ def test_continuations_after_a_complete_match_survive(tokenizer, regex, text):
 
 def test_unbalanced_group_is_rejected_not_wrapped(tokenizer):
     with pytest.raises(ConstraintError, match="position 1"):
-        build_logits_processor(tokenizer, VOCAB, regex="a)|(b")
+        build_logits_processor(tokenizer, VOCAB, backend="outlines", regex="a)|(b")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mask_keeps_dtype_and_allowed_values(tokenizer, dtype):
-    proc = build_logits_processor(tokenizer, VOCAB, regex=r"[0-9]{2}")
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=r"[0-9]{2}")
     logits = torch.randn(VOCAB).to(dtype)
     original = logits.clone()
     proc.mask_logits(logits)
@@ -229,7 +229,7 @@ def test_mask_keeps_dtype_and_allowed_values(tokenizer, dtype):
 
 
 def test_finishes_when_nothing_can_follow(tokenizer):
-    proc = build_logits_processor(tokenizer, VOCAB, regex="abc", jump_forward=False)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex="abc", jump_forward=False)
     for token_id in tokenizer.encode("abc", add_special_tokens=False):
         assert not proc.is_finished()
         proc.accept_token(token_id)
@@ -237,14 +237,14 @@ def test_finishes_when_nothing_can_follow(tokenizer):
 
 
 def test_token_outside_mask_finishes_with_violation(tokenizer):
-    proc = build_logits_processor(tokenizer, VOCAB, regex=r"\d+")
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=r"\d+")
     proc.accept_token(tokenizer.encode("x", add_special_tokens=False)[0])
     assert proc.is_finished() and "not allowed" in proc.violation
 
 
 def test_extra_eos_ids_act_as_eos(tokenizer):
     extra = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    proc = build_logits_processor(tokenizer, VOCAB, regex="a+", eos_token_ids=[extra])
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex="a+", eos_token_ids=[extra])
     logits = torch.zeros(VOCAB)
     proc.mask_logits(logits)
     assert logits[extra] == float("-inf")
@@ -258,12 +258,16 @@ def test_extra_eos_ids_act_as_eos(tokenizer):
 
 def test_compiles_and_masks_are_cached(tokenizer):
     regex = r"cache-me-\d{3}"
-    first = build_logits_processor(tokenizer, VOCAB, regex=regex)
-    before = compile_cache_info()
-    second = build_logits_processor(tokenizer, VOCAB, regex=regex)
-    after = compile_cache_info()
+    backend = make_backend("outlines", tokenizer, VOCAB)
+    first = build_logits_processor(tokenizer, VOCAB, backend=backend, regex=regex)
+    before = backend.cache_info()["compiled"]
+    second = build_logits_processor(tokenizer, VOCAB, backend=backend, regex=regex)
+    after = backend.cache_info()["compiled"]
     assert second.fsm is first.fsm
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert 0 < after["bytes"] <= after["budget_bytes"]  # charged in bytes
+    other = make_backend("outlines", tokenizer, VOCAB)  # a second engine's backend shares nothing
+    assert build_logits_processor(tokenizer, VOCAB, backend=other, regex=regex).fsm is not first.fsm
     bias = first.fsm.logit_bias(first.state, VOCAB, torch.device("cpu"), torch.float32)
     assert first.fsm.logit_bias(first.state, VOCAB, torch.device("cpu"), torch.float32) is bias
     assert set(torch.nonzero(bias == 0).flatten().tolist()) == set(first.allowed_token_ids())
@@ -306,7 +310,7 @@ def _spellable(text: str) -> bool:
 def test_every_matching_string_is_reachable(tokenizer, data, regex):
     """Completeness: the tokenizer's own split of any matching string walks the FSM to acceptance."""
     text = data.draw(st.from_regex(normalize_regex(regex), fullmatch=True).filter(_spellable))
-    proc = build_logits_processor(tokenizer, VOCAB, regex=regex, jump_forward=False)
+    proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=regex, jump_forward=False)
     for token_id in tokenizer.encode(text, add_special_tokens=False):
         assert token_id in proc.allowed_token_ids(), (regex, text, token_id)
         proc.accept_token(token_id)

@@ -67,7 +67,7 @@ def test_return_logprob_records_token_logprobs(runtime):
     "make, check",
     [
         (lambda: sgl.gen_int("v", max_tokens=8), lambda v: int(v) == int(v)),
-        (lambda: sgl.gen("v", dtype=float, max_tokens=8), lambda v: float(v) == float(v)),
+        (lambda: sgl.gen("v", dtype=float, max_tokens=24), lambda v: float(v) == float(v)),
         (lambda: sgl.gen("v", dtype=bool, max_tokens=4), lambda v: v in ("True", "False")),
         (lambda: sgl.gen("v", regex=r"[a-c]{2}-[0-9]", max_tokens=8), lambda v: re.fullmatch(r"[a-c]{2}-[0-9]", v)),
     ],

@@ -66,6 +66,7 @@ class SamplingRequest(_StrictModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     min_tokens: Count | None = None
     regex: str | None = None
+    ebnf: str | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
@@ -92,6 +93,7 @@ class SamplingRequest(_StrictModel):
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "regex": self.regex,
+            "ebnf": self.ebnf,
         }
         if self.top_p == 0.0:
             # OpenAI allows top_p=0 ("only the most likely token"); the engine needs top_p > 0.

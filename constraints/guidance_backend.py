@@ -1,0 +1,261 @@
+"""The llguidance backend: JSON schemas, regexes, choices and Lark/GBNF grammars as token matchers.
+
+llguidance compiles a constraint to a grammar (a lazily built lexer DFA plus an Earley parser,
+so recursion and the whole of JSON Schema's structure need no up-front automaton) and answers,
+per step, a bitmask of allowed tokens in ~10 µs for a 49k vocabulary. Per request it keeps one
+``LLMatcher`` (a deep copy of a cached, validated prototype); per step the bitmask becomes an
+additive 0/-inf bias, cached by the mask's bytes, so applying it is one ``add_``, as on the
+outlines-core path. ``compute_ff_tokens`` drives jump-forward.
+
+Nothing is dropped silently: in strict mode (the default) any warning llguidance reports about
+a schema (an unimplemented keyword, ``oneOf`` it could only approximate, an unknown format) is
+a ``ConstraintError`` naming the keyword and its JSON pointer; ``lenient`` accepts the schema and
+returns the same messages as warnings.
+
+    >>> backend = GuidanceBackend(tokenizer, vocab_size, eos_token_ids={2})       # doctest: +SKIP
+    >>> proc = backend.processor(ConstraintSpec.from_params(regex=r"[0-9]{3}"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sglite.constraints.byte_cache import ByteLRU
+from sglite.constraints.compiler import regex_for_choices
+from sglite.constraints.errors import ConstraintError
+from sglite.constraints.json_schema import normalize_schema
+from sglite.constraints.limits import ConstraintLimits
+from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, normalize_regex
+from sglite.constraints.schema_keywords import close_objects, describe
+from sglite.constraints.spec import ConstraintSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """A validated llguidance grammar, a prototype matcher to copy per request, and its warnings."""
+
+    grammar: str
+    prototype: object  # llguidance.LLMatcher
+    warnings: tuple[str, ...]
+    size_bytes: int
+
+
+class GuidanceBackend:
+    """Compiles ``ConstraintSpec``s with llguidance over one tokenizer; owns its caches (bounded in bytes)."""
+
+    name = "llguidance"
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int] | frozenset[int],
+                 limits: ConstraintLimits | None = None) -> None:
+        import llguidance
+        import llguidance.hf
+
+        self.limits = limits or ConstraintLimits()
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_token_ids |= {int(tokenizer.eos_token_id)}
+        # The one-time cost (~1.5 s for 49k tokens): a trie of every token's bytes.
+        self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(self.eos_token_ids))
+        self.mask_words = (self.lltokenizer.vocab_size + 31) // 32
+        self._llguidance = llguidance
+        self._parser_limits = llguidance.LLParserLimits(max_grammar_size=self.limits.max_grammar_size)
+        self._grammars: ByteLRU[CompiledGrammar] = ByteLRU(self.limits.compiled_cache_bytes)
+        self._biases: ByteLRU[torch.Tensor] = ByteLRU(self.limits.bias_cache_bytes)
+        self._building: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    # ---- compile ------------------------------------------------------------------------------
+
+    def compile(self, spec: ConstraintSpec) -> CompiledGrammar:
+        """The cached, validated grammar of ``spec``; raises ``ConstraintError`` naming the problem."""
+        compiled = self._grammars.get(spec.digest)
+        if compiled is not None:
+            return compiled
+        with self._lock:
+            build_lock = self._building.setdefault(spec.digest, threading.Lock())
+        with build_lock:  # one compile per constraint at a time; others wait for its result
+            compiled = self._grammars.get(spec.digest)
+            if compiled is None:
+                try:
+                    compiled = self._compile(spec)
+                finally:
+                    with self._lock:
+                        self._building.pop(spec.digest, None)
+                self._grammars.put(spec.digest, compiled, compiled.size_bytes)
+        return compiled
+
+    def _grammar(self, spec: ConstraintSpec) -> tuple[str, object]:
+        """(llguidance grammar text, the parsed schema or None) of ``spec``."""
+        matcher = self._llguidance.LLMatcher
+        if spec.kind == "json_schema":
+            if len(spec.source) > self.limits.max_schema_chars:
+                raise ConstraintError(
+                    f"json_schema is {len(spec.source):,} characters, over the limit of "
+                    f"{self.limits.max_schema_chars:,}; send a smaller schema"
+                )
+            schema = normalize_schema(spec.source)
+            if schema is False:
+                raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
+            if schema is True:
+                schema = {}
+            generated = close_objects(schema)
+            layout = spec.json_layout
+            options: dict = {"lenient": spec.lenient, "coerce_one_of": spec.lenient}
+            if layout.is_flexible:
+                options.update(whitespace_flexible=True, whitespace_pattern=layout.whitespace_pattern)
+            else:
+                options.update(whitespace_flexible=False, item_separator=layout.item_separator,
+                               key_separator=layout.key_separator)
+            return matcher.grammar_from_json_schema(generated, overrides=options), schema
+        if spec.kind == "ebnf":
+            text = spec.source
+            if "::=" in text:  # GBNF / xgrammar EBNF (SGLang's ebnf): convert to Lark
+                from llguidance.gbnf_to_lark import gbnf_to_lark
+
+                try:
+                    text = gbnf_to_lark(text)
+                except Exception as exc:  # the converter raises plain exceptions on bad input
+                    raise ConstraintError(f"ebnf: not a valid GBNF grammar: {exc}") from None
+            if len(text) > self.limits.max_grammar_chars:
+                raise ConstraintError(f"ebnf grammar is {len(text):,} characters, over the limit of "
+                                      f"{self.limits.max_grammar_chars:,}")
+            return matcher.grammar_from_lark(text), None
+        regex = regex_for_choices(spec.choices, max_bytes=self.limits.max_choices_bytes) \
+            if spec.kind == "choices" else spec.source
+        if len(regex) > self.limits.max_regex_chars:
+            raise ConstraintError(f"{spec.kind}: the regex is {len(regex):,} characters, over the limit of "
+                                  f"{self.limits.max_regex_chars:,}")
+        regex = normalize_regex(regex)
+        check_groups_balanced(regex)
+        return matcher.grammar_from_regex(regex), None
+
+    def _compile(self, spec: ConstraintSpec) -> CompiledGrammar:
+        grammar, schema = self._grammar(spec)
+        matcher_cls = self._llguidance.LLMatcher
+        # Both calls run in Rust with the GIL released, bounded by the parser limits.
+        is_error, messages = matcher_cls.validate_grammar_with_warnings(
+            grammar, self.lltokenizer, limits=self._parser_limits)
+        if is_error:
+            raise self._error(spec, schema, messages[0] if messages else "invalid grammar")
+        if messages and spec.kind == "json_schema" and not spec.lenient:
+            raise ConstraintError(
+                f"json_schema: {describe(schema, messages[0])} cannot be enforced exactly; change the schema, "
+                "or pass lenient=True to generate with it relaxed (each relaxation is reported as a warning)"
+            )
+        warnings = tuple(f"json_schema relaxed: {describe(schema, m)}" for m in messages)
+        prototype = matcher_cls(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
+        if prototype.is_error():
+            raise self._error(spec, schema, prototype.get_error())
+        # The Rust-side size is not observable; charge the grammar text several times over plus a floor.
+        return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024)
+
+    def _error(self, spec: ConstraintSpec, schema, message: str) -> ConstraintError:
+        first = message.strip().splitlines()[0] if message.strip() else message
+        if spec.kind == "json_schema":
+            return ConstraintError(f"json_schema cannot be compiled: {describe(schema, message)}")
+        if spec.kind == "regex":
+            detail = " ".join(line.strip() for line in message.splitlines() if line.strip().startswith("error:"))
+            return diagnose_regex(normalize_regex(spec.source), detail or first)
+        if spec.kind == "ebnf":
+            return ConstraintError(f"ebnf grammar is invalid: {' '.join(message.split())[:500]}")
+        return ConstraintError(f"choices cannot be compiled: {first}")
+
+    # ---- per request --------------------------------------------------------------------------
+
+    def processor(self, spec: ConstraintSpec, jump_forward: bool = True) -> GuidanceLogitsProcessor:
+        compiled = self.compile(spec)
+        return GuidanceLogitsProcessor(self, compiled, jump_forward=jump_forward)
+
+    def bias(self, mask: np.ndarray, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The cached ``[width]`` 0/-inf row of a bitmask (ids past the mask are forbidden)."""
+        key = (mask.tobytes(), width, str(device), dtype)
+        bias = self._biases.get(key)
+        if bias is None:
+            bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:width]
+            allowed = torch.zeros(width, dtype=torch.bool)
+            allowed[: len(bits)] = torch.from_numpy(bits.astype(np.bool_))
+            bias = torch.full((width,), float("-inf"), dtype=dtype).masked_fill_(allowed, 0.0).to(device)
+            self._biases.put(key, bias, bias.numel() * bias.element_size() + len(key[0]))
+        return bias
+
+    def cache_info(self) -> dict[str, dict[str, int]]:
+        return {"compiled": self._grammars.info(), "bias": self._biases.info()}
+
+    def clear_caches(self) -> None:
+        self._grammars.clear()
+        self._biases.clear()
+
+
+class GuidanceLogitsProcessor:
+    """One request's llguidance matcher, driven by the step loop (``runtime.logits_processor``)."""
+
+    def __init__(self, backend: GuidanceBackend, compiled: CompiledGrammar, jump_forward: bool = True) -> None:
+        self.backend = backend
+        self.matcher = compiled.prototype.deep_copy()
+        self.warnings = compiled.warnings
+        self.jump_forward = jump_forward
+        self.jump_forward_tokens = 0
+        self.violation: str | None = None
+        self._eos_accepted = False
+        self._mask = np.zeros(backend.mask_words, dtype=np.int32)
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Forbidden tokens of the ``[vocab]`` row -> ``-inf`` (one bitmask fill, one cached-bias ``add_``)."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if self.matcher.is_error():  # only after a bypassed mask: let EOS end it
+            self.violation = self.violation or self.matcher.get_error()
+            self._mask[:] = 0
+            bits = self._mask.view(np.uint8)  # little-endian words: token t is bit t % 8 of byte t // 8
+            for t in self.backend.eos_token_ids:
+                if t < self._mask.nbytes * 8:
+                    bits[t // 8] |= 1 << (t % 8)
+        logits.add_(self.backend.bias(self._mask, logits.shape[-1], logits.device, logits.dtype))
+
+    def accept_token(self, token_id: int) -> None:
+        if self.is_finished():
+            return
+        token_id = int(token_id)
+        if token_id in self.backend.eos_token_ids:
+            if self.matcher.is_accepting():
+                self._eos_accepted = True
+            else:
+                self.violation = f"EOS token {token_id} before the constraint was satisfied"
+            return
+        if not self.matcher.consume_token(token_id):
+            self.violation = f"token {token_id} is not allowed here: {self.matcher.get_error().splitlines()[0]}"
+
+    def is_finished(self) -> bool:
+        """EOS accepted, a violation, or the grammar complete with nothing more allowed."""
+        return self._eos_accepted or self.violation is not None or self.matcher.is_stopped()
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces next (consumed here already); ``[]`` when none or disabled."""
+        if not self.jump_forward or self.is_finished():
+            return []
+        forced = list(self.matcher.compute_ff_tokens())
+        if forced and not self.matcher.consume_tokens(forced):
+            self.violation = self.matcher.get_error().splitlines()[0]
+            return []
+        self.jump_forward_tokens += len(forced)
+        return forced
+
+    def allowed_token_ids(self) -> list[int]:
+        """Ids allowed now, EOS included where the grammar may end (sorted; for tests and tools)."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
+        return [int(t) for t in np.nonzero(bits)[0] if t < self.backend.vocab_size]
+
+    def is_accepting(self) -> bool:
+        return self.matcher.is_accepting()
+
+    def __repr__(self) -> str:
+        return f"GuidanceLogitsProcessor(finished={self.is_finished()}, forced={self.jump_forward_tokens})"
+
