@@ -3,6 +3,7 @@
 Nodes only describe *what* the program says; the interpreter (``interpreter.py``) decides
 when to run them and a backend (``backends/``) decides where.
 
+    >>> from sglite import gen
     >>> expr = "Q: 1+1=? A:" + gen("answer", max_tokens=4)
     >>> [type(node).__name__ for node in expr.items]
     ['ConstantText', 'Gen']

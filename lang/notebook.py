@@ -1,8 +1,8 @@
 """Program states in Jupyter: generated variables highlighted, and live updates while streaming.
 
     >>> state = qa.run(question="Why?", stream=True)    # doctest: +SKIP
-    >>> sgl.display_stream(state)                      # doctest: +SKIP   (updates in place)
-    >>> state                                          # doctest: +SKIP   (rich HTML via _repr_html_)
+    >>> sgl.display_stream(state)                      # updates in place  # doctest: +SKIP
+    >>> state                                          # rich HTML via _repr_html_  # doctest: +SKIP
 """
 
 from __future__ import annotations

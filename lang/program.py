@@ -1,5 +1,6 @@
 """``Program``: what ``@sgl.function`` makes of a Python function whose first parameter is ``s``.
 
+    >>> import sglite as sgl
     >>> @sgl.function
     ... def capital(s, country):
     ...     s += "The capital of " + country + " is" + sgl.gen("city", max_tokens=8, stop=".")

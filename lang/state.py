@@ -1,5 +1,6 @@
 """``ProgramState`` (the ``s`` a program writes to) and ``ProgramStateGroup`` (what ``s.fork(n)`` returns).
 
+    >>> import sglite as sgl
     >>> @sgl.function
     ... def qa(s, question):
     ...     s += "Q: " + question + "\\nA:" + sgl.gen("answer", max_tokens=16, stop="\\n")

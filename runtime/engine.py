@@ -32,7 +32,7 @@ class Engine:
     """Generate with continuous batching and a radix prefix cache, in process.
 
         >>> import sglite
-        >>> with sglite.Engine("path/to/model") as engine:
+        >>> with sglite.Engine("path/to/model") as engine:  # doctest: +SKIP
         ...     out = engine.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})
         ...     out["text"], out["meta_info"]["cached_tokens"]
 

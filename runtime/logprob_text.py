@@ -26,8 +26,8 @@ class TokenStrings:
     Bytes come from the constraint layer's byte vocabulary (exact even for a token that is half
     of a multi-byte character); special tokens, which have no bytes there, are decoded as text.
 
-        >>> strings = TokenStrings(engine.tokenizer)
-        >>> strings.text(283), strings.bytes(283)
+        >>> strings = TokenStrings(engine.tokenizer)   # doctest: +SKIP
+        >>> strings.text(283), strings.bytes(283)      # doctest: +SKIP
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -61,7 +61,9 @@ def with_logprob_texts(meta_info: dict[str, Any], token_text: Callable[[int], st
 
     SGLang's ``return_text_in_logprobs``: ``(logprob, token_id, None)`` -> ``(logprob, token_id, "text")``.
 
-        >>> with_logprob_texts(meta, lambda tid: tokenizer.decode([tid]))["output_token_logprobs"]
+        >>> meta = {"output_token_logprobs": [(-0.25, 7, None)], "completion_tokens": 1}
+        >>> with_logprob_texts(meta, lambda token_id: f"<{token_id}>")["output_token_logprobs"]
+        [(-0.25, 7, '<7>')]
     """
 
     def fill(entries: Sequence[LogprobEntry] | None) -> list[tuple] | None:

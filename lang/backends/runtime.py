@@ -2,8 +2,7 @@
 
     >>> import sglite as sgl
     >>> runtime = sgl.Runtime("path/to/model")          # doctest: +SKIP
-    >>> sgl.set_default_backend(runtime)                # doctest: +SKIP
-    >>> ...                                             # run programs  # doctest: +SKIP
+    >>> sgl.set_default_backend(runtime)                # then run programs  # doctest: +SKIP
     >>> runtime.shutdown()                              # doctest: +SKIP
 """
 

@@ -2,9 +2,9 @@
 
     >>> import sglite
     >>> from sglite.runtime.server import GracefulServer, ServerConfig, create_app
-    >>> engine = sglite.Engine("path/to/model")
+    >>> engine = sglite.Engine("path/to/model")                                  # doctest: +SKIP
     >>> config = ServerConfig(port=30000, api_key="sk-local")
-    >>> GracefulServer(create_app(engine, config, owns_engine=True), config).run()
+    >>> GracefulServer(create_app(engine, config, owns_engine=True), config).run()  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ _TYPE_BY_STATUS = {
 class APIError(Exception):
     """An error answered to the client as ``status`` with an OpenAI error body.
 
-        >>> raise APIError(400, "temperature must be <= 2", param="temperature")
+        >>> error = APIError(400, "temperature must be <= 2", param="temperature")
+        >>> error.status, error.error_type, error.param
+        (400, 'invalid_request_error', 'temperature')
     """
 
     def __init__(

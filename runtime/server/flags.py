@@ -1,8 +1,10 @@
 """Command-line flags generated from a frozen config dataclass: one flag per field, help from its docstring.
 
+    >>> from sglite.runtime.server.config import ServerConfig
     >>> parser = argparse.ArgumentParser()
     >>> add_dataclass_flags(parser, ServerConfig)
-    >>> ServerConfig(**dataclass_values(parser.parse_args(["--port", "8000"]), ServerConfig))
+    >>> ServerConfig(**dataclass_values(parser.parse_args(["--port", "8000"]), ServerConfig)).port
+    8000
 """
 
 from __future__ import annotations

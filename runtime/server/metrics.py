@@ -68,9 +68,14 @@ class EngineCollector(Collector):
 class ServerMetrics:
     """The metrics one app records, plus the engine's, rendered by ``GET /metrics``.
 
-        >>> metrics = ServerMetrics(engine, "tiny-llama")
+        >>> class IdleEngine:
+        ...     def get_stats(self):
+        ...         return {"num_running": 0, "num_waiting": 0}
+        >>> metrics = ServerMetrics(IdleEngine(), "tiny-llama")
         >>> metrics.ttft.observe(0.05)
         >>> body, content_type = metrics.render()
+        >>> b"sglite_time_to_first_token_seconds_count 1.0" in body
+        True
     """
 
     def __init__(self, engine: StatsSource, model_name: str) -> None:

@@ -14,7 +14,7 @@ class RateLimiter:
     A token bucket per key refills continuously, so a client that waits gets capacity back
     gradually rather than all at once at a minute boundary.
 
-        >>> limiter = RateLimiter(requests_per_minute=2)
+        >>> limiter = RateLimiter(requests_per_minute=2, clock=lambda: 0.0)  # a frozen clock
         >>> [limiter.acquire("key") for _ in range(3)]
         [0.0, 0.0, 30.0]
     """

@@ -1,7 +1,7 @@
 """Run a real server on a free loopback port inside the current process (tests, notebooks, benchmarks).
 
     >>> from sglite.runtime.server.testing import serve_in_thread
-    >>> with serve_in_thread(engine) as url:
+    >>> with serve_in_thread(engine) as url:  # doctest: +SKIP
     ...     openai.OpenAI(base_url=f"{url}/v1", api_key="none").models.list()
 """
 
