@@ -77,6 +77,8 @@ class RadixCache:
         self.root = TreeNode([], self._empty_slots())
         self._evictable_size = 0
         self._protected_size = 0
+        self.evicted_tokens_total = 0
+        """Slots ``evict`` has returned to the pool over the cache's life (a counter for stats and tests)."""
 
     # ------------------------------------------------------------------ queries
 
@@ -194,6 +196,7 @@ class RadixCache:
             freed += len(node)
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        self.evicted_tokens_total += freed
         return freed
 
     def reset(self) -> None:

@@ -79,6 +79,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._live_rids: set[str] = set()
         self._live_lock = threading.Lock()
+        self._idle = threading.Condition(self._live_lock)  # notified when the last request in flight ends
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="sglite-engine", daemon=True)
         self._thread.start()
@@ -140,6 +141,15 @@ class Engine:
         """End a request early; its KV slots go back to the pool/tree. Unknown ids are ignored."""
         self._inbox.put(("abort", rid))
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is in flight (every one finished, aborted or failed); False on timeout.
+
+        Deterministic where polling ``get_stats`` is not: an abort queued by a closed stream has been
+        handled, and its slots released, when this returns True.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._live_rids, timeout=timeout)
+
     def get_stats(self) -> dict:
         s = self.scheduler
         return {
@@ -150,6 +160,7 @@ class Engine:
             "pool_free": self.pool.num_free,
             "cached_tokens_in_tree": self.tree.total_size,
             "evictable_tokens_in_tree": self.tree.evictable_size,
+            "evicted_tokens_total": self.tree.evicted_tokens_total,
         }
 
     def check_invariant(self) -> None:
@@ -213,9 +224,11 @@ class Engine:
         deliver = req.on_update
 
         def on_update(r: Request, finished: bool) -> None:
-            if finished:
-                with self._live_lock:
+            if finished:  # released before delivery: a caller may reuse the id as soon as it has the result
+                with self._idle:
                     self._live_rids.discard(r.rid)
+                    if not self._live_rids:
+                        self._idle.notify_all()
             if deliver is not None:
                 deliver(r, finished)
 
