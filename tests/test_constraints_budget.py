@@ -4,7 +4,6 @@ constraints that used to blow up outlines-core's DFA (JSON strings with maxLengt
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -46,11 +45,13 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("constraint, fragment", HOSTILE)
-def test_hostile_constraints_fail_fast(tokenizer, constraint, fragment):
-    start = time.perf_counter()
+def test_hostile_constraints_fail_fast(tokenizer, constraint, fragment, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the automaton was built: the budget must refuse before any compile work")
+
+    monkeypatch.setattr("sglite.constraints.compiler.Index", no_compile)
     with pytest.raises(ConstraintError) as info:
         build_logits_processor(tokenizer, VOCAB, backend="outlines", **constraint)
-    assert time.perf_counter() - start < 1.0
     assert fragment in str(info.value)
     assert isinstance(info.value, ValueError)
 
@@ -79,9 +80,10 @@ def test_limit_can_be_lowered_per_call():
     ],
 )
 def test_large_but_cheap_constraints_compile_fast(tokenizer, constraint):
-    start = time.perf_counter()
     proc = build_logits_processor(tokenizer, VOCAB, backend="outlines", **constraint)
-    assert time.perf_counter() - start < 5.0  # ~0.1 s here; generous for loaded CI machines
+    # The anchored compile has one state per position of the pattern; the unanchored blow-up tracked
+    # every offset a match could start at (quadratic or exponential states, hence the compile time).
+    assert len(proc.fsm.index.get_transitions()) <= regex_size(proc.regex) + 8
     result = simulate_decode(proc, VOCAB, seed=0, max_steps=40, eos_token_ids={tokenizer.eos_token_id})
     assert proc.violation is None
     if result.finished:

@@ -15,10 +15,19 @@ import pytest
 from sglite.lang.batch_job import BatchJobError, completed_rows, load_program, main_run
 
 PROGRAM = '''
+import os
+import threading
+from pathlib import Path
+
 import sglite as sgl
+
+GATE = os.environ.get("SGLITE_TEST_GATE")  # while this file is missing, rows from 5 on block forever
+
 
 @sgl.function
 def summarize(s, text):
+    if GATE and int(text.split()[-1]) >= 5 and not Path(GATE).exists():
+        threading.Event().wait()
     s += "Text: " + text + "\\nSummary:" + sgl.gen("summary", max_tokens=16, ignore_eos=True, temperature=0)
     return len(text)
 '''
@@ -47,17 +56,20 @@ def read_records(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_without_losing_or_repeating_rows(job, llama_path):
+def test_killed_job_resumes_without_losing_or_repeating_rows(job, llama_path, tmp_path, monkeypatch):
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("SGLITE_TEST_GATE", str(gate))
+    # The first run blocks (deterministically) on row 5, after writing rows 0-4; it is killed there.
     proc = subprocess.Popen(command(job, llama_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if job["out"].exists() and len(job["out"].read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.02)
+    deadline = time.monotonic() + 300  # only bounds a hang
+    while not (job["out"].exists() and len(job["out"].read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no progress"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written_before = len(read_records(job["out"]))
-    assert 5 <= written_before < ROWS, "the job should have been killed halfway"
+    assert sorted(r["index"] for r in read_records(job["out"])) == [0, 1, 2, 3, 4]
+
+    gate.touch()
 
     finished = subprocess.run(command(job, llama_path), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 1, finished.stderr  # row 7 failed

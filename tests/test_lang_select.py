@@ -69,12 +69,19 @@ def test_select_prefix_hits_the_cache(runtime):
     assert meta["cached_tokens"] > 0
 
 
-def test_greedy_token_selection_compares_tokens_in_order(runtime):
-    meta = run(runtime, sgl.greedy_token_selection).get_meta_info("choice")
-    rows = [[lp for lp, _, _ in scored] for scored in meta["input_token_logprobs"]]
+def test_greedy_token_selection_compares_tokens_in_order(runtime, hf_model):
+    # The expected pick comes from transformers' numbers, not from the engine's own output:
+    # the choice whose token logprobs, compared position by position, are largest first.
+    tokenizer = runtime.get_tokenizer()
+    prefix_ids = tokenizer.encode(PREFIX)
+    joint = [tokenizer.encode(PREFIX + c) for c in CHOICES]
+    start = min(next((i for i, (a, b) in enumerate(zip(prefix_ids, ids)) if a != b), len(prefix_ids)) for ids in joint)
+    rows = [token_logprobs(hf_model, ids)[start - 1 :] for ids in joint]
     width = max(map(len, rows))
     padded = [r + [float("-inf")] * (width - len(r)) for r in rows]
-    assert answer.run(method=sgl.greedy, backend=runtime)["choice"] == CHOICES[padded.index(max(padded))]
+    expected = CHOICES[padded.index(max(padded))]
+    assert run(runtime, sgl.greedy_token_selection)["choice"] == expected
+    assert answer.run(method=sgl.greedy, backend=runtime)["choice"] == expected
 
 
 def test_unconditional_likelihood_normalized_uses_bare_choice_logprobs(runtime, hf_model):

@@ -286,8 +286,10 @@ def test_rate_limit_answers_429_with_retry_after(engine):
 
 
 def test_native_flush_cache_and_server_info(server, client, engine):
+    assert httpx.post(f"{server}/flush_cache").status_code == 200  # the shared engine starts this test empty
+    assert engine.get_stats()["cached_tokens_in_tree"] == 0
     greedy_chat(client, max_tokens=2)
-    assert engine.get_stats()["cached_tokens_in_tree"] > 0
+    assert engine.get_stats()["cached_tokens_in_tree"] > 0  # this test's request, not an earlier one's
     assert httpx.post(f"{server}/flush_cache").status_code == 200
     assert engine.get_stats()["cached_tokens_in_tree"] == 0
     info = httpx.get(f"{server}/get_server_info").json()

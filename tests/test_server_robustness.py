@@ -35,15 +35,10 @@ def server(engine):
         yield url
 
 
-def wait_idle(engine, timeout: float = 10.0) -> dict:
-    """Engine stats once nothing runs or waits; fails the test if that takes longer than ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.get_stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"requests still active after {timeout} s: {stats}"
-        time.sleep(0.05)
+def wait_idle(engine, timeout: float = 60.0) -> dict:
+    """Engine stats once no request is in flight (the engine's idle signal; ``timeout`` only bounds a hang)."""
+    assert engine.wait_idle(timeout), f"requests still in flight after {timeout} s: {engine.get_stats()}"
+    return engine.get_stats()
 
 
 def assert_slots_accounted(engine) -> None:
@@ -301,39 +296,38 @@ LONG = {"messages": MSG, "max_tokens": 1500, "stream": True, "ignore_eos": True}
     ids=["chat", "chat-n2", "completions-batch", "generate-batch"],
 )
 def test_disconnect_mid_stream_aborts_the_request(server, engine, path, body, running):
-    wait_idle(engine)
+    before = wait_idle(engine)["generation_tokens_total"]
     with httpx.stream("POST", f"{server}{path}", json=body, timeout=60) as response:
         lines = response.iter_lines()
         seen = 0
         while seen < 3 + running:
             seen += bool(next(lines))
         assert engine.get_stats()["num_running"] == running
-    # Leaving the block closed the connection: the engine must stop generating within seconds.
-    wait_idle(engine, timeout=5)
+    # Leaving the block closed the connection: every request is aborted long before its 1500 tokens.
+    generated = wait_idle(engine)["generation_tokens_total"] - before
+    assert generated < 1500 * running
     assert_slots_accounted(engine)
 
 
 @pytest.mark.slow
 def test_disconnect_while_waiting_for_a_whole_response_aborts_it(server, engine):
-    wait_idle(engine)
+    before = wait_idle(engine)["generation_tokens_total"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 1500, "ignore_eos": True}, timeout=1.0)
-    wait_idle(engine, timeout=5)
-    assert engine.get_stats()["generation_tokens_total"] > 0
+    generated = wait_idle(engine)["generation_tokens_total"] - before
+    assert 0 < generated < 1500  # it ran, and was cut short by the abort rather than finishing
     assert_slots_accounted(engine)
 
 
 @pytest.mark.slow
 def test_shutdown_ends_an_open_stream_with_an_error_event(engine):
     config = ServerConfig(graceful_shutdown_timeout=0.5, log_level="critical")
-    started = time.monotonic()
     with httpx.Client(timeout=60) as client:
         with serve_in_thread(engine, config) as url:
             response = client.send(client.build_request("POST", f"{url}/v1/chat/completions", json=LONG), stream=True)
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             # Leaving serve_in_thread shuts the server down while this stream is still open.
-        assert time.monotonic() - started < 10
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "aborted"
