@@ -170,16 +170,18 @@ def build_tiny_model(
             "original_max_position_embeddings": 256,
         }
     config = AutoConfig.for_model(family, **kwargs)
-    torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, recipe.init_std)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-            else:  # norm weights: near one, but not exactly, so a missing norm shows
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    # A private RNG stream: building a checkpoint must not reseed the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, recipe.init_std)
+                elif name.endswith("bias"):
+                    param.normal_(0.0, 0.1)
+                else:  # norm weights: near one, but not exactly, so a missing norm shows
+                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     try:

@@ -296,3 +296,13 @@ def test_decode_steps_share_a_forward_with_prefill_chunks(checkpoints, case):
     for request, rows in zip(requests, run(ckpt.model, pool, requests)):
         (alone,) = run(ckpt.model, pool, [request])
         assert_same_predictions(rows, alone)
+
+
+def test_building_a_checkpoint_leaves_the_global_rng_alone(tmp_path):
+    from sglite.runtime.tiny_model import build_tiny_model
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    build_tiny_model("llama", tmp_path / "fresh", num_hidden_layers=1)  # a fresh build, not the disk cache
+    assert torch.equal(torch.rand(3), expected)
