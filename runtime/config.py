@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sglite.runtime.dtypes import dtype_name
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -23,7 +25,8 @@ class EngineConfig:
     device: str | None = None
     """``cpu``, ``cuda``, ``cuda:1``…; None picks CUDA when available."""
     dtype: str | None = None
-    """``float32``, ``bfloat16`` or ``float16``; None is float32 on CPU, bfloat16 on CUDA."""
+    """``float32``, ``bfloat16`` or ``float16`` (aliases ``bf16``, ``fp16``, ``fp32``, ... are normalised);
+    None or ``auto`` is float32 on CPU, bfloat16 on CUDA."""
     context_length: int | None = None
     """Most prompt + output tokens per request; None takes the model's ``max_position_embeddings``."""
     jump_forward: bool = True
@@ -48,8 +51,8 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
         if self.grammar_backend not in ("llguidance", "outlines"):
             raise ValueError(f"grammar_backend must be 'llguidance' or 'outlines', got {self.grammar_backend!r}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype != "auto":
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))  # "bf16" -> "bfloat16", as the loader reads it
 
     @classmethod
     def from_options(cls, **options) -> EngineConfig:

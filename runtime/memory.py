@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from sglite.runtime.dtypes import DTYPE_BYTES, dtype_name
+from sglite.runtime.models import MODEL_REGISTRY
+from sglite.runtime.models.layers import head_dim_of
+
 
 DEFAULT_OVERHEAD_FRACTION = 0.10
 """Activations, the allocator's fragmentation and runtime buffers, as a fraction of weights + KV."""
@@ -38,16 +40,9 @@ CPU_POOL_CONTEXTS = 8
 
 def dtype_size(dtype: str | torch.dtype) -> int:
     """Bytes per element of ``dtype`` (``"bfloat16"``, ``torch.float16``, ...)."""
-    if isinstance(dtype, torch.dtype):
-        return torch.empty(0, dtype=dtype).element_size()
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[name]
+    return DTYPE_BYTES[dtype_name(dtype)]
 
 
-def _head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _kv_heads(config: PretrainedConfig) -> int:
@@ -56,19 +51,19 @@ def _kv_heads(config: PretrainedConfig) -> int:
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype_bytes: int) -> int:
     """Bytes of KV cache one token occupies across all layers: ``2 * layers * kv_heads * head_dim * bytes``."""
-    return 2 * config.num_hidden_layers * _kv_heads(config) * _head_dim(config) * dtype_bytes
+    return 2 * config.num_hidden_layers * _kv_heads(config) * head_dim_of(config) * dtype_bytes
 
 
 def param_count(config: PretrainedConfig) -> int:
     """Parameters of a llama / mistral / qwen2 / qwen3 causal LM, counted from its config."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_REGISTRY:
         raise ValueError(
-            f"cannot count parameters of model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"cannot count parameters of model_type={model_type!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}"
         )
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_dim = config.num_attention_heads * _head_dim(config)
-    kv_dim = _kv_heads(config) * _head_dim(config)
+    q_dim = config.num_attention_heads * head_dim_of(config)
+    kv_dim = _kv_heads(config) * head_dim_of(config)
     attention_bias = bool(getattr(config, "attention_bias", False))  # llama / qwen3: on q, k, v and o
 
     attention = 2 * hidden * q_dim + 2 * hidden * kv_dim  # q, o (full heads) and k, v (GQA heads)
@@ -77,7 +72,7 @@ def param_count(config: PretrainedConfig) -> int:
     elif attention_bias:
         attention += q_dim + 2 * kv_dim + hidden
     if model_type == "qwen3":
-        attention += 2 * _head_dim(config)  # per-head RMSNorm on q and k
+        attention += 2 * head_dim_of(config)  # per-head RMSNorm on q and k
     mlp = 3 * hidden * inter  # gate, up, down
     if getattr(config, "mlp_bias", False):
         mlp += 2 * inter + hidden
@@ -274,7 +269,10 @@ def main_estimate(argv: list[str]) -> int:
     parser.add_argument("model", help="a local model directory (with config.json), a .gguf file, or a cached Hugging Face id")
     parser.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     parser.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPE_BYTES], default="auto", help="default: the config's dtype")
+    parser.add_argument(
+        "--dtype", type=lambda d: d if d == "auto" else dtype_name(d), default="auto",
+        help="float32, bfloat16 or float16 (bf16, fp16, ... accepted); default: the config's dtype",
+    )
     parser.add_argument("--memory-gb", type=float, default=None, help="also report how many KV tokens fit in G GiB")
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from sglite.runtime.dtypes import torch_dtype
 from sglite.runtime.models import get_model_class
 
 # What a download fetches: config, weights, tokenizer and chat template; never *.bin/*.pt/*.gguf.
@@ -101,13 +102,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     """``None``/"auto" -> float32 on CPU, bfloat16 on CUDA; a name like "bfloat16" -> torch dtype."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    resolved = getattr(torch, aliases.get(dtype, dtype), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return resolved
+    return torch_dtype(dtype)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

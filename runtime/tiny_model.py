@@ -23,15 +23,12 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 @dataclass(frozen=True)
 class TinyRecipe:
     """Everything that determines a tiny checkpoint; its hash names the cache directory."""
 
     family: str = "llama"
-    """One of ``SUPPORTED_FAMILIES``."""
+    """A ``model_type`` of the native registry (``sglite.runtime.models.MODEL_REGISTRY``)."""
     tokenizer: str = "bpe"
     """``bpe`` (byte-level, GPT-2 style) or ``sentencepiece`` (``▁`` and ``<0x..>`` byte fallback)."""
     vocab_size: int = 2048
@@ -126,8 +123,10 @@ def build_tiny_model(
     Without ``out_dir`` it lives under ``$SGLITE_CACHE`` (default ``~/.cache/sglite``),
     named by a hash of the recipe, so a second call returns at once.
     """
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    from sglite.runtime.models import MODEL_REGISTRY
+
+    if family not in MODEL_REGISTRY:
+        raise ValueError(f"unknown family {family!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}")
     recipe = TinyRecipe(family=family, tokenizer=tokenizer, **overrides)
     if out_dir is None:
         cache = Path(os.environ.get("SGLITE_CACHE", Path.home() / ".cache" / "sglite"))

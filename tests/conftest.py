@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sglite.runtime.tiny_model import build_tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from sglite.runtime.models import MODEL_REGISTRY
+
+FAMILIES = tuple(sorted(MODEL_REGISTRY))
 
 
 @pytest.fixture(scope="session")

@@ -166,3 +166,18 @@ def test_cli_names_a_missing_model(monkeypatch, capsys):
     assert main_estimate(["sglite-tests/no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "sglite-tests/no-such-model" in err and "config.json" in err
+
+
+def test_one_dtype_vocabulary_for_config_loader_and_estimate(llama_path):
+    from sglite.runtime.config import EngineConfig
+    from sglite.runtime.dtypes import dtype_name
+    from sglite.runtime.memory import dtype_size
+    from sglite.runtime.model_loader import resolve_dtype
+
+    for alias, name in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("half", "float16")]:
+        assert EngineConfig(dtype=alias).dtype == name == dtype_name(alias)
+        assert resolve_dtype(alias, torch.device("cpu")) == getattr(torch, name)
+        assert dtype_size(alias) == torch.empty(0, dtype=getattr(torch, name)).element_size()
+    for where in (lambda: EngineConfig(dtype="int8"), lambda: resolve_dtype("int8", torch.device("cpu")), lambda: dtype_size("int8")):
+        with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+            where()
