@@ -8,6 +8,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one float sampling parameter; the engine and the HTTP protocol both read it.
+
+        >>> LIMITS["temperature"].field_bounds(), LIMITS["top_p"].field_bounds()
+        ({'ge': 0.0, 'le': 2.0}, {'gt': 0.0, 'le': 1.0})
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    """``low`` itself is excluded (``top_p`` 0 would keep no token)."""
+
+    def field_bounds(self) -> dict[str, float]:
+        """The bounds as pydantic ``Field`` keywords."""
+        return {"gt" if self.low_open else "ge": self.low, "le": self.high}
+
+
+LIMITS: dict[str, Range] = {
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "min_p": Range(0.0, 1.0),
+    "repetition_penalty": Range(0.0, 100.0, low_open=True),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "presence_penalty": Range(-2.0, 2.0),
+}
+"""Float sampling parameters and their ranges (temperature as in OpenAI's API: at most 2)."""
+
+
 @dataclass
 class SamplingParams:
     """How one request samples and when it stops.
@@ -81,12 +110,8 @@ class SamplingParams:
         _check_int(self, "min_new_tokens", low=0)
         _check_int(self, "top_k", low=-1)
         _check_int(self, "top_logprobs_num", low=0, high=100)
-        _check_float(self, "temperature", low=0.0, high=100.0)
-        _check_float(self, "top_p", low=0.0, high=1.0, low_open=True)
-        _check_float(self, "min_p", low=0.0, high=1.0)
-        _check_float(self, "repetition_penalty", low=0.0, high=100.0, low_open=True)
-        _check_float(self, "frequency_penalty", low=-2.0, high=2.0)
-        _check_float(self, "presence_penalty", low=-2.0, high=2.0)
+        for name, allowed in LIMITS.items():
+            _check_float(self, name, allowed)
         for name in ("ignore_eos", "skip_special_tokens", "return_logprob"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sampling parameter '{name}' must be a bool, got {getattr(self, name)!r}")
@@ -140,9 +165,8 @@ def _check_int(sp: SamplingParams, name: str, low: int | None = None, high: int 
         raise ValueError(f"sampling parameter '{name}' must be <= {high}, got {value}")
 
 
-def _check_float(
-    sp: SamplingParams, name: str, low: float, high: float, low_open: bool = False
-) -> None:
+def _check_float(sp: SamplingParams, name: str, allowed: Range) -> None:
+    low, high, low_open = allowed.low, allowed.high, allowed.low_open
     value = getattr(sp, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"sampling parameter '{name}' must be a finite number, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sglite.runtime.sampler import filter_probs, sample
@@ -36,3 +37,23 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     alone = sample(logits[1:2].clone(), [p], [torch.Generator().manual_seed(7)])
     batched = sample(logits.clone(), [p, p, p], [torch.Generator().manual_seed(s) for s in (1, 7, 3)])
     assert int(alone[0]) == int(batched[1])
+
+
+def test_engine_and_http_protocol_share_one_range_per_sampling_parameter():
+    import pydantic
+
+    from sglite.runtime.sampling_params import LIMITS, SamplingParams
+    from sglite.runtime.server.protocol import SamplingRequest
+
+    for name, allowed in LIMITS.items():
+        too_high = allowed.high + 0.5
+        with pytest.raises(ValueError, match=name):
+            SamplingParams.from_dict({name: too_high})
+        with pytest.raises(pydantic.ValidationError, match=name):
+            SamplingRequest(**{name: too_high})
+        SamplingParams.from_dict({name: allowed.high})
+        SamplingRequest(**{name: allowed.high})
+    # One deliberate difference: OpenAI's top_p=0 means "the most likely token", sent to the engine as top_k=1.
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams.from_dict({"top_p": 0.0})
+    assert SamplingRequest(top_p=0.0).top_p == 0.0

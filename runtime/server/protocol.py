@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sglite.runtime.sampling_params import LIMITS
+
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -41,13 +43,13 @@ class SamplingRequest(_StrictModel):
     model: str | None = None
     """Accepted and echoed as the served model's name: one engine serves one model."""
     max_tokens: Count | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, **LIMITS["temperature"].field_bounds())
+    top_p: float | None = Field(None, ge=0.0, le=LIMITS["top_p"].high)  # 0 is OpenAI's "most likely token": top_k=1
     n: int = Field(1, ge=1, le=128)
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, **LIMITS["frequency_penalty"].field_bounds())
+    presence_penalty: float | None = Field(None, **LIMITS["presence_penalty"].field_bounds())
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Metadata-only OpenAI fields: accepted, no effect here.
@@ -62,8 +64,8 @@ class SamplingRequest(_StrictModel):
     logit_bias: dict[str, float] | None = None
     # SGLang/vLLM extensions, sent by the openai SDK through ``extra_body``.
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_p: float | None = Field(None, **LIMITS["min_p"].field_bounds())
+    repetition_penalty: float | None = Field(None, **LIMITS["repetition_penalty"].field_bounds())
     min_tokens: Count | None = None
     regex: str | None = None
     ebnf: str | None = None
