@@ -16,6 +16,7 @@ import torch
 
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import IncrementalDecoder
+from sglite.runtime.prompts import prompt_batch
 from sglite.runtime.request import Request
 from sglite.runtime.sampling_params import SamplingParams
 
@@ -84,10 +85,7 @@ class InputProcessor:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
         source = prompt if prompt is not None else input_ids
-        single = isinstance(source, str) or (
-            isinstance(source, list) and (not source or isinstance(source[0], int))
-        )
-        prompts = [source] if single else list(source)
+        prompts, single = prompt_batch(source)
         if not prompts:
             raise ValueError("prompt: the list of prompts is empty")
         if isinstance(sampling_params, list):

@@ -308,3 +308,11 @@ def test_request_ids_must_be_unique_while_in_flight(engine):
     assert engine.wait_idle(timeout=30)
     out = engine.generate("b", {"max_new_tokens": 1}, rid="busy")
     assert out["meta_info"]["id"] == "busy"
+
+
+def test_an_empty_prompt_list_is_an_empty_batch_everywhere(engine):
+    # One rule (sglite.runtime.prompts): [] is a batch of no prompts, refused as such, as text or as ids.
+    with pytest.raises(ValueError, match="list of prompts is empty"):
+        engine.generate([], {"max_new_tokens": 1})
+    with pytest.raises(ValueError, match="list of prompts is empty"):
+        engine.generate(input_ids=[], sampling_params={"max_new_tokens": 1})

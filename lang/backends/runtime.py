@@ -15,6 +15,7 @@ from typing import Any
 from sglite.lang.backends.native import NativeBackend
 from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
 from sglite.runtime.default_model import MODEL_ENV, default_model_path  # noqa: F401 - re-exported for programs
+from sglite.runtime.prompts import is_text_prompt
 
 
 class Runtime(NativeBackend):
@@ -98,5 +99,4 @@ class Runtime(NativeBackend):
 
 def _prompt_argument(prompt: str | list) -> dict[str, Any]:
     """Token-id prompts travel as ``input_ids`` (as in the HTTP protocol), text as ``prompt``."""
-    is_ids = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
-    return {"input_ids": prompt} if is_ids else {"prompt": prompt}
+    return {"prompt": prompt} if is_text_prompt(prompt) else {"input_ids": prompt}

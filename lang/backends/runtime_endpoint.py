@@ -12,6 +12,7 @@ from typing import Any
 
 from sglite.lang.backends.native import NativeBackend
 from sglite.lang.chat_template import ChatTemplate, resolve_chat_template
+from sglite.runtime.prompts import is_text_prompt
 
 
 class EndpointError(RuntimeError):
@@ -56,9 +57,8 @@ class RuntimeEndpoint(NativeBackend):
     def _payload(
         self, prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs
     ) -> dict[str, Any]:
-        is_ids = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
         payload = {
-            "input_ids" if is_ids else "text": prompt,
+            "text" if is_text_prompt(prompt) else "input_ids": prompt,
             "sampling_params": sampling_params,
             "return_logprob": return_logprob,
             "logprob_start_len": logprob_start_len,

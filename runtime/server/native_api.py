@@ -25,6 +25,7 @@ from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request
 from sglite.runtime.logprob_text import FLOOR_LOGPROB, with_logprob_texts
+from sglite.runtime.prompts import prompt_batch
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     Chunk,
@@ -94,8 +95,7 @@ class NativeServing:
         if (req.text is None) == (req.input_ids is None):
             raise invalid_request("give exactly one of 'text' or 'input_ids'", param="text")
         source: Any = req.text if req.text is not None else req.input_ids
-        single = isinstance(source, str) or (bool(source) and isinstance(source[0], int))
-        prompts = [source] if single else list(source)
+        prompts, single = prompt_batch(source)
         if not prompts:
             raise invalid_request("the batch of prompts is empty", param="text" if req.text is not None else "input_ids")
         if len(prompts) > self.config.max_choices:

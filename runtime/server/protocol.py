@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sglite.runtime.prompts import prompt_batch
 from sglite.runtime.sampling_params import LIMITS
 
 INT64_MAX = 2**63 - 1
@@ -231,14 +232,8 @@ class CompletionRequest(SamplingRequest):
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The batch of prompts, whichever of the four OpenAI forms was sent."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if isinstance(p[0], str):
-            return list(p)  # type: ignore[arg-type]
-        if isinstance(p[0], int):
-            return [list(p)]  # type: ignore[list-item]
-        return [list(ids) for ids in p]  # type: ignore[union-attr]
+        prompts, _ = prompt_batch(self.prompt)
+        return [p if isinstance(p, str) else list(p) for p in prompts]
 
 
 # --------------------------------------------------------------------------- native /generate
