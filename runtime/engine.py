@@ -14,7 +14,7 @@ import torch
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import held_back_len
-from sglite.runtime.input_processor import InputProcessor, eos_token_ids
+from sglite.runtime.input_processor import GenerateInput, InputProcessor, eos_token_ids
 from sglite.runtime.model_runner import ModelRunner
 from sglite.runtime.request import Request
 from sglite.runtime.scheduler import Scheduler
@@ -102,7 +102,7 @@ class Engine:
         hold what is new since the previous chunk; the last has ``finished=True``.
         """
         reqs, single = self._make_requests(
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
+            GenerateInput(prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid)
         )
         if stream:
             if not single:
@@ -128,7 +128,7 @@ class Engine:
         """``generate`` for asyncio callers; constraint compilation runs in a worker thread."""
         reqs, single = await asyncio.to_thread(
             self._make_requests,
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid,
+            GenerateInput(prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid),
         )
         if stream:
             if not single:
@@ -207,10 +207,10 @@ class Engine:
         except Exception:
             pass
 
-    def _make_requests(self, *args) -> tuple[list[Request], bool]:
+    def _make_requests(self, given: GenerateInput) -> tuple[list[Request], bool]:
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
-        return self.inputs.make_requests(*args)
+        return self.inputs.make_requests(given)
 
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:

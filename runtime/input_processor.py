@@ -11,6 +11,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,30 @@ def eos_token_ids(model_path: str, model_config, tokenizer) -> set[int]:
         pass
     add(tokenizer.eos_token_id)
     return ids
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """One ``generate`` call's arguments, as the engine hands them to the input processor.
+
+        >>> GenerateInput(prompt=["a", "b"], sampling_params={"max_new_tokens": 4}).rid is None
+        True
+    """
+
+    prompt: str | list[str] | None = None
+    """Text: one string or a batch of strings (exactly one of ``prompt`` / ``input_ids``)."""
+    input_ids: list[int] | list[list[int]] | None = None
+    """Token ids: one list or a batch of lists."""
+    sampling_params: dict | list[dict] | None = None
+    """One dict for every prompt, or one per prompt."""
+    return_logprob: bool = False
+    """Return each output token's logprob."""
+    logprob_start_len: int = -1
+    """Also return prompt-token logprobs from this position on (-1: none)."""
+    top_logprobs_num: int = 0
+    """Alternatives per position in the top-logprob lists."""
+    rid: str | list[str] | None = None
+    """Request ids: one per prompt, unique while in flight (None: generated)."""
 
 
 class InputProcessor:
@@ -78,13 +103,12 @@ class InputProcessor:
                     )
         return self._constraints
 
-    def make_requests(
-        self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
-    ) -> tuple[list[Request], bool]:
+    def make_requests(self, given: GenerateInput) -> tuple[list[Request], bool]:
         """One validated request per prompt, and whether the caller gave a single prompt."""
-        if (prompt is None) == (input_ids is None):
+        if (given.prompt is None) == (given.input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
-        source = prompt if prompt is not None else input_ids
+        source = given.prompt if given.prompt is not None else given.input_ids
+        sampling_params, rid = given.sampling_params, given.rid
         prompts, single = prompt_batch(source)
         if not prompts:
             raise ValueError("prompt: the list of prompts is empty")
@@ -99,15 +123,16 @@ class InputProcessor:
         rids = [rid] if isinstance(rid, str) else (rid or [None] * len(prompts))
         if len(rids) != len(prompts):
             raise ValueError(f"rid: got {len(rids)} ids for {len(prompts)} prompts; give one per prompt")
-        given = [r for r in rids if r is not None]
-        if len(set(given)) != len(given):
+        named = [r for r in rids if r is not None]
+        if len(set(named)) != len(named):
             raise ValueError("rid: request ids must be unique within a batch")
-        return [
-            self.make_request(p, sp, return_logprob, logprob_start_len, top_logprobs_num, r)
-            for p, sp, r in zip(prompts, params_list, rids)
-        ], single
+        return [self.make_request(p, sp, r, given) for p, sp, r in zip(prompts, params_list, rids)], single
 
-    def make_request(self, prompt, params, return_logprob, logprob_start_len, top_logprobs_num, rid) -> Request:
+    def make_request(self, prompt, params, rid: str | None, given: GenerateInput) -> Request:
+        """The request for one prompt of ``given``, with its own sampling ``params`` and ``rid``."""
+        return_logprob, logprob_start_len, top_logprobs_num = (
+            given.return_logprob, given.logprob_start_len, given.top_logprobs_num
+        )
         sp = SamplingParams.from_dict(dict(params) if isinstance(params, dict) else params)
         if return_logprob:
             sp.return_logprob = True
