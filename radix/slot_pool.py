@@ -30,10 +30,6 @@ class SlotAllocator:
     def num_free(self) -> int:
         return int(self._free.numel())
 
-    @property
-    def num_used(self) -> int:
-        return self.size - self.num_free
-
     def alloc(self, n: int) -> torch.Tensor | None:
         """Take ``n`` free slots (int64 tensor), or ``None`` when fewer than ``n`` are free."""
         if n < 0:

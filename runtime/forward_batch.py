@@ -32,10 +32,6 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return len(self.extend_lens)
 
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.extend_lens)
-
     def last_token_indices(self) -> torch.Tensor:
         """Row of each sequence's last new token in the flattened ``[T]`` layout."""
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1

@@ -31,8 +31,8 @@ class Request:
     processor: LogitsProcessor | None = None
     logprob_start_len: int = -1
     """Return prompt-token logprobs from this position on (-1: none)."""
-    on_update: Callable[[Request, str, bool], None] | None = None
-    """Called from the step loop with (request, new text, finished)."""
+    on_update: Callable[[Request, bool], None] | None = None
+    """Called from the step loop with ``(request, finished)`` after each step that changed it."""
     generator: torch.Generator | None = None
 
     status: RequestStatus = RequestStatus.WAITING
@@ -42,14 +42,15 @@ class Request:
     tree_node: object | None = None
     """The locked radix node covering ``slot_indices[:tree_len]`` (owned by the tree)."""
     tree_len: int = 0
+    """Leading slots owned by the tree (``tree_len <= kv_len``); the rest are this request's own."""
     kv_len: int = 0
     """Tokens of ``fill_ids`` whose K/V sits in ``slot_indices``."""
     cached_tokens: int = 0
+    """Prompt tokens served from the cache at first admission (``tree_len`` then; reported, never updated)."""
     finish_type: str | None = None
     finish_matched: int | str | None = None
     text: str = ""
     """Output text so far, stop strings trimmed."""
-    streamed_len: int = 0
     output_token_logprobs: list[tuple[float, int, None]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
     input_token_logprobs: list[tuple[float | None, int, None]] = field(default_factory=list)
@@ -82,11 +83,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    @property
-    def needs_prefill(self) -> bool:
-        """True while fill_ids has more than one token without K/V (one is fed by decode)."""
-        return self.fill_len - self.kv_len > 1 or not self.output_ids
 
     def meta_info(self) -> dict:
         info = {
