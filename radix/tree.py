@@ -79,6 +79,14 @@ class RadixCache:
         self._protected_size = 0
         self.evicted_tokens_total = 0
         """Slots ``evict`` has returned to the pool over the cache's life (a counter for stats and tests)."""
+        self.version = 0
+        """Bumped whenever a cached prefix may have grown or shrunk (insert, evict, reset): a prefix
+        length measured at one version holds until the next."""
+        # Eviction candidates, kept incrementally: every unlocked leaf has an entry with its current
+        # ``last_access``; entries that went stale (touched, locked, split off, evicted) are skipped
+        # when popped, so ``evict`` costs the leaves it frees, not a pass over the whole tree.
+        self._lru: list[tuple[int, int, TreeNode]] = []
+        self._num_nodes = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -103,7 +111,25 @@ class RadixCache:
             child.last_access = now
             matched.append(child.value)
             node, pos = child, pos + shared
+        self._push_if_candidate(node)  # its access time changed
         return (torch.cat(matched) if matched else self._empty_slots()), node
+
+    def prefix_len(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``token_ids`` are cached, without splitting or touching anything.
+
+        The read-only query for ordering a waiting queue; ``match_prefix`` is for the request admitted.
+        """
+        if self.disable:
+            return 0
+        tokens = _as_list(token_ids)
+        node, pos = self.root, 0
+        while pos < len(tokens) and tokens[pos] in node.children:
+            node = node.children[tokens[pos]]
+            shared = _common_prefix_len(node.key, tokens, pos)
+            pos += shared
+            if shared < len(node):
+                break
+        return pos
 
     @property
     def total_size(self) -> int:
@@ -145,6 +171,8 @@ class RadixCache:
                 leaf.last_access = now
                 node.children[tokens[pos]] = leaf
                 self._evictable_size += len(leaf)
+                self._num_nodes += 1
+                self._push_if_candidate(leaf)
                 break
             shared = _common_prefix_len(child.key, tokens, pos)
             if shared < len(child):
@@ -153,6 +181,9 @@ class RadixCache:
             self.pool.free(incoming[incoming != child.value])  # duplicates; the tree keeps its own copy
             child.last_access = now
             node, pos = child, pos + shared
+        else:
+            self._push_if_candidate(node)  # the whole key was cached already; its access time changed
+        self.version += 1
         return pos
 
     def lock(self, node: TreeNode) -> None:
@@ -174,6 +205,7 @@ class RadixCache:
             if node.lock_ref == 0:
                 self._protected_size -= len(node)
                 self._evictable_size += len(node)
+                self._push_if_candidate(node)
             node = node.parent
 
     def evict(self, num_tokens: int) -> int:
@@ -184,19 +216,22 @@ class RadixCache:
         """
         if self.disable or num_tokens <= 0:
             return 0
-        heap = [(n.last_access, n.id, n) for n in self._nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
         freed = 0
-        while heap and freed < num_tokens:
-            _, _, node = heapq.heappop(heap)
+        while self._lru and freed < num_tokens:
+            access, _, node = heapq.heappop(self._lru)
+            if access != node.last_access or not self._is_candidate(node):
+                continue  # a stale entry: the node was touched, locked, grew children or is gone
             self.pool.free(node.value)
             parent = node.parent
             del parent.children[node.key[0]]
+            node.parent = None
             self._evictable_size -= len(node)
+            self._num_nodes -= 1
             freed += len(node)
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        self.evicted_tokens_total += freed
+            self._push_if_candidate(parent)
+        if freed:
+            self.evicted_tokens_total += freed
+            self.version += 1
         return freed
 
     def reset(self) -> None:
@@ -211,8 +246,23 @@ class RadixCache:
         self.root = TreeNode([], self._empty_slots())
         self._evictable_size = 0
         self._protected_size = 0
+        self._lru.clear()
+        self._num_nodes = 0
+        self.version += 1
 
     # ------------------------------------------------------------------ internals
+
+    def _is_candidate(self, node: TreeNode) -> bool:
+        """An unlocked leaf still in the tree (the root never is)."""
+        return node.parent is not None and not node.children and node.lock_ref == 0
+
+    def _push_if_candidate(self, node: TreeNode) -> None:
+        if not self._is_candidate(node):
+            return
+        heapq.heappush(self._lru, (node.last_access, node.id, node))
+        if len(self._lru) > 4 * self._num_nodes + 1024:  # mostly stale entries: rebuild (amortized O(1))
+            self._lru = [(n.last_access, n.id, n) for n in self._nodes() if self._is_candidate(n)]
+            heapq.heapify(self._lru)
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Cut ``child`` after ``at`` tokens; return the new upper node (same locks, same access time)."""
@@ -221,6 +271,7 @@ class RadixCache:
         upper.children = {child.key[at]: child}
         child.parent.children[child.key[0]] = upper
         child.key, child.value, child.parent = child.key[at:], child.value[at:], upper
+        self._num_nodes += 1
         return upper
 
     def _nodes(self) -> list[TreeNode]:

@@ -58,6 +58,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.context_length = context_length
         self.waiting: list[Request] = []
+        self._prefix_memo: dict[str, tuple[int, int, int]] = {}  # rid -> (tree version, limit, cached tokens)
         self.running: list[Request] = []
         self.stats = {
             "forward_calls": 0,
@@ -125,33 +126,27 @@ class Scheduler:
     def _admit(self) -> None:
         if not self.waiting:
             return
-        # One tree walk per waiting request per step; the results stay valid until the step inserts or evicts.
-        matches: dict[str, tuple[torch.Tensor, object]] = {}
-
-        def match(req: Request) -> tuple[torch.Tensor, object]:
-            if req.rid not in matches:
-                matches[req.rid] = self.tree.match_prefix(req.fill_ids[: self._prefix_limit(req)])
-            return matches[req.rid]
-
         if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_QUEUE_LIMIT:
             # stable sort: equal prefixes keep arrival order
-            self.waiting.sort(key=lambda r: -len(match(r)[0]))
+            self.waiting.sort(key=lambda r: -self._cached_prefix_len(r))
         prefilling = [r for r in self.running if r.kv_len < len(r.prompt_ids)]
         for req in list(self.waiting):
             if len(self.running) >= self.config.max_running_requests:
                 break
-            ids = req.fill_ids
-            slots, node = match(req)
-            if not self.tree.disable and any(
-                _share_prefix(ids, other.prompt_ids, len(slots) + IN_BATCH_PREFIX_MIN) for other in prefilling
-            ):
-                continue  # its prefix is being computed right now; reuse it next step
+            cached = self._cached_prefix_len(req)
+            if not self.tree.disable:
+                head = req.fill_slice(0, cached + IN_BATCH_PREFIX_MIN)
+                if any(_share_prefix(head, other.prompt_ids, cached + IN_BATCH_PREFIX_MIN) for other in prefilling):
+                    continue  # its prefix is being computed right now; reuse it next step
+            # Only a request about to be admitted walks the tree with match_prefix (which splits and touches).
+            slots, node = self.tree.match_prefix(req.fill_slice(0, self._prefix_limit(req)))
             self.tree.lock(node)
-            needed = len(ids) - len(slots) + DECODE_HEADROOM * (len(self.running) + 1)
+            needed = req.fill_len - len(slots) + DECODE_HEADROOM * (len(self.running) + 1)
             if self.pool.num_free + self.tree.evictable_size < needed and self.running:
                 self.tree.unlock(node)
                 break  # hold back until running requests free memory
             self.waiting.remove(req)
+            self._prefix_memo.pop(req.rid, None)
             req.status = RequestStatus.RUNNING
             req.tree_node, req.tree_len, req.kv_len = node, len(slots), len(slots)
             req.slot_indices = slots
@@ -160,6 +155,18 @@ class Scheduler:
                 self.stats["cache_hit_tokens_total"] += len(slots)
             self.running.append(req)
             prefilling.append(req)
+
+    def _cached_prefix_len(self, req: Request) -> int:
+        """Tokens of a waiting request the tree could serve; re-measured only after the tree changed.
+
+        A read-only walk (``RadixCache.prefix_len``): ordering the queue splits and touches nothing.
+        """
+        limit = self._prefix_limit(req)
+        memo = self._prefix_memo.get(req.rid)
+        if memo is None or memo[:2] != (self.tree.version, limit):
+            memo = (self.tree.version, limit, self.tree.prefix_len(req.fill_slice(0, limit)))
+            self._prefix_memo[req.rid] = memo
+        return memo[2]
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         slots = self.pool.alloc(n)
@@ -375,6 +382,7 @@ class Scheduler:
     def _finish(self, req: Request, finish_type: str, matched: int | str | None, flush: bool = True) -> None:
         if req.finished:
             return
+        self._prefix_memo.pop(req.rid, None)
         if req in self.running:
             self._release(req)
             self.running.remove(req)

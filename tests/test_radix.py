@@ -260,9 +260,19 @@ class RadixCacheMachine(RuleBasedStateMachine):
     @rule(num_tokens=st.integers(0, POOL_SIZE))
     def evict(self, num_tokens):
         evictable = self.cache.evictable_size
+        leaves = sorted((n.last_access, n.id, n) for n in self.cache._nodes() if not n.children and n.lock_ref == 0)
         freed = self.cache.evict(num_tokens)
         assert freed >= num_tokens or self.cache.evictable_size == 0
         assert freed <= evictable
+        if num_tokens and leaves:  # the least recently used unlocked leaf goes first
+            assert leaves[0][2].parent is None
+
+    @rule(tokens=TOKENS)
+    def measure(self, tokens):
+        # The read-only query agrees with match_prefix, and changes nothing.
+        version, size = self.cache.version, self.cache.total_size
+        assert self.cache.prefix_len(tokens) == self.cache.match_prefix(tokens)[0].numel()
+        assert (self.cache.version, self.cache.total_size) == (version, size)
 
     @rule(tokens=TOKENS)
     def lookup(self, tokens):
@@ -273,6 +283,12 @@ class RadixCacheMachine(RuleBasedStateMachine):
         owned_by_requests = sum(r.own.numel() for r in self.running)
         assert self.pool.num_free + self.cache.total_size + owned_by_requests == POOL_SIZE
         assert self.cache.evictable_size + self.cache.protected_size == self.cache.total_size
+
+    @invariant()
+    def every_unlocked_leaf_is_an_eviction_candidate(self):
+        # The incremental LRU heap (no pass over the tree per evict) must hold a fresh entry for each.
+        fresh = {id(n) for access, _, n in self.cache._lru if access == n.last_access}
+        assert all(id(n) in fresh for n in self.cache._nodes() if not n.children and n.lock_ref == 0)
 
     @invariant()
     def no_slot_owned_twice(self):
