@@ -139,21 +139,17 @@ class GuidanceBackend:
 
     def _compile(self, spec: ConstraintSpec) -> CompiledGrammar:
         grammar, schema = self._grammar(spec)
-        matcher_cls = self._llguidance.LLMatcher
-        # Both calls run in Rust with the GIL released, bounded by the parser limits.
-        is_error, messages = matcher_cls.validate_grammar_with_warnings(
-            grammar, self.lltokenizer, limits=self._parser_limits)
-        if is_error:
-            raise self._error(spec, schema, messages[0] if messages else "invalid grammar")
+        # One compile, in Rust with the GIL released, bounded by the parser limits; it never raises.
+        prototype = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
+        if prototype.is_error():
+            raise self._error(spec, schema, prototype.get_error())
+        messages = list(prototype.get_grammar_warnings())
         if messages and spec.kind == "json_schema" and not spec.lenient:
             raise ConstraintError(
                 f"json_schema: {describe(schema, messages[0])} cannot be enforced exactly; change the schema, "
                 "or pass lenient=True to generate with it relaxed (each relaxation is reported as a warning)"
             )
         warnings = tuple(f"json_schema relaxed: {describe(schema, m)}" for m in messages)
-        prototype = matcher_cls(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
-        if prototype.is_error():
-            raise self._error(spec, schema, prototype.get_error())
         # The Rust-side size is not observable; charge the grammar text several times over plus a floor.
         return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024)
 

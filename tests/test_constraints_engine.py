@@ -133,3 +133,25 @@ def test_outlines_backend_is_selectable(llama_path):
             eng.generate("x", {"ebnf": TOOL_GRAMMAR})
     with pytest.raises(ValueError, match="grammar_backend"):
         sglite.Engine(str(llama_path), device="cpu", grammar_backend="xgrammar")
+
+
+def test_server_takes_ebnf_and_refuses_unenforceable_keywords_with_400(engine):
+    import httpx
+    import openai
+
+    from sglite.runtime.server.testing import serve_in_thread
+
+    with serve_in_thread(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model="tiny", prompt="Tool:", max_tokens=32, temperature=1.0, seed=1,
+                                        extra_body={"ebnf": TOOL_GRAMMAR})
+        assert re.fullmatch(r"call (get_weather|get_time)\([a-z]{1,8}\)", out.choices[0].text)
+        native = httpx.post(f"{url}/generate", json={"text": "Tool:", "sampling_params": {
+            "ebnf": TOOL_GRAMMAR, "max_new_tokens": 32, "temperature": 1.0}}, timeout=60).json()
+        assert re.fullmatch(r"call (get_weather|get_time)\([a-z]{1,8}\)", native["text"])
+        schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": schema}})
+        assert info.value.status_code == 400 and "uniqueItems" in str(info.value) and "/properties/tags" in str(info.value)
