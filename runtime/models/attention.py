@@ -167,6 +167,19 @@ class AttentionMetadata:
         return cls(out_slots=batch.out_slots.to(device), groups=groups)
 
 
+def _decode_attention_matmul(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Batched decode attention as two batched matmuls with a float32 softmax.
+
+    On CPU, SDPA's flash kernel tiles for long query blocks; with 1-3 query rows per KV head and a
+    batch of sequences it runs ~2-3x slower than plain matmuls (measured in bfloat16 and float32).
+    ``mask`` is additive float32 ``[B, 1, 1, max_kv]``.
+    """
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scaling).add_(mask)
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values)
+
+
 def _attend_group(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -192,14 +205,19 @@ def _attend_group(
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, max_kv, d]
     num_kv_heads = keys.shape[1]
     causal = group.fresh and sliding_window is None
-    mask = None if causal else group.mask(sliding_window, q.dtype)
 
     if max_extend == 1:
         # Decode: the query heads sharing a KV head take the query-length axis, so K/V are not
         # expanded and the [B, 1, 1, max_kv] mask broadcasts (GQA without enable_gqa's fallbacks).
         queries = q.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
+        if batch_size > 1 and q.device.type == "cpu":
+            out = _decode_attention_matmul(queries, keys, values, group.mask(sliding_window, torch.float32), scaling)
+        else:
+            mask = group.mask(sliding_window, q.dtype)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(batch_size, num_heads * head_dim)
+
+    mask = None if causal else group.mask(sliding_window, q.dtype)
 
     group_size = num_heads // num_kv_heads
     if group_size > 1:
