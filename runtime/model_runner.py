@@ -73,6 +73,7 @@ class ModelRunner:
             raise QuantizationError(f"quantization={quantization!r} runs on CPU only; drop it on {self.device}")
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
+        self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.quantization = quantization
         if quantization is not None:

@@ -67,10 +67,14 @@ def reference(llama_path):
     return ids, outputs
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["checkpoint-layout", "fused-projections"])
 @torch.inference_mode()
-def test_mixed_long_and_short_decode_matches_transformers(llama_path, reference):
+def test_mixed_long_and_short_decode_matches_transformers(llama_path, reference, fused):
     ids, expected = reference
     model, _ = load_model(llama_path)
+    if fused:
+        model.fuse_projections()
+        assert model.model.layers[0].self_attn.qkv_proj is not None and model.model.layers[0].mlp.gate_proj is None
     pool = KVSlotPool(4096, model.num_layers, model.num_kv_heads, model.head_dim)
     slots = [pool.alloc(len(p) + STEPS) for p in ids]
     sequences = [list(p) for p in ids]

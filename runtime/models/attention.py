@@ -51,6 +51,8 @@ class AttentionGroup:
     fresh: bool
     """Every sequence prefills from position 0, unpadded: its keys are exactly the new tokens, and
     the mask is plain causal (SDPA's ``is_causal``, which skips the masked blocks)."""
+    equal_kv: bool = False
+    """Decode steps over equally many keys: no key is padding, so without a sliding window no mask."""
     _masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -116,7 +118,8 @@ def _build_group(
             starts = torch.tensor([token_starts[i] for i in seqs], dtype=torch.int64, device=device)
             token_rows = starts[seq_of_token] + offset_in_seq
     fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
-    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh)
+    equal_kv = max_extend == 1 and len({batch.prefix_lens[i] for i in seqs}) == 1
+    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv)
 
 
 @dataclass
@@ -213,7 +216,7 @@ def _attend_group(
         if batch_size > 1 and q.device.type == "cpu":
             out = _decode_attention_matmul(queries, keys, values, group.mask(sliding_window, torch.float32), scaling)
         else:
-            mask = group.mask(sliding_window, q.dtype)
+            mask = None if group.equal_kv and sliding_window is None else group.mask(sliding_window, q.dtype)
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(batch_size, num_heads * head_dim)
 
