@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sglite
-from sglite.radix.slot_pool import KVSlotPool
+from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.model_loader import load_model
 from sglite.runtime.models.attention import MIN_KV_BUCKET, AttentionMetadata
