@@ -36,8 +36,13 @@ class EngineConfig:
     random_seed: int = 0
     """Seeds the generators of requests that give no ``seed``."""
     num_threads: int | None = None
-    """CPU threads for torch's intra-op pool (process-wide: ``torch.set_num_threads``); None keeps torch's
-    default. Small models on few cores often run faster with 1 (see benchmarks/throughput.py)."""
+    """CPU threads of each model forward (set on the engine's own step thread only, never process-wide);
+    None picks per forward: one thread for small ones (decode of a few sequences on a small model), torch's
+    default otherwise (see benchmarks/decode.py)."""
+    quantization: str | None = None
+    """Weight-only quantization on CPU: ``int8`` (per channel) or ``int4`` (groups of 32); None keeps the
+    checkpoint's weights in ``dtype``. Decode at small batch reads 2x / ~3.5x fewer weight bytes than
+    bfloat16; greedy output drifts from float (README, "Speed")."""
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in ("lpm", "fcfs"):
@@ -51,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
         if self.grammar_backend not in ("llguidance", "outlines"):
             raise ValueError(f"grammar_backend must be 'llguidance' or 'outlines', got {self.grammar_backend!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be 'int8', 'int4' or None, got {self.quantization!r}")
         if self.dtype is not None and self.dtype != "auto":
             object.__setattr__(self, "dtype", dtype_name(self.dtype))  # "bf16" -> "bfloat16", as the loader reads it
 

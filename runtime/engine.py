@@ -9,8 +9,6 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import torch
-
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import held_back_len
@@ -47,10 +45,10 @@ class Engine:
         from sglite.runtime.model_loader import resolve_model_path
 
         self.config = EngineConfig.from_options(**options)
-        if self.config.num_threads is not None:
-            torch.set_num_threads(self.config.num_threads)
         self.model_path = str(resolve_model_path(str(model_path)))
-        self.runner = ModelRunner(self.model_path, self.config.device, self.config.dtype)
+        self.runner = ModelRunner(
+            self.model_path, self.config.device, self.config.dtype, self.config.quantization, self.config.num_threads
+        )
         self.model_config = self.runner.hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         max_pos = getattr(self.model_config, "max_position_embeddings", None) or 4096

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+
+SMALL_FORWARD_FLOPS = 4e9
+"""Below this many multiply-adds a CPU forward runs on one thread: with ~30 layers of small
+matrices, waking and joining a second thread hundreds of times per step costs more than it saves
+(measured by ``benchmarks/decode.py``'s thread sweep)."""
+
 
 def pick_device(device: str | None) -> torch.device:
     if device is None:
@@ -13,19 +22,75 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+@contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the caller's setting.
+
+    With torch's OpenMP backend the count is per calling thread, so the engine's step loop
+    choosing 1 leaves every other thread of the process as it was.
+
+        >>> before = torch.get_num_threads()
+        >>> with intra_op_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ModelRunner:
-    """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for."""
+    """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for.
 
-    def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None) -> None:
+    ``quantization`` (``int8`` | ``int4``, CPU only) stores the linear weights quantized (see
+    :mod:`sglite.runtime.quantization`). ``num_threads`` fixes the CPU threads of every forward;
+    None picks per forward: one thread for small forwards (decode of a few sequences on a small
+    model), the caller's count otherwise.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        quantization: str | None = None,
+        num_threads: int | None = None,
+    ) -> None:
         from sglite.runtime.model_loader import load_model, resolve_dtype
+        from sglite.runtime.quantization import QuantizationError, check_method, quantize_model
 
+        check_method(quantization)
         self.device = pick_device(device)
+        if quantization is not None and self.device.type != "cpu":
+            raise QuantizationError(f"quantization={quantization!r} runs on CPU only; drop it on {self.device}")
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
+        self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.quantization = quantization
+        if quantization is not None:
+            quantize_model(self.model, quantization)
+        self.num_threads = num_threads
 
     def make_pool(self, size: int) -> KVSlotPool:
         m = self.model
         return KVSlotPool(size, m.num_layers, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device)
+
+    def threads_for(self, num_tokens: int) -> int | None:
+        """CPU threads for a forward over ``num_tokens`` new tokens (None: leave the caller's count)."""
+        if self.device.type != "cpu":
+            return None
+        if self.num_threads is not None:
+            return self.num_threads
+        return 1 if num_tokens * self.num_parameters < SMALL_FORWARD_FLOPS else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVSlotPool, logit_rows: torch.Tensor) -> torch.Tensor:
@@ -39,7 +104,8 @@ class ModelRunner:
                 extend_lens=batch.extend_lens,
                 kv_slots=[s.to(dev, non_blocking=True) for s in batch.kv_slots],
             )
-        hidden = self.model.forward(batch, pool)
-        if logit_rows.numel() == 0:
-            return torch.empty(0, self.model.vocab_size)
-        return self.model.compute_logits(hidden[logit_rows.to(dev)]).float()
+        with intra_op_threads(self.threads_for(batch.input_ids.numel())):
+            hidden = self.model.forward(batch, pool)
+            if logit_rows.numel() == 0:
+                return torch.empty(0, self.model.vocab_size)
+            return self.model.compute_logits(hidden[logit_rows.to(dev)]).float()

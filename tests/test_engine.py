@@ -283,16 +283,17 @@ def test_flush_cache_only_when_idle_and_shutdown_is_final(llama_path):
         eng.generate("x")
 
 
-def test_num_threads_option_sets_torch_threads(llama_path):
+def test_num_threads_option_applies_to_forwards_only(llama_path):
     before = torch.get_num_threads()
-    try:
-        with sglite.Engine(str(llama_path), num_threads=1) as eng:
-            assert torch.get_num_threads() == 1
-            assert eng.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
-        with pytest.raises(ValueError, match="num_threads"):
-            sglite.Engine(str(llama_path), num_threads=0)
-    finally:
-        torch.set_num_threads(before)
+    seen: list[int] = []
+    with sglite.Engine(str(llama_path), num_threads=1) as eng:
+        forward = eng.runner.model.forward
+        eng.runner.model.forward = lambda *args: (seen.append(torch.get_num_threads()), forward(*args))[1]
+        assert eng.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+        assert torch.get_num_threads() == before  # the caller's setting is untouched
+    assert seen and set(seen) == {1}
+    with pytest.raises(ValueError, match="num_threads"):
+        sglite.Engine(str(llama_path), num_threads=0)
 
 
 def test_request_ids_must_be_unique_while_in_flight(engine):

@@ -1,11 +1,14 @@
 """Ragged paged attention over the KV slot pool, with torch's scaled_dot_product_attention.
 
 A ragged batch (sequence ``i``: ``prefix_lens[i]`` cached tokens + ``extend_lens[i]`` new ones)
-mixes decode steps (one new token) with prefill chunks (hundreds). Padded as one problem, every
-decode row would pay for the longest chunk (31 decodes + a 512-token chunk = 32 x 512 query
-rows), so the batch is split once per forward into groups whose extend lengths share a
-power-of-two bucket — decode steps form their own group — and each group is padded on its own
-(less than 2x query padding). Every layer reuses that layout.
+mixes decode steps (one new token) with prefill chunks (hundreds), over contexts of a few tokens
+to thousands. Padded as one problem, every row would pay for the longest chunk and the longest
+context (31 decodes + a 512-token chunk = 32 x 512 query rows; a 100-token request decoding next
+to a 1100-token one would read 1100 keys per layer). So the batch is split once per forward into
+groups whose extend lengths *and* key counts share power-of-two buckets (decode steps group
+apart from chunks; short contexts apart from long ones), and each group is padded on its own:
+under 2x padding of queries and keys, so a request's attention costs in proportion to its own
+context. Every layer reuses that layout.
 
 Two cases skip work: a decode group folds the query heads of each KV head into the query axis
 (no K/V expansion for GQA), and a fresh prefill (no cached prefix) attends to its own new K/V
@@ -22,6 +25,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+
+
+MIN_KV_BUCKET = 128
+"""Contexts up to this many keys share one group: padding them is cheaper than another kernel call."""
 
 
 @dataclass
@@ -44,27 +51,41 @@ class AttentionGroup:
     fresh: bool
     """Every sequence prefills from position 0, unpadded: its keys are exactly the new tokens, and
     the mask is plain causal (SDPA's ``is_causal``, which skips the masked blocks)."""
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    equal_kv: bool = False
+    """Decode steps over equally many keys: no key is padding, so without a sliding window no mask."""
+    _masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.kv_index.shape[0]
 
-    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """Boolean ``[B, 1, max_extend, max_kv]``: True where a query may attend to a key.
+    @property
+    def padded_kv_positions(self) -> int:
+        """Keys each layer reads for this group, padding included (``B x max_kv``)."""
+        return self.kv_index.numel()
+
+    def mask(self, sliding_window: int | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """``[B, 1, max_extend, max_kv]``: where a query may attend to a key.
 
         Key ``k`` of sequence ``i`` is visible to query ``j`` iff ``k <= prefix_lens[i] + j``
         (causal), ``k < kv_lens[i]`` (not padding), and, with a sliding window ``w``,
-        ``k > position - w`` (the same rule as transformers). Cached per window size.
+        ``k > position - w`` (the same rule as transformers). Boolean (True = visible), or for a
+        floating ``dtype`` additive (0 / -inf: what SDPA would convert a boolean mask to in every
+        layer). Cached per window size and dtype.
         """
-        if sliding_window not in self._masks:
+        if (sliding_window, dtype) not in self._masks:
             key = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)[None, None, :]
             query = self.query_positions[:, :, None]
             visible = (key <= query) & (key < self.kv_lens[:, None, None])
             if sliding_window is not None:
                 visible &= key > query - sliding_window
-            self._masks[sliding_window] = visible[:, None, :, :]
-        return self._masks[sliding_window]
+            visible = visible[:, None, :, :]
+            if dtype != torch.bool:
+                visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+                    ~visible, float("-inf")
+                )
+            self._masks[(sliding_window, dtype)] = visible
+        return self._masks[(sliding_window, dtype)]
 
 
 def _build_group(
@@ -97,7 +118,8 @@ def _build_group(
             starts = torch.tensor([token_starts[i] for i in seqs], dtype=torch.int64, device=device)
             token_rows = starts[seq_of_token] + offset_in_seq
     fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
-    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh)
+    equal_kv = max_extend == 1 and len({batch.prefix_lens[i] for i in seqs}) == 1
+    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv)
 
 
 @dataclass
@@ -112,22 +134,53 @@ class AttentionMetadata:
     out_slots: torch.Tensor
     """``[T]`` pool slot receiving each new token's K/V."""
     groups: list[AttentionGroup]
-    """Disjoint groups covering every sequence; within one, extend lengths are within 2x."""
+    """Disjoint groups covering every sequence; within one, extend lengths are within 2x, and so
+    are key counts (or all at most ``MIN_KV_BUCKET``)."""
+
+    @property
+    def padded_kv_positions(self) -> int:
+        """Keys every layer reads, padding included, summed over the groups."""
+        return sum(g.padded_kv_positions for g in self.groups)
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch, device: torch.device | str | None = None) -> AttentionMetadata:
-        """Bucket the sequences by extend length, then lay out each bucket (tensors only past that)."""
+        """Bucket the sequences by extend length and key count, then lay out each bucket (tensors only past that).
+
+            >>> import torch
+            >>> contexts = [40, 50, 1000, 60]   # decode steps; the third request has a long context
+            >>> batch = ForwardBatch(
+            ...     input_ids=torch.zeros(4, dtype=torch.int64), positions=torch.tensor(contexts),
+            ...     out_slots=torch.tensor(contexts), prefix_lens=contexts, extend_lens=[1] * 4,
+            ...     kv_slots=[torch.arange(n + 1) for n in contexts])
+            >>> meta = AttentionMetadata.from_batch(batch)
+            >>> [tuple(g.kv_index.shape) for g in meta.groups]   # short rows do not pad to 1001 keys
+            [(3, 61), (1, 1001)]
+        """
         device = torch.device(device) if device is not None else batch.input_ids.device
-        buckets: dict[int, list[int]] = {}
+        buckets: dict[tuple[int, int], list[int]] = {}
         token_starts, start = [], 0
-        for i, n in enumerate(batch.extend_lens):
+        for i, (prefix, n) in enumerate(zip(batch.prefix_lens, batch.extend_lens)):
             # (n - 1).bit_length(): 1 -> 0, 2 -> 1, 3..4 -> 2, 5..8 -> 3, ...: under 2x padding per bucket
-            buckets.setdefault((n - 1).bit_length(), []).append(i)
+            kv_bucket = (max(prefix + n, MIN_KV_BUCKET) - 1).bit_length()
+            buckets.setdefault(((n - 1).bit_length(), kv_bucket), []).append(i)
             token_starts.append(start)
             start += n
         whole = len(buckets) == 1
         groups = [_build_group(batch, seqs, token_starts, whole, device) for _, seqs in sorted(buckets.items())]
         return cls(out_slots=batch.out_slots.to(device), groups=groups)
+
+
+def _decode_attention_matmul(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Batched decode attention as two batched matmuls with a float32 softmax.
+
+    On CPU, SDPA's flash kernel tiles for long query blocks; with 1-3 query rows per KV head and a
+    batch of sequences it runs ~2-3x slower than plain matmuls (measured in bfloat16 and float32).
+    ``mask`` is additive float32 ``[B, 1, 1, max_kv]``.
+    """
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scaling).add_(mask)
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values)
 
 
 def _attend_group(
@@ -155,14 +208,19 @@ def _attend_group(
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, max_kv, d]
     num_kv_heads = keys.shape[1]
     causal = group.fresh and sliding_window is None
-    mask = None if causal else group.mask(sliding_window)
 
     if max_extend == 1:
         # Decode: the query heads sharing a KV head take the query-length axis, so K/V are not
         # expanded and the [B, 1, 1, max_kv] mask broadcasts (GQA without enable_gqa's fallbacks).
         queries = q.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
+        if batch_size > 1 and q.device.type == "cpu":
+            out = _decode_attention_matmul(queries, keys, values, group.mask(sliding_window, torch.float32), scaling)
+        else:
+            mask = None if group.equal_kv and sliding_window is None else group.mask(sliding_window, q.dtype)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(batch_size, num_heads * head_dim)
+
+    mask = None if causal else group.mask(sliding_window, q.dtype)
 
     group_size = num_heads // num_kv_heads
     if group_size > 1:
@@ -199,8 +257,8 @@ def paged_attention(
     Returns ``[T, heads * head_dim]`` in the flattened token order of the batch.
     """
     k_cache, v_cache = pool.k(layer_id), pool.v(layer_id)
-    k_cache[meta.out_slots] = k
-    v_cache[meta.out_slots] = v
+    k_cache.index_copy_(0, meta.out_slots, k)  # in place in the pool (index_copy_: no index_put overhead)
+    v_cache.index_copy_(0, meta.out_slots, v)
     if len(meta.groups) == 1:
         return _attend_group(q, k, v, k_cache, v_cache, meta.groups[0], scaling, sliding_window)
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
@@ -210,7 +268,7 @@ def paged_attention(
             k_rows, v_rows = k.index_select(0, rows), v.index_select(0, rows)
         else:
             k_rows = v_rows = None  # read from the pool
-        out[rows] = _attend_group(
-            q.index_select(0, rows), k_rows, v_rows, k_cache, v_cache, group, scaling, sliding_window
+        out.index_copy_(
+            0, rows, _attend_group(q.index_select(0, rows), k_rows, v_rows, k_cache, v_cache, group, scaling, sliding_window)
         )
     return out

@@ -128,6 +128,35 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one ``gate_up_proj`` (one matmul instead of two)."""
+        self.gate_up_proj = fuse_linears((self.gate_proj, self.up_proj))
+        del self.gate_proj, self.up_proj
+        self.gate_proj = self.up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_linears(linears: tuple[nn.Linear, ...]) -> nn.Linear:
+    """One linear layer whose output is the concatenation of ``linears``' outputs.
+
+        >>> a, b = nn.Linear(4, 2), nn.Linear(4, 3)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fuse_linears((a, b))(x), torch.cat((a(x), b(x)), -1))
+        True
+    """
+    first = linears[0]
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(first.in_features, weight.shape[0], bias=first.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias.detach() for lin in linears]))
+    fused.requires_grad_(False)
+    return fused

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.models.attention import AttentionMetadata, paged_attention
-from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, head_dim_of
+from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears, head_dim_of
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,14 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (one matmul instead of three per layer)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = fuse_linears(projections)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(
         self,
@@ -73,13 +81,19 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         pool: KVSlotPool,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, heads, kv_heads = hidden.shape[0], self.num_heads, self.num_kv_heads
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(hidden).view(num_tokens, heads + 2 * kv_heads, self.head_dim)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        else:
+            q = self.q_proj(hidden).view(num_tokens, heads, self.head_dim)
+            k = self.k_proj(hidden).view(num_tokens, kv_heads, self.head_dim)
+            v = self.v_proj(hidden).view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k rotate in one pass over their concatenated heads
+        qk = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
         out = paged_attention(q, k, v, pool, self.layer_id, meta, self.scaling, self.sliding_window)
         return self.o_proj(out)
 
@@ -158,6 +172,13 @@ class LlamaForCausalLM(nn.Module):
     @property
     def tied_embeddings(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up projections into one matmul each, in every layer (after loading:
+        parameter names no longer match the checkpoint's)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output head when the config says so."""

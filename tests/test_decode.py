@@ -1,0 +1,113 @@
+"""The decode path: short requests decoding beside long ones read only their own context, and stay
+token-identical to transformers (float32), with the radix cache on or off."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sglite
+from sglite.runtime.kv_pool import KVSlotPool
+from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime.model_loader import load_model
+from sglite.runtime.models.attention import MIN_KV_BUCKET, AttentionMetadata
+
+SHORT, LONG = 12, 700  # prompt lengths in tokens
+STEPS = 12
+
+
+def decode_batch(contexts: list[int]) -> ForwardBatch:
+    """One decode step for sequences whose ``contexts[i]`` tokens are cached in disjoint slot ranges."""
+    starts = [sum(contexts[:i]) + i for i in range(len(contexts))]
+    slots = [torch.arange(s, s + n + 1) for s, n in zip(starts, contexts)]
+    return ForwardBatch(
+        input_ids=torch.zeros(len(contexts), dtype=torch.int64),
+        positions=torch.tensor(contexts),
+        out_slots=torch.stack([s[-1] for s in slots]),
+        prefix_lens=list(contexts),
+        extend_lens=[1] * len(contexts),
+        kv_slots=slots,
+    )
+
+
+def test_short_decodes_read_their_own_context_not_the_longest():
+    contexts = [20] * 30 + [1100, 3000] + [300] * 4
+    meta = AttentionMetadata.from_batch(decode_batch(contexts))
+    for group in meta.groups:
+        keys = group.kv_lens.tolist()
+        # within a group, padding stays under 2x of the shortest member (or the small-context floor)
+        assert group.kv_index.shape[1] <= max(2 * min(keys), MIN_KV_BUCKET)
+    needed = sum(max(n + 1, MIN_KV_BUCKET) for n in contexts)
+    assert meta.padded_kv_positions <= 2 * needed
+    assert meta.padded_kv_positions * 5 < len(contexts) * (max(contexts) + 1)  # what padding to the longest reads
+    assert sorted(i for g in meta.groups for i in (g.token_rows.tolist() if g.token_rows is not None else [])) == list(
+        range(len(contexts))
+    )
+
+
+def prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [SHORT, LONG, SHORT + 3, SHORT + 5, LONG + 40, SHORT - 4]
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    ids = prompts(model.config.vocab_size)
+    with torch.inference_mode():
+        outputs = [
+            model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=STEPS, pad_token_id=0)[0, len(p) :].tolist()
+            for p in ids
+        ]
+    return ids, outputs
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["checkpoint-layout", "fused-projections"])
+@torch.inference_mode()
+def test_mixed_long_and_short_decode_matches_transformers(llama_path, reference, fused):
+    ids, expected = reference
+    model, _ = load_model(llama_path)
+    if fused:
+        model.fuse_projections()
+        assert model.model.layers[0].self_attn.qkv_proj is not None and model.model.layers[0].mlp.gate_proj is None
+    pool = KVSlotPool(4096, model.num_layers, model.num_kv_heads, model.head_dim)
+    slots = [pool.alloc(len(p) + STEPS) for p in ids]
+    sequences = [list(p) for p in ids]
+    for p, s, seq in zip(ids, slots, sequences):  # prefill each alone
+        batch = ForwardBatch(torch.tensor(p), torch.arange(len(p)), s[: len(p)], [0], [len(p)], [s[: len(p)]])
+        seq.append(int(model.compute_logits(model(batch, pool)[-1:]).argmax()))
+    for _ in range(STEPS - 1):  # then decode all together: short and long contexts in one forward
+        contexts = [len(seq) - 1 for seq in sequences]
+        batch = ForwardBatch(
+            input_ids=torch.tensor([seq[-1] for seq in sequences]),
+            positions=torch.tensor(contexts),
+            out_slots=torch.stack([s[n] for s, n in zip(slots, contexts)]),
+            prefix_lens=contexts,
+            extend_lens=[1] * len(sequences),
+            kv_slots=[s[: n + 1] for s, n in zip(slots, contexts)],
+        )
+        assert len(AttentionMetadata.from_batch(batch).groups) > 1  # short and long contexts are split
+        for seq, token in zip(sequences, model.compute_logits(model(batch, pool)).argmax(-1).tolist()):
+            seq.append(token)
+    assert [seq[len(p) :] for p, seq in zip(ids, sequences)] == expected
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_engine_mixed_long_and_short_prompts_match_transformers(llama_path, reference, cache):
+    ids, expected = reference
+    params = {"max_new_tokens": STEPS, "temperature": 0, "ignore_eos": True}
+    with sglite.Engine(
+        str(llama_path), max_total_tokens=4096, chunked_prefill_size=256, disable_radix_cache=cache == "off"
+    ) as engine:
+        outputs = engine.generate(input_ids=ids, sampling_params=params)
+        again = engine.generate(input_ids=ids[:2], sampling_params=params)  # cache on: served from the tree
+        engine.check_invariant()
+    assert [o["output_ids"] for o in outputs] == expected
+    assert [o["output_ids"] for o in again] == expected[:2]
+    if cache == "on":
+        assert again[1]["meta_info"]["cached_tokens"] >= LONG - 1
