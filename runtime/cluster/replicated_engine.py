@@ -1,0 +1,147 @@
+"""The engine-shaped front of a replica pool, so the HTTP app serves N replicas unchanged.
+
+``create_app`` needs only the part of ``sglite.Engine`` in ``streaming.AsyncEngine`` (``tokenizer``,
+``context_length``, ``async_generate``, ``abort``, ``get_stats``, plus ``flush_cache`` and
+``shutdown``). ``ReplicatedEngine`` implements it by routing each request to one replica actor
+(prefix affinity), so auth, rate limits, streaming, ``/generate`` and ``/metrics`` (counters summed
+over replicas) are the single server's code. A replica that dies mid-request ends that request
+with a 503 (``ReplicaUnavailableError``) or, mid-stream, an in-band error event; Ray restarts it.
+
+    >>> pool = ReplicaPool(model, PoolConfig(replicas=2, restart_failed=True))   # doctest: +SKIP
+    >>> app = create_app(ReplicatedEngine(pool), ServerConfig(), owns_engine=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sglite.runtime.cluster.pool import ReplicaPool, routing_key
+from sglite.runtime.engine import EngineShutdownError
+from sglite.runtime.server.errors import APIError
+
+STATS_TIMEOUT_S = 2.0
+"""A replica that does not report its counters within this long (dead, restarting) is left out of the sum."""
+
+
+class ReplicaUnavailableError(EngineShutdownError):
+    """The replica holding a request died; the server answers 503 so the client retries."""
+
+
+class ReplicatedEngine:
+    """``async_generate``/``abort``/``get_stats`` over the replicas of ``pool`` (which it owns)."""
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.pool = pool
+        self.tokenizer = pool.tokenizer
+        self.context_length = pool.context_length
+        self.model_path = pool.model_path
+        self._where: dict[str, int] = {}  # rid -> replica, so abort reaches the right engine
+        self._lock = threading.Lock()
+        self._closed = False
+
+    async def async_generate(
+        self,
+        prompt: Any = None,
+        sampling_params: Any = None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
+        input_ids: Any = None,
+    ) -> Any:
+        """``Engine.async_generate`` on one replica; a stream's first chunk is awaited here, so bad input raises before any byte."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if self._closed:
+            raise EngineShutdownError("the server is shutting down")
+        kwargs = {
+            "prompt": prompt, "input_ids": input_ids, "sampling_params": sampling_params, "rid": rid,
+            "return_logprob": return_logprob, "logprob_start_len": logprob_start_len, "top_logprobs_num": top_logprobs_num,
+        }
+        replica = self.pool.choose(routing_key(prompt if prompt is not None else input_ids))
+        rids = [r for r in ([rid] if isinstance(rid, str) else rid or []) if r]
+        self._register(rids, replica)
+        actor = self.pool.actors[replica]
+        handed_over = False
+        try:
+            if not stream:
+                return await actor.generate.remote(kwargs)
+            chunks = actor.generate_stream.options(num_returns="streaming").remote(kwargs)
+            first = await _next_chunk(chunks)
+            handed_over = True
+            return self._stream(chunks, first, replica, rids)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, Exception) else exc) from None
+        except RayActorError:
+            raise ReplicaUnavailableError(f"replica {replica} failed during the request; retry") from None
+        finally:
+            if not handed_over:
+                self._unregister(rids)
+                self.pool.release(replica)
+
+    async def _stream(self, chunks: Any, first: dict | None, replica: int, rids: list[str]) -> AsyncIterator[dict]:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        finished = first is None
+        try:
+            chunk = first
+            while chunk is not None:
+                finished = bool(chunk.get("finished"))
+                yield chunk
+                chunk = await _next_chunk(chunks)
+            finished = True
+        except (RayActorError, RayTaskError) as exc:
+            finished = True  # nothing left to abort: the replica (or its request) is gone
+            raise APIError(503, f"replica {replica} failed during the request ({type(exc).__name__}); retry",
+                           code="replica_failed") from None
+        finally:
+            if not finished:
+                for rid in rids:
+                    self.pool.actors[replica].abort.remote(rid)
+            self._unregister(rids)
+            self.pool.release(replica)
+
+    def _register(self, rids: list[str], replica: int) -> None:
+        with self._lock:
+            for rid in rids:
+                self._where[rid] = replica
+
+    def _unregister(self, rids: list[str]) -> None:
+        with self._lock:
+            for rid in rids:
+                self._where.pop(rid, None)
+
+    def abort(self, rid: str) -> None:
+        """Abort ``rid`` on the replica running it (unknown or finished ids are ignored)."""
+        with self._lock:
+            replica = self._where.get(rid)
+        if replica is not None and replica < len(self.pool.actors):
+            self.pool.actors[replica].abort.remote(rid)
+
+    def get_stats(self) -> dict[str, Any]:
+        """Engine counters summed over the replicas that answered within ``STATS_TIMEOUT_S``."""
+        return self.pool.get_stats(timeout=STATS_TIMEOUT_S)
+
+    def flush_cache(self) -> bool:
+        return all(self.pool.call_all("flush_cache"))
+
+    def check_invariant(self) -> None:
+        self.pool.call_all("check_invariant")
+
+    def shutdown(self) -> None:
+        """Stop every replica (idempotent)."""
+        self._closed = True
+        self.pool.shutdown()
+
+
+async def _next_chunk(chunks: Any) -> dict | None:
+    """The next chunk of a Ray streaming generator, or None at its end."""
+    try:
+        ref = await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+    return await ref
