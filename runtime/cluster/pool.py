@@ -14,6 +14,7 @@ while Ray restarts the replica).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,7 @@ class ReplicaPool:
         self.router: Router = make_router(self.config.replicas, self.config.router)
         self._lock = threading.Lock()
         self.dead: set[int] = set()
+        self.restarting: set[int] = set()
         self.retried_calls = 0
         self.calls_per_replica = [0] * self.config.replicas
         self._tokenizer: Any = None
@@ -154,12 +156,31 @@ class ReplicaPool:
             self.router.done(replica)
 
     def mark_dead(self, replica: int) -> None:
-        """Stop routing to ``replica`` (only where Ray will not restart it)."""
-        if self.config.restart_failed:
-            return
+        """Stop routing to a replica whose actor died: for good, or (``restart_failed``) until Ray has restarted it."""
         with self._lock:
-            self.dead.add(replica)
+            if replica in self.dead or replica in self.restarting:
+                return
+            (self.restarting if self.config.restart_failed else self.dead).add(replica)
             self.router.remove(replica)
+        if self.config.restart_failed:
+            threading.Thread(target=self._await_restart, args=(replica,), name=f"sglite-replica-{replica}-restart",
+                             daemon=True).start()
+
+    def _await_restart(self, replica: int) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        while replica < len(self.actors):  # the pool empties its actor list at shutdown
+            try:
+                ray.get(self.actors[replica].ready.remote(), timeout=5)
+                break
+            except GetTimeoutError:
+                continue
+            except RayActorError:
+                time.sleep(0.5)  # still restarting
+        with self._lock:
+            self.restarting.discard(replica)
+            self.router.restore(replica)
 
     def generate(self, kwargs: dict[str, Any], key: str) -> dict | list[dict]:
         """``Engine.generate(**kwargs)`` on the replica ``key`` routes to; a dead replica's call is re-sent elsewhere."""
@@ -218,7 +239,7 @@ class ReplicaPool:
         stats: list[dict[str, Any] | None] = []
         for i, ref in enumerate(refs):
             try:
-                stats.append(None if i in self.dead else ray.get(ref, timeout=timeout))
+                    stats.append(None if i in self.dead else ray.get(ref, timeout=timeout))
             except (ray.exceptions.RayError, TimeoutError):
                 stats.append(None)
         return stats

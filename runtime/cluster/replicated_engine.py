@@ -5,7 +5,7 @@
 ``shutdown``). ``ReplicatedEngine`` implements it by routing each request to one replica actor
 (prefix affinity), so auth, rate limits, streaming, ``/generate`` and ``/metrics`` (counters summed
 over replicas) are the single server's code. A replica that dies mid-request ends that request
-with a 503 (``ReplicaUnavailableError``) or, mid-stream, an in-band error event; Ray restarts it.
+with a 503 or, mid-stream, an in-band error event; the router skips it until Ray has restarted it.
 
     >>> pool = ReplicaPool(model, PoolConfig(replicas=2, restart_failed=True))   # doctest: +SKIP
     >>> app = create_app(ReplicatedEngine(pool), ServerConfig(), owns_engine=True)  # doctest: +SKIP
@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sglite.runtime.cluster.errors import ReplicasExhaustedError
 from sglite.runtime.cluster.pool import ReplicaPool, routing_key
 from sglite.runtime.engine import EngineShutdownError
 from sglite.runtime.server.errors import APIError
@@ -25,8 +26,9 @@ STATS_TIMEOUT_S = 2.0
 """A replica that does not report its counters within this long (dead, restarting) is left out of the sum."""
 
 
-class ReplicaUnavailableError(EngineShutdownError):
-    """The replica holding a request died; the server answers 503 so the client retries."""
+def replica_failed(replica: int, exc: BaseException) -> APIError:
+    """The 503 a request gets when its replica died under it (the client may retry at once)."""
+    return APIError(503, f"replica {replica} failed during the request ({type(exc).__name__}); retry", code="replica_failed")
 
 
 class ReplicatedEngine:
@@ -61,7 +63,10 @@ class ReplicatedEngine:
             "prompt": prompt, "input_ids": input_ids, "sampling_params": sampling_params, "rid": rid,
             "return_logprob": return_logprob, "logprob_start_len": logprob_start_len, "top_logprobs_num": top_logprobs_num,
         }
-        replica = self.pool.choose(routing_key(prompt if prompt is not None else input_ids))
+        try:
+            replica = self.pool.choose(routing_key(prompt if prompt is not None else input_ids))
+        except ReplicasExhaustedError:
+            raise APIError(503, "no replica is available (all are restarting); retry", code="no_replica") from None
         rids = [r for r in ([rid] if isinstance(rid, str) else rid or []) if r]
         self._register(rids, replica)
         actor = self.pool.actors[replica]
@@ -76,8 +81,9 @@ class ReplicatedEngine:
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             raise (cause if isinstance(cause, Exception) else exc) from None
-        except RayActorError:
-            raise ReplicaUnavailableError(f"replica {replica} failed during the request; retry") from None
+        except RayActorError as exc:
+            self.pool.mark_dead(replica)
+            raise replica_failed(replica, exc) from None
         finally:
             if not handed_over:
                 self._unregister(rids)
@@ -94,10 +100,13 @@ class ReplicatedEngine:
                 yield chunk
                 chunk = await _next_chunk(chunks)
             finished = True
-        except (RayActorError, RayTaskError) as exc:
-            finished = True  # nothing left to abort: the replica (or its request) is gone
-            raise APIError(503, f"replica {replica} failed during the request ({type(exc).__name__}); retry",
-                           code="replica_failed") from None
+        except RayActorError as exc:
+            finished = True  # nothing left to abort: the replica is gone
+            self.pool.mark_dead(replica)
+            raise replica_failed(replica, exc) from None
+        except RayTaskError as exc:
+            finished = True
+            raise APIError(500, f"the engine failed mid-stream ({type(getattr(exc, 'cause', exc)).__name__})") from None
         finally:
             if not finished:
                 for rid in rids:

@@ -61,6 +61,8 @@ class Router(Protocol):
 
     def remove(self, replica: int) -> None: ...
 
+    def restore(self, replica: int) -> None: ...
+
 
 def prefix_hashes(text: str, block_chars: int) -> list[bytes]:
     """One hash per whole block of ``text``, each covering all of ``text`` up to that block's end.
@@ -104,6 +106,10 @@ class _Balancer:
 
     def remove(self, replica: int) -> None:
         self.live.discard(replica)
+
+    def restore(self, replica: int) -> None:
+        """Route to ``replica`` again (it was restarted; its cache starts empty)."""
+        self.live.add(replica)
 
 
 class RoundRobinRouter(_Balancer):
