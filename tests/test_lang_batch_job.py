@@ -139,3 +139,30 @@ def test_corrupt_input_line_is_its_rows_error_and_retry_errors_redoes_it(tmp_pat
     redone = {r["index"]: r for r in records}
     assert redone[2]["error"] is None and redone[2]["variables"]["summary"] and redone[2]["return"] == len("row 2")
     assert [redone[i] for i in (0, 1, 3, 4)] == [by_index[i] for i in (0, 1, 3, 4)]  # the good rows were kept as written
+
+
+def test_a_job_whose_replicas_are_all_gone_stops_without_recording_the_row(tmp_path):
+    """Losing every replica is not the row's fault: the row stays unwritten, to be redone on resume."""
+    from sglite.lang.backends.native import NativeBackend
+    from sglite.lang.batch_job import run_job
+    from sglite.lang.chat_template import resolve_chat_template
+    from sglite.runtime.cluster.errors import ReplicasExhaustedError
+
+    class LosesItsReplicasAtRow3(NativeBackend):
+        chat_template = resolve_chat_template("chatml", "test")
+
+        def _generate(self, prompt, sampling_params, *args, **kwargs):
+            if "row number 3" in prompt:
+                raise ReplicasExhaustedError("every replica has died")
+            return {"text": "ok", "meta_info": {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0}}
+
+        def _generate_stream(self, *args, **kwargs):
+            raise NotImplementedError
+
+    namespace: dict = {}
+    exec(PROGRAM, namespace)
+    out = tmp_path / "out.jsonl"
+    rows = [{"text": f"row number {i}"} for i in range(6)]
+    with pytest.raises(ReplicasExhaustedError):
+        run_job(namespace["summarize"], LosesItsReplicasAtRow3(), rows, out, threads=1, progress=False)
+    assert [r["index"] for r in read_records(out)] == [0, 1, 2]
