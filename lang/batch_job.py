@@ -9,7 +9,7 @@ Safe to kill: every finished row is appended and flushed at once, and a rerun sk
 already in the output (a line torn by the kill is dropped and its row redone), so no row is lost
 and none is written twice. ``--retry-errors`` first removes the rows recorded with an error (one
 atomic rewrite of the output), so they run again. ``--ray`` runs the model calls on engine
-replicas on a Ray cluster (``lang/ray_pool.py``); the output file stays the job's only ledger.
+replicas on a Ray cluster (``lang/backends/ray_pool.py``); the output file stays the job's only ledger.
 
     python -m sglite run examples/extract.py:extract --input rows.jsonl --output out.jsonl --model PATH
     python -m sglite run examples/extract.py:extract --input rows.jsonl --output out.jsonl --ray --replicas 4
@@ -31,7 +31,7 @@ from typing import Any
 
 from sglite.lang.backends.base import Backend
 from sglite.lang.program import Program
-from sglite.runtime.cluster.errors import ReplicasExhaustedError
+from sglite.lang.backends.ray_pool import ReplicasExhaustedError
 
 
 class BatchJobError(ValueError):
@@ -236,7 +236,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
 
 def _backend(args: argparse.Namespace) -> Backend:
     if args.ray:
-        from sglite.lang.ray_pool import RayPool
+        from sglite.lang.backends.ray_pool import RayPool
 
         return RayPool(args.model, replicas=args.replicas or 2, address=args.address, router=args.router)
     from sglite.lang.backends.runtime import Runtime

@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from sglite.lang.batch_job import load_program, run_job  # noqa: E402
-from sglite.lang.ray_pool import RayPool  # noqa: E402
+from sglite.lang.backends.ray_pool import RayPool  # noqa: E402
 from sglite.runtime.cluster.pool import PoolConfig  # noqa: E402
 from sglite.runtime.cluster.router import RouterConfig  # noqa: E402
 

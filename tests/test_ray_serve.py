@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 import sglite  # noqa: E402
 from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool  # noqa: E402
-from sglite.runtime.cluster.replicated_engine import ReplicatedEngine  # noqa: E402
+from sglite.runtime.server.replicated_engine import ReplicatedEngine  # noqa: E402
 from sglite.runtime.server import ServerConfig  # noqa: E402
 from sglite.runtime.server.testing import serve_in_thread  # noqa: E402
 

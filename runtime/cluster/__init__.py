@@ -1,2 +1,4 @@
-"""Engine replicas on a Ray cluster: placement (``pool``), routing (``router``), the actor (``replica``)
-and the engine-shaped front the HTTP server uses (``replicated_engine``)."""
+"""Engine replicas on a Ray cluster: placement (``pool``), routing (``router``) and the actor (``replica``).
+
+The HTTP server's engine-shaped front over a pool is ``runtime/server/replicated_engine.py``; the
+language's backend over one is ``lang/backends/ray_pool.py``."""

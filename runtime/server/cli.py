@@ -103,7 +103,7 @@ def main_serve(argv: list[str] | None = None) -> int:
 def _replicated(args: argparse.Namespace, engine_options: dict) -> object:
     """``--replicas N``: N engines on Ray behind one engine-shaped router (Ray restarts a failed one)."""
     from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool
-    from sglite.runtime.cluster.replicated_engine import ReplicatedEngine
+    from sglite.runtime.server.replicated_engine import ReplicatedEngine
     from sglite.runtime.cluster.router import RouterConfig
 
     config = PoolConfig(replicas=args.replicas, address=args.ray_address, restart_failed=True,

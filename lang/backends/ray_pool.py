@@ -21,8 +21,12 @@ from typing import Any
 from sglite.lang.backends.native import NativeBackend
 from sglite.lang.backends.runtime import _prompt_argument, default_model_path
 from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
+from sglite.runtime.cluster.errors import ReplicasExhaustedError
 from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool, routing_key
 from sglite.runtime.cluster.router import RouterConfig
+
+
+__all__ = ["RayPool", "ReplicasExhaustedError"]
 
 
 class RayPool(NativeBackend):
@@ -80,7 +84,7 @@ class RayPool(NativeBackend):
         return (self._with_texts(c) for c in chunks) if return_text_in_logprobs else chunks
 
     def _with_texts(self, out: dict) -> dict:
-        from sglite.runtime.server.logprobs import with_logprob_texts
+        from sglite.runtime.logprob_text import with_logprob_texts
 
         tokenizer = self.pool.tokenizer
         return {**out, "meta_info": with_logprob_texts(out["meta_info"], lambda tid: tokenizer.decode([tid]))}
