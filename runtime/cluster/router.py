@@ -5,7 +5,8 @@ per replica, the hashes of the prompt prefixes it recently sent there (prompts c
 ``block_chars``-character blocks, each hash covering everything up to that block's end — an
 approximate radix tree, as in SGLang's cache-aware router). A request goes to the replica holding
 its longest such prefix, unless that replica already has ``max_imbalance`` more requests in flight
-than the least loaded one; with no prefix held anywhere it goes to the least loaded replica.
+than the least loaded one; when no replica holds at least ``min_match_fraction`` of it (a shared system prompt
+alone does not count) it goes to the least loaded replica.
 
     >>> router = PrefixAffinityRouter(2, RouterConfig(block_chars=4))
     >>> a = router.choose("shared prefix, question one")
@@ -21,6 +22,7 @@ than the least loaded one; with no prefix held anywhere it goes to the least loa
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +44,9 @@ class RouterConfig:
     """Prefix granularity in characters: prompts sharing fewer leading characters never count as sharing."""
     max_imbalance: int = 16
     """A replica holding the prefix is skipped once it has this many more requests in flight than the least loaded."""
+    min_match_fraction: float = 0.3
+    """A held prefix shorter than this fraction of the prompt does not attract it (a shared system prompt alone
+    would otherwise pull every request to one replica); such a prompt goes to the least loaded replica."""
     max_prefixes_per_replica: int = 65536
     """Prefix hashes remembered per replica (least recently routed forgotten first), bounding router memory."""
 
@@ -50,6 +55,8 @@ class RouterConfig:
             raise RouterError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.block_chars < 1 or self.max_imbalance < 0 or self.max_prefixes_per_replica < 1:
             raise RouterError("block_chars and max_prefixes_per_replica must be >= 1, max_imbalance >= 0")
+        if not 0.0 <= self.min_match_fraction <= 1.0:
+            raise RouterError(f"min_match_fraction must be in [0, 1], got {self.min_match_fraction}")
 
 
 class Router(Protocol):
@@ -151,7 +158,8 @@ class PrefixAffinityRouter(_Balancer):
         hashes = prefix_hashes(key, self.config.block_chars)
         fallback = self.least_loaded()
         bound = self.in_flight[fallback] + self.config.max_imbalance
-        best, best_len = fallback, 0
+        # Below this many matched blocks a held prefix is too small a share of the prompt to pay for imbalance.
+        best, best_len = fallback, max(0, math.ceil(self.config.min_match_fraction * len(hashes)) - 1)
         for replica in sorted(self.live):
             matched = self.matched_blocks(replica, hashes)
             if matched > best_len and self.in_flight[replica] <= bound:
