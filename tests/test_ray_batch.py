@@ -153,3 +153,14 @@ def test_prefix_affinity_beats_round_robin_on_the_engines_cache_counters(ray_add
         pool.shutdown()
     assert groups_split["prefix"] == 0 and groups_split["round_robin"] == len(HEADERS)
     assert hit_rate["prefix"] > hit_rate["round_robin"] + 0.05, hit_rate
+
+
+def test_a_replica_that_cannot_load_its_model_reports_why(ray_address, tmp_path):
+    from sglite.runtime.cluster.pool import ReplicaPool
+
+    with pytest.raises(OSError, match="does not exist"):  # the engine's own error, not "the actor died"
+        ReplicaPool(str(tmp_path / "no-such-model"), PoolConfig(replicas=2))
+    deadline = time.monotonic() + 60  # Ray frees a killed actor's CPU asynchronously
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2  # its replicas were released

@@ -105,7 +105,11 @@ class ReplicaPool:
             max_restarts=-1 if self.config.restart_failed else 0,
         )
         self.actors = [actor_class.remote(self.model_path, options) for _ in range(self.config.replicas)]
-        self.infos = ray.get([a.ready.remote() for a in self.actors])
+        try:
+            self.infos = ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.shutdown()  # no replica, and no Ray instance this pool started, outlives a failed start
+            raise _cause(exc) from None
         self.router: Router = make_router(self.config.replicas, self.config.router)
         self._lock = threading.Lock()
         self.dead: set[int] = set()

@@ -21,11 +21,17 @@ class EngineReplica:
     def __init__(self, model_path: str, engine_options: dict[str, Any]) -> None:
         from sglite.runtime.engine import Engine
 
-        self.engine = Engine(model_path, **engine_options)
         self.calls_finished = 0
+        self.startup_error: Exception | None = None
+        try:
+            self.engine = Engine(model_path, **engine_options)
+        except Exception as exc:  # kept for ready(): Ray would report a constructor error as a dead actor, not as itself
+            self.startup_error = exc
 
     def ready(self) -> dict[str, Any]:
-        """Where the replica runs and what it serves (the pool waits on this after placing it)."""
+        """Where the replica runs and what it serves (the pool waits on this after placing it); a failed start raises here."""
+        if self.startup_error is not None:
+            raise self.startup_error
         return {
             "pid": os.getpid(),
             "model_path": self.engine.model_path,
