@@ -196,7 +196,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", required=True, type=Path, help="JSONL file, one object of program arguments per line")
     parser.add_argument("--output", required=True, type=Path, help="JSONL results; rows already there are skipped")
     parser.add_argument("--model", default=None, help="model directory or hub id (default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--threads", type=int, default=16, help="programs in flight at once (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="programs in flight at once (default 16, with --ray 16 per replica)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--retry-errors", action="store_true", help="rerun the rows recorded with an error (they are removed from the output first)")
     ray = parser.add_argument_group("Ray (pip install sglite[ray])")
@@ -204,6 +204,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
     ray.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray instance)")
     ray.add_argument("--replicas", type=int, default=None, help="engine replicas, one Ray actor each (default 2)")
     ray.add_argument("--router", choices=("prefix", "round_robin"), default="prefix", help="how calls are spread over replicas")
+    ray.add_argument("--gpus-per-replica", type=float, default=None, help="GPU share per replica (default: 1 where the cluster has GPUs, else 0)")
     args = parser.parse_args(argv)
     if (args.address is not None or args.replicas is not None) and not args.ray:
         parser.error("--address and --replicas need --ray")
@@ -223,7 +224,8 @@ def main_run(argv: Sequence[str] | None = None) -> int:
         return 0
     backend = _backend(args)
     try:
-        written, failed = run_job(program, backend, rows, args.output, args.threads, not args.no_progress)
+        threads = args.threads or 16 * ((args.replicas or 2) if args.ray else 1)
+        written, failed = run_job(program, backend, rows, args.output, threads, not args.no_progress)
     except ReplicasExhaustedError as exc:
         print(f"error: {exc}; rerun to resume (rows written so far are kept)", file=sys.stderr)
         return 3
@@ -238,7 +240,12 @@ def _backend(args: argparse.Namespace) -> Backend:
     if args.ray:
         from sglite.lang.backends.ray_pool import RayPool
 
-        return RayPool(args.model, replicas=args.replicas or 2, address=args.address, router=args.router)
+        from sglite.runtime.cluster.pool import PoolConfig
+        from sglite.runtime.cluster.router import RouterConfig
+
+        config = PoolConfig(replicas=args.replicas or 2, address=args.address, gpus_per_replica=args.gpus_per_replica,
+                            router=RouterConfig(policy=args.router))
+        return RayPool(args.model, pool_config=config)
     from sglite.lang.backends.runtime import Runtime
 
     return Runtime(args.model)

@@ -13,6 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import sglite as sgl  # noqa: E402
 from sglite.lang.batch_job import load_program, run_job  # noqa: E402
 from sglite.lang.backends.ray_pool import RayPool  # noqa: E402
 from sglite.runtime.cluster.pool import PoolConfig  # noqa: E402
@@ -149,8 +150,13 @@ def test_prefix_affinity_beats_round_robin_on_the_engines_cache_counters(ray_add
             groups_split[policy] = sum(len(replicas) > 1 for replicas in placed.values())
             per_replica = [a["requests_total"] - b["requests_total"] for a, b in zip(after, before)]
             assert min(per_replica) >= 49 // 4, per_replica  # both replicas did real work under either policy
+        # The same program through run_batch on the pool reads the same greedy answers as an in-process engine.
+        distributed = program.run_batch(rows[:6], backend=pool)
     finally:
         pool.shutdown()
+    with sgl.Runtime(llama_path) as local:
+        in_process = program.run_batch(rows[:6], backend=local)
+    assert [s["answer"] for s in distributed] == [s["answer"] for s in in_process]
     assert groups_split["prefix"] == 0 and groups_split["round_robin"] == len(HEADERS)
     assert hit_rate["prefix"] > hit_rate["round_robin"] + 0.05, hit_rate
 

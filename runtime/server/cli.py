@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--replicas", type=int, default=None, help="serve N engine replicas (Ray actors) behind this endpoint, routed by prefix")
     cluster.add_argument("--ray-address", default=None, help="Ray cluster for the replicas (default: start a local Ray instance)")
     cluster.add_argument("--router", choices=("prefix", "round_robin"), default="prefix", help="how requests are spread over replicas")
+    cluster.add_argument("--gpus-per-replica", type=float, default=None, help="GPU share per replica (default: 1 where the cluster has GPUs, else 0)")
     return parser
 
 
@@ -107,5 +108,5 @@ def _replicated(args: argparse.Namespace, engine_options: dict) -> object:
     from sglite.runtime.cluster.router import RouterConfig
 
     config = PoolConfig(replicas=args.replicas, address=args.ray_address, restart_failed=True,
-                        router=RouterConfig(policy=args.router))
+                        gpus_per_replica=args.gpus_per_replica, router=RouterConfig(policy=args.router))
     return ReplicatedEngine(ReplicaPool(args.model, config, engine_options))
