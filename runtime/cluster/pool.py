@@ -22,6 +22,7 @@ from typing import Any
 from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedError
 from sglite.runtime.cluster.replica import EngineReplica
 from sglite.runtime.cluster.router import Router, RouterConfig, RouterError, make_router
+from sglite.runtime.config import EngineConfig
 
 LOCAL_OBJECT_STORE_BYTES = 150 * 1024**2
 """Object store of a Ray instance the pool starts itself: prompts and outputs are small."""
@@ -98,6 +99,7 @@ class ReplicaPool:
         options = dict(engine_options or {})
         if gpus == 0 and "num_threads" not in options:
             options["num_threads"] = max(1, int(self.config.cpus_per_replica))  # replicas must not oversubscribe cores
+        self.engine_config = EngineConfig.from_options(**options)  # bad options fail here, before any replica starts
         actor_class = ray.remote(EngineReplica).options(
             num_cpus=self.config.cpus_per_replica,
             num_gpus=gpus,

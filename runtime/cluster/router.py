@@ -72,17 +72,18 @@ class Router(Protocol):
 
 
 def prefix_hashes(text: str, block_chars: int) -> list[bytes]:
-    """One hash per whole block of ``text``, each covering all of ``text`` up to that block's end.
+    """One hash per block of ``text`` (the last may be partial), each covering all of ``text`` up to that block's end.
 
     >>> len(prefix_hashes("abcdefghij", 4))
-    2
-    >>> prefix_hashes("abcdX", 4)[0] == prefix_hashes("abcdY", 4)[0]
-    True
+    3
+    >>> a, b = prefix_hashes("abcdX", 4), prefix_hashes("abcdY", 4)
+    >>> a[0] == b[0], a[1] == b[1]
+    (True, False)
     """
     digest = hashlib.blake2b(digest_size=16)
     hashes = []
-    for end in range(block_chars, len(text) + 1, block_chars):
-        digest.update(text[end - block_chars : end].encode("utf-8", "surrogatepass"))
+    for start in range(0, len(text), block_chars):
+        digest.update(text[start : start + block_chars].encode("utf-8", "surrogatepass"))
         hashes.append(digest.copy().digest())
     return hashes
 

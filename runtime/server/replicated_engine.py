@@ -39,9 +39,17 @@ class ReplicatedEngine:
         self.tokenizer = pool.tokenizer
         self.context_length = pool.context_length
         self.model_path = pool.model_path
+        self.config = pool.engine_config  # what each replica's engine runs with (reported by /get_server_info)
         self._where: dict[str, int] = {}  # rid -> replica, so abort reaches the right engine
         self._lock = threading.Lock()
         self._closed = False
+
+    def generate(self, prompt: Any = None, sampling_params: Any = None, **kwargs: Any) -> dict | list[dict]:
+        """``Engine.generate`` (no streaming) on the replica the prompt routes to, from a plain thread."""
+        if kwargs.get("stream"):
+            raise ValueError("ReplicatedEngine.generate does not stream; use async_generate(stream=True)")
+        key = routing_key(prompt if prompt is not None else kwargs.get("input_ids"))
+        return self.pool.generate({"prompt": prompt, "sampling_params": sampling_params, **kwargs}, key=key)
 
     async def async_generate(
         self,
