@@ -240,12 +240,8 @@ def _backend(args: argparse.Namespace) -> Backend:
     if args.ray:
         from sglite.lang.backends.ray_pool import RayPool
 
-        from sglite.runtime.cluster.pool import PoolConfig
-        from sglite.runtime.cluster.router import RouterConfig
-
-        config = PoolConfig(replicas=args.replicas or 2, address=args.address, gpus_per_replica=args.gpus_per_replica,
-                            router=RouterConfig(policy=args.router))
-        return RayPool(args.model, pool_config=config)
+        return RayPool(args.model, replicas=args.replicas or 2, address=args.address, router=args.router,
+                       gpus_per_replica=args.gpus_per_replica)
     from sglite.lang.backends.runtime import Runtime
 
     return Runtime(args.model)

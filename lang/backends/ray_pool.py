@@ -33,7 +33,8 @@ class RayPool(NativeBackend):
     """A program backend over ``replicas`` engines on Ray (a local Ray instance unless ``address`` is given).
 
     ``router`` is ``"prefix"`` (prefix affinity, load kept within ``max_imbalance`` requests) or
-    ``"round_robin"``. Other keyword arguments go to each replica's ``sglite.Engine``. The model
+    ``"round_robin"``; ``gpus_per_replica`` defaults to 1 where the cluster has GPUs, else 0 (``pool_config``
+    sets everything at once). Other keyword arguments go to each replica's ``sglite.Engine``. The model
     path must be readable on every node that hosts a replica.
     """
 
@@ -43,12 +44,14 @@ class RayPool(NativeBackend):
         replicas: int = 2,
         address: str | None = None,
         router: str = "prefix",
+        gpus_per_replica: float | None = None,
         chat_template: str | ChatTemplate | None = None,
         pool_config: PoolConfig | None = None,
         **engine_options: Any,
     ) -> None:
         self.model_path = str(model_path) if model_path is not None else default_model_path()
-        config = pool_config or PoolConfig(replicas=replicas, address=address, router=RouterConfig(policy=router))
+        config = pool_config or PoolConfig(replicas=replicas, address=address, gpus_per_replica=gpus_per_replica,
+                                           router=RouterConfig(policy=router))
         self.pool = ReplicaPool(self.model_path, config, engine_options)
         tokenizer = self.pool.tokenizer
         if chat_template is None and getattr(tokenizer, "chat_template", None):
