@@ -17,6 +17,7 @@ _LAZY = {
     "Engine": "sglite.runtime.engine",
     "EngineConfig": "sglite.runtime.config",
     "SamplingParams": "sglite.runtime.sampling_params",
+    "RayPool": "sglite.lang.backends.ray_pool",
 }
 
 

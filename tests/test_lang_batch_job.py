@@ -109,3 +109,72 @@ def test_example_extract_is_loadable():
     root = Path(__file__).resolve().parents[1]
     program = load_program(os.fspath(root / "examples" / "extract.py") + ":extract")
     assert program.arg_names == ["text"]
+
+
+def test_damaged_middle_output_line_is_refused_with_its_line_number_and_cause(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"index": 0, "error": null}\n{"index": 1, "variables": {"summ\n{"index": 2, "error": null}\n')
+    with pytest.raises(BatchJobError, match=r"out.jsonl:2: damaged line, not valid JSON \(Unterminated string .*column \d+\).*Delete that line"):
+        completed_rows(out)
+    out.write_text('{"index": 0, "error": null}\n{"index": 0, "error": null}\n')
+    with pytest.raises(BatchJobError, match=r"out.jsonl:2: row 0 is recorded twice"):
+        completed_rows(out)
+    out.write_text('{"index": 0, "error": null}\n{"index": "3"}\n')
+    with pytest.raises(BatchJobError, match=r"out.jsonl:2: a JSON value without a non-negative integer 'index'"):
+        completed_rows(out)
+
+
+@pytest.mark.slow
+def test_corrupt_input_line_is_its_rows_error_and_retry_errors_redoes_it(tmp_path, llama_path):
+    program = tmp_path / "job.py"
+    program.write_text(PROGRAM)
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"text": f"row {i}"}) for i in range(5)]
+    rows.write_text("\n".join(lines[:2] + ['{"text": "row 2"'] + lines[3:]) + "\n")  # line 3 lost its brace
+    argv = [f"{program}:summarize", "--input", str(rows), "--output", str(out), "--model", str(llama_path),
+            "--threads", "1", "--no-progress"]
+
+    assert main_run(argv) == 1  # the job went on past the damaged line
+    by_index = {r["index"]: r for r in read_records(out)}
+    assert sorted(by_index) == [0, 1, 2, 3, 4]
+    assert by_index[2]["error"].startswith("InputLineError: ") and "rows.jsonl:3: not valid JSON" in by_index[2]["error"]
+    assert all(by_index[i]["error"] is None for i in (0, 1, 3, 4))
+
+    rows.write_text("\n".join(lines) + "\n")  # the user repairs the line
+    assert main_run(argv) == 0  # without --retry-errors a recorded error counts as done
+    assert len(read_records(out)) == 5
+    assert {r["index"]: r["error"] for r in read_records(out)}[2] is not None
+
+    assert main_run(argv + ["--retry-errors"]) == 0
+    records = read_records(out)
+    assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]  # still exactly once
+    redone = {r["index"]: r for r in records}
+    assert redone[2]["error"] is None and redone[2]["variables"]["summary"] and redone[2]["return"] == len("row 2")
+    assert [redone[i] for i in (0, 1, 3, 4)] == [by_index[i] for i in (0, 1, 3, 4)]  # the good rows were kept as written
+
+
+def test_a_job_whose_replicas_are_all_gone_stops_without_recording_the_row(tmp_path):
+    """Losing every replica is not the row's fault: the row stays unwritten, to be redone on resume."""
+    from sglite.lang.backends.native import NativeBackend
+    from sglite.lang.batch_job import run_job
+    from sglite.lang.chat_template import resolve_chat_template
+    from sglite.runtime.cluster.errors import ReplicasExhaustedError
+
+    class LosesItsReplicasAtRow3(NativeBackend):
+        chat_template = resolve_chat_template("chatml", "test")
+
+        def _generate(self, prompt, sampling_params, *args, **kwargs):
+            if "row number 3" in prompt:
+                raise ReplicasExhaustedError("every replica has died")
+            return {"text": "ok", "meta_info": {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0}}
+
+        def _generate_stream(self, *args, **kwargs):
+            raise NotImplementedError
+
+    namespace: dict = {}
+    exec(PROGRAM, namespace)
+    out = tmp_path / "out.jsonl"
+    rows = [{"text": f"row number {i}"} for i in range(6)]
+    with pytest.raises(ReplicasExhaustedError):
+        run_job(namespace["summarize"], LosesItsReplicasAtRow3(), rows, out, threads=1, progress=False)
+    assert [r["index"] for r in read_records(out)] == [0, 1, 2]

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $SGLITE_MODEL, else the embedded SmolLM2-135M-Instruct)")
     add_dataclass_flags(parser.add_argument_group("server"), ServerConfig, types_override={"rate_limit": parse_rate_limit})
     add_dataclass_flags(parser.add_argument_group("engine"), EngineConfig)
+    cluster = parser.add_argument_group("replicas on Ray (pip install sglite[ray])")
+    cluster.add_argument("--replicas", type=int, default=None, help="serve N engine replicas (Ray actors) behind this endpoint, routed by prefix")
+    cluster.add_argument("--ray-address", default=None, help="Ray cluster for the replicas (default: start a local Ray instance)")
+    cluster.add_argument("--router", choices=("prefix", "round_robin"), default="prefix", help="how requests are spread over replicas")
+    cluster.add_argument("--gpus-per-replica", type=float, default=None, help="GPU share per replica (default: 1 where the cluster has GPUs, else 0)")
     return parser
 
 
@@ -67,6 +72,10 @@ def main_serve(argv: list[str] | None = None) -> int:
             EngineConfig(**engine_options)  # flag errors before the (slow) model load
         except ValueError as exc:
             parser.error(str(exc))
+        if args.replicas is not None and args.replicas < 1:
+            parser.error(f"--replicas must be >= 1, got {args.replicas}")
+        if args.ray_address is not None and args.replicas is None:
+            parser.error("--ray-address needs --replicas")
     except SystemExit as exc:  # --help, or argparse's usage error
         return exc.code if isinstance(exc.code, int) else 2
 
@@ -76,7 +85,7 @@ def main_serve(argv: list[str] | None = None) -> int:
             from sglite.runtime.default_model import default_model_path
 
             args.model = default_model_path()
-        engine = sglite.Engine(args.model, **engine_options)
+        engine = sglite.Engine(args.model, **engine_options) if args.replicas is None else _replicated(args, engine_options)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 1
@@ -90,3 +99,14 @@ def main_serve(argv: list[str] | None = None) -> int:
     finally:
         engine.shutdown()  # idempotent; covers a failed start, where the app's shutdown never ran
     return 0 if server.started else 1
+
+
+def _replicated(args: argparse.Namespace, engine_options: dict) -> object:
+    """``--replicas N``: N engines on Ray behind one engine-shaped router (Ray restarts a failed one)."""
+    from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool
+    from sglite.runtime.server.replicated_engine import ReplicatedEngine
+    from sglite.runtime.cluster.router import RouterConfig
+
+    config = PoolConfig(replicas=args.replicas, address=args.ray_address, restart_failed=True,
+                        gpus_per_replica=args.gpus_per_replica, router=RouterConfig(policy=args.router))
+    return ReplicatedEngine(ReplicaPool(args.model, config, engine_options))
