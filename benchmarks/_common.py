@@ -14,8 +14,8 @@ import torch
 
 
 def default_model() -> str:
-    """``$SGLITE_MODEL`` if set, else the language's default model (what ``sgl.Runtime()`` loads)."""
-    from sglite.lang.backends.runtime import default_model_path
+    """``$SGLITE_MODEL`` if set, else the embedded default model (SmolLM2-135M-Instruct), as ``sgl.Runtime()``."""
+    from sglite.runtime.default_model import default_model_path
 
     return default_model_path()
 
@@ -48,3 +48,40 @@ def header(title: str, device: str, dtype: str, repeat: int, extra: str = "") ->
     if extra:
         lines.append(extra)
     return "\n".join(lines)
+
+
+def add_common_args(parser, repeat: int = 3) -> None:
+    """``--model --device --dtype --threads --repeat --quick``, the same in every script."""
+    parser.add_argument("--model", default=None, help="model path or .gguf (default: $SGLITE_MODEL, else SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="device for both sides (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="dtype for both sides (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the whole process (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=repeat, help="repetitions of each row; cells show min / median")
+    parser.add_argument("--quick", action="store_true", help="small sizes and 2 repetitions: a smoke run")
+
+
+def setup(args) -> tuple[str, str, str]:
+    """``(model_dir, device, dtype)``: one Hugging Face folder both sides load (a GGUF is converted once),
+    the device and the canonical dtype name. Sets the process's torch threads when ``--threads`` is given."""
+    from sglite.runtime.dtypes import dtype_name
+    from sglite.runtime.model_loader import resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeat = min(args.repeat, 2)
+    return str(resolve_model_path(args.model or default_model())), args.device, dtype_name(args.dtype)
+
+
+def load_hf(model_dir: str, device: str, dtype: str):
+    """The transformers model and tokenizer on the same device and dtype as the engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work, so a timer stops after the work it times."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

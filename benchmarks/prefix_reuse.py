@@ -1,21 +1,28 @@
 """Few-shot workload: radix cache on vs off vs a plain transformers generate loop.
 
-    python benchmarks/prefix_reuse.py [--model PATH] [--questions 64] [--max-new-tokens 8]
+    python benchmarks/prefix_reuse.py [--model PATH] [--questions 64] [--max-new-tokens 8] [--device cpu --dtype float32]
+    python benchmarks/prefix_reuse.py --quick          # 16 questions, 4 examples, 2 repetitions
 
-8 shared examples of ~150 tokens each form one long prefix; 64 questions follow it. Prints wall
-time, prompt tokens actually computed, and the ratios, measured side by side in one run.
+8 shared examples of ~150 tokens each form one long prefix; 64 questions follow it. Every row runs on the
+same device and dtype and generates greedily to the same fixed length; the cache is flushed before each
+repetition, so every row starts cold. Prints wall time (min / median), prompt tokens actually computed,
+and whether the greedy outputs agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import time
+import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-import sglite
-from sglite.runtime.tiny_model import build_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, header, load_hf, min_median, setup, sync, timed  # noqa: E402
+
+import sglite  # noqa: E402
 
 
 def few_shot_prompts(tokenizer, n_examples: int, n_questions: int, seed: int = 0) -> list[str]:
@@ -31,59 +38,63 @@ def few_shot_prompts(tokenizer, n_examples: int, n_questions: int, seed: int = 0
     return [f"{prefix}Question: {' '.join(rng.choice(words) for _ in range(12))}\nAnswer:" for _ in range(n_questions)]
 
 
-def run_engine(model: str, prompts: list[str], params: dict, **options) -> tuple[float, int, list]:
+def run_engine(model: str, prompts: list[str], params: dict, repeat: int, **options) -> tuple[list[float], int, list]:
     with sglite.Engine(model, **options) as engine:
         engine.generate(prompts[0][:50], {"max_new_tokens": 1})  # warm-up off the clock
-        engine.flush_cache()
-        before = engine.get_stats()["prefill_tokens_computed"]
-        start = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        elapsed = time.perf_counter() - start
-        computed = engine.get_stats()["prefill_tokens_computed"] - before
-    return elapsed, computed, [o["output_ids"] for o in outs]
+
+        def once():
+            engine.flush_cache()  # every repetition starts cold
+            before = engine.get_stats()["prefill_tokens_computed"]
+            outs = engine.generate(prompts, params)
+            return engine.get_stats()["prefill_tokens_computed"] - before, [o["output_ids"] for o in outs]
+
+        times, (computed, outs) = timed(once, repeat)
+    return times, computed, outs
 
 
-def run_transformers(model: str, prompts: list[str], max_new_tokens: int) -> tuple[float, int, list]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_transformers(model, tok, prompts: list[str], max_new_tokens: int, device: str, repeat: int):
+    def one(p: str) -> list[int]:
+        ids = tok(p, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        sync(device)
+        return gen[0, ids.shape[1]:].tolist()
 
-    tok = AutoTokenizer.from_pretrained(model)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    start, computed, outs = time.perf_counter(), 0, []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        computed += ids.shape[1]
-        gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                          eos_token_id=None)
-        outs.append(gen[0, ids.shape[1]:].tolist())
-    return time.perf_counter() - start, computed, outs
+    one(prompts[0])  # warm-up off the clock, as for the engine
+    times, outs = timed(lambda: [one(p) for p in prompts], repeat)
+    computed = sum(len(tok.encode(p)) for p in prompts)
+    return times, computed, outs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None)
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    args = parser.parse_args()
-    model = args.model or str(build_tiny_model("llama"))
-    from transformers import AutoTokenizer
-
-    prompts = few_shot_prompts(AutoTokenizer.from_pretrained(model), args.examples, args.questions)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    model, device, dtype = setup(args)
+    if args.quick:
+        args.questions, args.examples = 16, 4
+    hf, tok = load_hf(model, device, dtype)
+    prompts = few_shot_prompts(tok, args.examples, args.questions)
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0, "ignore_eos": True}
+    engine = {"device": device, "dtype": dtype}
     rows = {
-        "sglite, radix cache on": run_engine(model, prompts, params),
-        "sglite, radix cache off": run_engine(model, prompts, params, disable_radix_cache=True),
-        "transformers generate loop": run_transformers(model, prompts, args.max_new_tokens),
+        "sglite, radix cache on": run_engine(model, prompts, params, args.repeat, **engine),
+        "sglite, radix cache off": run_engine(model, prompts, params, args.repeat, disable_radix_cache=True, **engine),
+        "transformers generate loop": run_transformers(hf, tok, prompts, args.max_new_tokens, device, args.repeat),
     }
-    on = rows["sglite, radix cache on"]
-    same = all(r[2] == on[2] for r in rows.values())
-    n_tok = len(AutoTokenizer.from_pretrained(model).encode(prompts[0]))
-    print(f"\nprefix_reuse: {args.questions} questions, ~{n_tok} prompt tokens each, {args.max_new_tokens} new tokens; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"| {'setup':<28} | {'wall s':>7} | {'prompt tokens computed':>22} | {'speed-up of cache on':>20} |")
-    print(f"|{'-' * 30}|{'-' * 9}|{'-' * 24}|{'-' * 22}|")
-    for name, (elapsed, computed, _) in rows.items():
-        print(f"| {name:<28} | {elapsed:7.2f} | {computed:22d} | {elapsed / on[0]:19.1f}x |")
+    on = statistics.median(rows["sglite, radix cache on"][0])
+    same = all(r[2] == rows["sglite, radix cache on"][2] for r in rows.values())
+    n_tok = len(tok.encode(prompts[0]))
+    print(header(f"prefix_reuse: {Path(model).name}, {args.questions} questions, ~{n_tok} prompt tokens each "
+                 f"({args.examples} shared examples), {args.max_new_tokens} new tokens", device, dtype, args.repeat))
+    print(f"| {'setup':<28} | {'wall s':>15} | {'prompt tokens computed':>22} | {'time / cache on':>15} |")
+    print(f"|{'-' * 30}|{'-' * 17}|{'-' * 24}|{'-' * 17}|")
+    for name, (times, computed, _) in rows.items():
+        print(f"| {name:<28} | {min_median(times):>15} | {computed:22d} | {statistics.median(times) / on:14.1f}x |")
     print(f"greedy outputs identical across all three: {same}")
 
 

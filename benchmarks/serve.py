@@ -1,13 +1,16 @@
 """Online serving: a request-rate sweep over the OpenAI chat endpoint, radix cache on vs off.
 
-    python benchmarks/serve.py [--model PATH] [--rates 4,8,16,inf] [--requests 48] [--max-tokens 16]
+    python benchmarks/serve.py [--model PATH] [--rates 4,8,16,inf] [--requests 48] [--max-tokens 16] [--repeat 2]
     python benchmarks/serve.py --url http://127.0.0.1:30000 --rates 2,4   # an already running server
+    python benchmarks/serve.py --quick                  # rates 4,inf, 12 requests, 2 repetitions
 
-Chat workload: 4 long system prompts shared by all requests (each request picks one) plus a short
-unique user turn, streamed with Poisson arrivals at each rate (``inf``: all at once). Per rate it
-prints throughput, time to first token (p50/p99), inter-token latency (p50/p99) and the share of
-prompt tokens served from the radix cache; in process, the same sweep runs again with the cache
-off and the last column gives the TTFT ratio (off / on) measured side by side.
+Chat workload: 4 long system prompts shared by all requests (each request picks one) plus a short user
+turn that is unique to its request, its rate and its repetition (no request is ever repeated), streamed
+with Poisson arrivals at each rate (``inf``: all at once). The radix cache is flushed before every rate
+and repetition, so each row starts cold and only the shared system prompts can hit. Per rate it prints
+throughput, time to first token (p50 as min / median over repetitions, p99), inter-token latency
+(p50/p99) and the share of prompt tokens served from the cache; in process, the same sweep runs again
+with the cache off, on the same device and dtype, and the last column gives the TTFT ratio (off / on).
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, header, setup  # noqa: E402
 
 
 @dataclass
@@ -32,18 +40,24 @@ class Outcome:
     cached_tokens: int
 
 
-def make_workload(n_requests: int, n_systems: int = 4, system_words: int = 250, seed: int = 0) -> list[list[dict]]:
-    rng = random.Random(seed)
+TOPICS = "radix cache batching kernel schedule prefix decode token latency memory".split()
+
+
+def make_workload(n_requests: int, round_id: str, n_systems: int = 4, system_words: int = 250) -> list[list[dict]]:
+    """``n_requests`` chats: one of the shared system prompts (the same in every round) and a user turn
+    unique to ``round_id`` (a rate and repetition), so nothing but the system prompts can come from the cache."""
+    rng = random.Random(0)
     words = "the of and to in is that for it as with was on be by this are from at or an which have not".split()
-    topics = "radix cache batching kernel schedule prefix decode token latency memory".split()
     systems = [
-        f"System {i}: you are assistant number {i}. " + " ".join(rng.choice(words + topics) for _ in range(system_words))
+        f"System {i}: you are assistant number {i}. " + " ".join(rng.choice(words + TOPICS) for _ in range(system_words))
         for i in range(n_systems)
     ]
+    turns = random.Random(round_id)
     return [
         [
-            {"role": "system", "content": rng.choice(systems)},
-            {"role": "user", "content": f"Question {i}: explain {rng.choice(topics)} and {rng.choice(topics)}."},
+            {"role": "system", "content": turns.choice(systems)},
+            {"role": "user", "content": f"Round {round_id}, question {i}: explain {turns.choice(TOPICS)} "
+                                        f"and {turns.choice(TOPICS)} in {turns.randrange(10**6)} words."},
         ]
         for i in range(n_requests)
     ]
@@ -108,15 +122,29 @@ async def sweep_rate(url: str, workload: list[list[dict]], rate: float, max_toke
     }
 
 
+def median_row(repetitions: list[dict]) -> dict:
+    """The median of each metric over repetitions, plus the fastest TTFT p50."""
+    row = {key: statistics.median(r[key] for r in repetitions) for key in repetitions[0]}
+    row["ttft_p50_min"] = min(r["ttft_p50"] for r in repetitions)
+    return row
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
     return sorted_values[index]
 
 
-def run_sweep(url: str, rates: list[float], args: argparse.Namespace) -> dict[float, dict]:
-    workload = make_workload(args.requests)
-    asyncio.run(sweep_rate(url, workload[:2], float("inf"), 2, seed=0))  # warm-up off the clock
-    return {rate: asyncio.run(sweep_rate(url, workload, rate, args.max_tokens, seed=1)) for rate in rates}
+def run_sweep(url: str, rates: list[float], args: argparse.Namespace) -> dict[float, list[dict]]:
+    """Per rate, one result per repetition; the cache is flushed before each."""
+    asyncio.run(sweep_rate(url, make_workload(2, "warm-up"), float("inf"), 2, seed=0))  # warm-up off the clock
+    results: dict[float, list[dict]] = {}
+    for rate in rates:
+        for rep in range(args.repeat):
+            flushed = httpx.post(f"{url}/flush_cache", timeout=60)
+            flushed.raise_for_status()
+            workload = make_workload(args.requests, f"{rate}/{rep}")
+            results.setdefault(rate, []).append(asyncio.run(sweep_rate(url, workload, rate, args.max_tokens, seed=rep)))
+    return results
 
 
 def sweep_in_process(model: str, rates: list[float], args: argparse.Namespace, **engine_options) -> dict[float, dict]:
@@ -128,42 +156,49 @@ def sweep_in_process(model: str, rates: list[float], args: argparse.Namespace, *
         return run_sweep(url, rates, args)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the tiny offline Llama)")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     parser.add_argument("--rates", default="4,8,16,inf", help="requests per second, comma-separated; inf = all at once")
     parser.add_argument("--requests", type=int, default=48, help="requests per rate")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size of the in-process engine")
-    args = parser.parse_args()
+    add_common_args(parser, repeat=2)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rates, args.requests = "4,inf", 12
     rates = [float(r) for r in args.rates.split(",")]
 
     if args.url:
+        device = dtype = "(the server's)"
         results = {"server": run_sweep(args.url.rstrip("/"), rates, args)}
+        name = args.url
     else:
-        from sglite.runtime.tiny_model import build_tiny_model
-
-        model = args.model or str(build_tiny_model("llama"))
+        model, device, dtype = setup(args)
+        options = {"max_total_tokens": args.max_total_tokens, "device": device, "dtype": dtype}
         results = {
-            "cache on": sweep_in_process(model, rates, args, max_total_tokens=args.max_total_tokens),
-            "cache off": sweep_in_process(model, rates, args, max_total_tokens=args.max_total_tokens, disable_radix_cache=True),
+            "cache on": sweep_in_process(model, rates, args, **options),
+            "cache off": sweep_in_process(model, rates, args, disable_radix_cache=True, **options),
         }
+        name = Path(model).name
+    results = {setup_name: {rate: median_row(reps) for rate, reps in by_rate.items()} for setup_name, by_rate in results.items()}
 
     first = next(iter(results.values()))[rates[0]]
-    print(f"serve: {args.requests} streamed chat requests per rate, ~{first['prompt_tokens']:.0f} prompt tokens "
-          f"(4 shared system prompts), {args.max_tokens} new tokens each")
-    header = "| rate req/s | setup     | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | cache hit |"
+    print(header(f"serve: {name}, {args.requests} streamed chat requests per rate and repetition, "
+                 f"~{first['prompt_tokens']:.0f} prompt tokens (4 shared system prompts, unique user turns), "
+                 f"{args.max_tokens} new tokens each; cache flushed before every rate", device, dtype, args.repeat,
+                 "TTFT p50 is min / median over repetitions; the other columns are medians"))
+    columns = "| rate req/s | setup     | req/s | out tok/s | TTFT p50 ms   | TTFT p99 ms | ITL p50 ms | ITL p99 ms | cache hit |"
     compare = "cache off" in results
     if compare:
-        header += " TTFT p50 off/on |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+        columns += " TTFT p50 off/on |"
+    print(columns)
+    print("|" + "|".join("-" * (len(c)) for c in columns.split("|")[1:-1]) + "|")
     for rate in rates:
         for name, by_rate in results.items():
             r = by_rate[rate]
             row = (
-                f"| {rate:>10} | {name:<9} | {r['req_s']:5.1f} | {r['tok_s']:9.1f} | {r['ttft_p50'] * 1e3:11.1f} | "
+                f"| {rate:>10} | {name:<9} | {r['req_s']:5.1f} | {r['tok_s']:9.1f} | {r['ttft_p50_min'] * 1e3:5.0f} / {r['ttft_p50'] * 1e3:5.0f} | "
                 f"{r['ttft_p99'] * 1e3:11.1f} | {r['itl_p50'] * 1e3:10.1f} | {r['itl_p99'] * 1e3:10.1f} | {r['hit']:9.0%} |"
             )
             if compare:
