@@ -1,7 +1,7 @@
 """Few-shot workload: radix cache on vs off vs a plain transformers generate loop.
 
     python benchmarks/prefix_reuse.py [--model PATH] [--questions 64] [--max-new-tokens 8] [--device cpu --dtype float32]
-    python benchmarks/prefix_reuse.py --quick          # 16 questions, 4 examples, 2 repetitions
+    python benchmarks/prefix_reuse.py --quick          # 8 questions, 2 examples, 4 new tokens, 2 repetitions
 
 8 shared examples of ~150 tokens each form one long prefix; 64 questions follow it. Every row runs on the
 same device and dtype and generates greedily to the same fixed length; the cache is flushed before each
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, device, dtype = setup(args)
     if args.quick:
-        args.questions, args.examples = 16, 4
+        args.questions, args.examples, args.max_new_tokens = 8, 2, 4
     hf, tok = load_hf(model, device, dtype)
     prompts = few_shot_prompts(tok, args.examples, args.questions)
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0, "ignore_eos": True}

@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model PATH] [--rates 4,8,16,inf] [--requests 48] [--max-tokens 16] [--repeat 2]
     python benchmarks/serve.py --url http://127.0.0.1:30000 --rates 2,4   # an already running server
-    python benchmarks/serve.py --quick                  # rates 4,inf, 12 requests, 2 repetitions
+    python benchmarks/serve.py --quick                  # rate inf, 8 requests x 8 tokens, 2 repetitions
 
 Chat workload: 4 long system prompts shared by all requests (each request picks one) plus a short user
 turn that is unique to its request, its rate and its repetition (no request is ever repeated), streamed
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser, repeat=2)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rates, args.requests = "4,inf", 12
+        args.rates, args.requests, args.max_tokens = "inf", 8, 8
     rates = [float(r) for r in args.rates.split(",")]
 
     if args.url:

@@ -2,7 +2,7 @@
 decode workload; and single-stream decode next to the bound set by reading the weights once per token.
 
     python benchmarks/throughput.py [--model PATH] [--requests 32] [--max-new-tokens 64] [--long-prompts 8]
-    python benchmarks/throughput.py --quick            # 8 requests x 16 tokens, 2 long prompts, 2 repetitions
+    python benchmarks/throughput.py --quick            # 4 requests x 8 tokens, 1 long prompt, 2 repetitions
 
 Rows: the engine (continuous batching), sequential transformers ``generate``, batched (left-padded)
 transformers ``generate``; all on the same device, dtype and torch threads, each warmed up once off the
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_path, device, dtype = setup(args)
     if args.quick:
-        args.requests, args.max_new_tokens, args.long_prompts = 8, 16, 2
+        args.requests, args.max_new_tokens, args.long_prompts = 4, 8, 1
     hf, tok = load_hf(model_path, device, dtype)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" # {i}" for i in range(args.requests)]
     n, repeat, engine = args.max_new_tokens, args.repeat, {"device": device, "dtype": dtype}
