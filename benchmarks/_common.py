@@ -58,6 +58,13 @@ def add_common_args(parser, repeat: int = 3) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the whole process (default: torch's)")
     parser.add_argument("--repeat", type=int, default=repeat, help="repetitions of each row; cells show min / median")
     parser.add_argument("--quick", action="store_true", help="small sizes and 2 repetitions: a smoke run")
+    parser.add_argument("--kv-tokens", type=int, default=16384,
+                        help="KV pool of each engine, in tokens (default 16384; the engine's own sizing takes a share of RAM)")
+
+
+def engine_options(args, device: str, dtype: str, **more) -> dict:
+    """The engine's options: the pinned device and dtype, and a bounded KV pool."""
+    return {"device": device, "dtype": dtype, "max_total_tokens": args.kv_tokens, **more}
 
 
 def setup(args) -> tuple[str, str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, header, load_hf, min_median, setup, sync, timed  # noqa: E402
+from _common import add_common_args, engine_options, header, load_hf, min_median, setup, sync, timed  # noqa: E402
 
 import sglite  # noqa: E402
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     hf, tok = load_hf(model, device, dtype)
     prompts = few_shot_prompts(tok, args.examples, args.questions)
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0, "ignore_eos": True}
-    engine = {"device": device, "dtype": dtype}
+    engine = engine_options(args, device, dtype)
     rows = {
         "sglite, radix cache on": run_engine(model, prompts, params, args.repeat, **engine),
         "sglite, radix cache off": run_engine(model, prompts, params, args.repeat, disable_radix_cache=True, **engine),

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, header, load_hf, min_median, setup, sync, timed  # noqa: E402
+from _common import add_common_args, engine_options, header, load_hf, min_median, setup, sync, timed  # noqa: E402
 
 import sglite as sgl  # noqa: E402
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.num, args.repeat_shots, args.max_tokens = 8, 1, 8
     batch = batch_arguments(args.num, args.repeat_shots)
-    engine = {"device": device, "dtype": dtype}
+    engine = engine_options(args, device, dtype)
     rows = [
         {"name": "sglite, radix cache on", **run_sglite(model, batch, args.max_tokens, args.repeat, **engine)},
         {"name": "sglite, radix cache off", **run_sglite(model, batch, args.max_tokens, args.repeat,

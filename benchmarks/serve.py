@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, header, setup  # noqa: E402
+from _common import add_common_args, engine_options, header, setup  # noqa: E402
 
 
 @dataclass
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", default="4,8,16,inf", help="requests per second, comma-separated; inf = all at once")
     parser.add_argument("--requests", type=int, default=48, help="requests per rate")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size of the in-process engine")
     add_common_args(parser, repeat=2)
     args = parser.parse_args(argv)
     if args.quick:
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         name = args.url
     else:
         model, device, dtype = setup(args)
-        options = {"max_total_tokens": args.max_total_tokens, "device": device, "dtype": dtype}
+        options = engine_options(args, device, dtype)
         results = {
             "cache on": sweep_in_process(model, rates, args, **options),
             "cache off": sweep_in_process(model, rates, args, disable_radix_cache=True, **options),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, header, load_hf, min_median, setup, sync, timed  # noqa: E402
+from _common import add_common_args, engine_options, header, load_hf, min_median, setup, sync, timed  # noqa: E402
 
 import sglite  # noqa: E402
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         args.requests, args.max_new_tokens, args.long_prompts = 4, 8, 1
     hf, tok = load_hf(model_path, device, dtype)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" # {i}" for i in range(args.requests)]
-    n, repeat, engine = args.max_new_tokens, args.repeat, {"device": device, "dtype": dtype}
+    n, repeat, engine = args.max_new_tokens, args.repeat, engine_options(args, device, dtype)
     rows = {
         "sglite engine (continuous batching)": engine_throughput(model_path, prompts, n, repeat, **engine),
         "transformers generate, sequential": hf_sequential(hf, tok, prompts, n, device, repeat),
