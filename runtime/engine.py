@@ -161,15 +161,6 @@ class Engine:
                     self._abort_request(req)
         return outputs[0] if single else outputs
 
-    def check_prompt_chars(self, num_chars: int, what: str = "prompt") -> None:
-        """Raise ``ValueError`` if text of ``num_chars`` characters cannot fit the context, without tokenizing it.
-
-            >>> engine.check_prompt_chars(10**8)   # doctest: +SKIP
-            Traceback (most recent call last):
-            ValueError: prompt is 100000000 characters, necessarily over the context length ...
-        """
-        self.inputs.check_prompt_chars(num_chars, what)
-
     def abort(self, rid: str) -> None:
         """End a request early; its KV slots go back to the pool/tree. Unknown ids are ignored."""
         self._put(("abort", rid))
@@ -287,8 +278,10 @@ class Engine:
 
         req.on_update = on_update
         if not self._put(("add", req)):
-            with self._live_lock:
+            with self._idle:
                 self._live_rids.discard(req.rid)
+                if not self._live_rids:
+                    self._idle.notify_all()
             raise EngineShutdownError("the engine has been shut down")
 
     def _submit_all(self, reqs: list[Request]) -> None:

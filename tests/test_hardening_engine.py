@@ -19,7 +19,7 @@ HOSTILE_PARAMS = [
     {"temperature": 5e-38, "top_p": 1e-30},
     {"temperature": 1.0, "repetition_penalty": 1e-40},
     {"temperature": 1e-30, "repetition_penalty": 1e-40, "min_p": 1.0},
-    {"temperature": 100.0, "repetition_penalty": 100.0, "frequency_penalty": 2.0, "presence_penalty": -2.0},
+    {"temperature": 2.0, "repetition_penalty": 100.0, "frequency_penalty": 2.0, "presence_penalty": -2.0},
     {"temperature": 1.0, "top_k": 1, "min_p": 1.0, "top_p": 1e-45},
 ]
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request, request_failed
+from sglite.runtime.input_processor import max_chars_per_token
 from sglite.runtime.logprob_text import TokenStrings
 from sglite.runtime.server.logprobs import chat_logprobs, completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
@@ -131,6 +132,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_name = model_name
         self.strings = TokenStrings(self.engine.tokenizer)
+        self.max_chars_per_token = max_chars_per_token(self.engine.tokenizer)
 
     # ---- /v1/models ---------------------------------------------------------------------
     async def list_models(self) -> Response:
@@ -219,10 +221,14 @@ class OpenAIServing:
 
     def _check_length(self, characters: int, param: str) -> None:
         """A 400 for text that cannot fit the context, before it costs a tokenization (cheap bound)."""
-        try:
-            self.engine.check_prompt_chars(characters, param)
-        except ValueError as exc:
-            raise invalid_request(str(exc), param=param, code="context_length_exceeded") from exc
+        context = self.engine.context_length
+        if characters > context * self.max_chars_per_token:
+            raise invalid_request(
+                f"{param} is {characters} characters, necessarily over this model's maximum context length of {context} "
+                f"tokens (no token covers more than {self.max_chars_per_token} characters)",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     # ---- /v1/chat/completions -----------------------------------------------------------
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
