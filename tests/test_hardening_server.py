@@ -167,10 +167,17 @@ def test_engine_failure_text_is_not_sent_to_clients(server, engine, monkeypatch)
 
     monkeypatch.setattr(engine.scheduler, "forward", flaky_forward)
     response = httpx.post(f"{server}/v1/completions", json={"prompt": [poison], "max_tokens": 2}, timeout=60)
+    body = {"prompt": [poison], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as streamed:
+        events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
     monkeypatch.setattr(engine.scheduler, "forward", forward)
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert "secret" not in message and "request" in message
+    # Streamed, the failure is an in-band error event (generic too), then [DONE].
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "generation_failed" and "secret" not in error["message"]
     assert httpx.get(f"{server}/health").status_code == 200
 
 
