@@ -170,6 +170,11 @@ def run_program(
     def body() -> None:
         try:
             state.ret_value = program.func(state, *args, **call_kwargs)
+        except BaseException as exc:
+            if not stream:
+                raise
+            # Recorded before ``program_done`` below: a reader that sees the program done must see its error.
+            executor.set_error(exc)  # surfaces through text_iter()/sync() in the caller
         finally:
             executor.program_done.set()
             executor.notify()
@@ -179,13 +184,7 @@ def run_program(
         state.sync()
         return state
 
-    def body_in_thread() -> None:
-        try:
-            body()
-        except BaseException as exc:  # surfaces through text_iter()/sync() in the caller
-            executor.set_error(exc)
-
-    threading.Thread(target=body_in_thread, name=f"sglite-{program.__name__}", daemon=True).start()
+    threading.Thread(target=body, name=f"sglite-{program.__name__}", daemon=True).start()
     return state
 
 

@@ -26,6 +26,19 @@ class EngineShutdownError(RuntimeError):
     """The engine was shut down; it accepts no more requests."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (the others carry on); ``detail`` is the cause, for logs."""
+
+    def __init__(self, rid: str, detail: str) -> None:
+        super().__init__(f"request {rid} failed: {detail}")
+        self.rid = rid
+        self.detail = detail
+
+
+CALL_POLL_S = 0.5
+"""How often a caller waiting on the step loop checks that the loop is still alive."""
+
+
 class Engine:
     """Generate with continuous batching and a radix prefix cache, in process.
 
@@ -79,6 +92,8 @@ class Engine:
         self._live_lock = threading.Lock()
         self._idle = threading.Condition(self._live_lock)  # notified when the last request in flight ends
         self._closed = False
+        self._inbox_lock = threading.Lock()
+        """Held to put on the inbox and to close it, so nothing is queued after the stop message."""
         self._thread = threading.Thread(target=self._loop, name="sglite-engine", daemon=True)
         self._thread.start()
 
@@ -107,9 +122,13 @@ class Engine:
                 raise ValueError("stream=True takes a single prompt")
             return self._stream_sync(reqs[0])
         queues = [self._attach_sync(req, stream=False) for req in reqs]
-        for req in reqs:
-            self._submit(req)
-        outputs = [_collect(_drain(q)) for q in queues]
+        self._submit_all(reqs)
+        try:
+            outputs = [_collect(self._drain(q)) for q in queues]
+        finally:  # one failed (or the caller was interrupted): nobody will read the rest
+            for req in reqs:
+                if not req.finished:
+                    self._abort_request(req)
         return outputs[0] if single else outputs
 
     async def async_generate(
@@ -132,12 +151,31 @@ class Engine:
             if not single:
                 raise ValueError("stream=True takes a single prompt")
             return self._stream_async(reqs[0])
-        outputs = await asyncio.gather(*(self._collect_async(req) for req in reqs))
-        return outputs[0] if single else list(outputs)
+        queues = [self._attach_async(req, stream=False) for req in reqs]
+        self._submit_all(reqs)
+        try:
+            outputs = [_collect([await out.get()]) for out in queues]
+        finally:  # cancelled (the client left) or one failed: stop the rest
+            for req in reqs:
+                if not req.finished:
+                    self._abort_request(req)
+        return outputs[0] if single else outputs
 
     def abort(self, rid: str) -> None:
         """End a request early; its KV slots go back to the pool/tree. Unknown ids are ignored."""
-        self._inbox.put(("abort", rid))
+        self._put(("abort", rid))
+
+    def _abort_request(self, req: Request) -> None:
+        """Abort exactly ``req`` (not whichever request holds its id now)."""
+        self._put(("abort_request", req))
+
+    def _put(self, msg: tuple) -> bool:
+        """Queue ``msg`` for the step loop; False once the loop is stopping (nothing would read it)."""
+        with self._inbox_lock:
+            if self._closed:
+                return False
+            self._inbox.put(msg)
+            return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is in flight (every one finished, aborted or failed); False on timeout.
@@ -163,15 +201,10 @@ class Engine:
 
     def check_invariant(self) -> None:
         """Raise if free + tree-owned + request-owned slots != pool size (runs on the step loop)."""
-        done: queue.Queue = queue.Queue()
-        self._inbox.put(("call", lambda: self.scheduler.check_invariant(), done))
-        err = done.get()
-        if err is not None:
-            raise err
+        self._call(self.scheduler.check_invariant)
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; only while idle (running requests hold KV), else return False."""
-        done: queue.Queue = queue.Queue()
         flushed: list[bool] = []
 
         def flush() -> None:
@@ -179,18 +212,31 @@ class Engine:
                 self.tree.reset()
                 flushed.append(True)
 
-        self._inbox.put(("call", flush, done))
-        err = done.get()
+        self._call(flush)
+        return bool(flushed)
+
+    def _call(self, fn) -> None:
+        """Run ``fn`` on the step loop and wait for it; ``EngineShutdownError`` if the loop is (or goes) away."""
+        done: queue.Queue = queue.Queue()
+        if not self._put(("call", fn, done)):
+            raise EngineShutdownError("the engine has been shut down")
+        while True:
+            try:
+                err = done.get(timeout=CALL_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise EngineShutdownError("the engine's step loop has stopped") from None
         if err is not None:
             raise err
-        return bool(flushed)
 
     def shutdown(self) -> None:
         """Abort everything still running and stop the step loop. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._inbox.put(("stop", None))
+        with self._inbox_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(("stop", None))  # the last message: _put refuses from here on
         self._thread.join(timeout=30)
 
     def __enter__(self) -> Engine:
@@ -231,7 +277,36 @@ class Engine:
                 deliver(r, finished)
 
         req.on_update = on_update
-        self._inbox.put(("add", req))
+        if not self._put(("add", req)):
+            with self._idle:
+                self._live_rids.discard(req.rid)
+                if not self._live_rids:
+                    self._idle.notify_all()
+            raise EngineShutdownError("the engine has been shut down")
+
+    def _submit_all(self, reqs: list[Request]) -> None:
+        """Submit every request or none: if one is refused, those already queued are aborted."""
+        for i, req in enumerate(reqs):
+            try:
+                self._submit(req)
+            except BaseException:
+                for queued in reqs[:i]:
+                    self._abort_request(queued)
+                raise
+
+    def _drain(self, out: queue.Queue) -> list[dict]:
+        """Chunks from ``out`` until the finished one; never waits on a step loop that has died."""
+        chunks = []
+        while True:
+            try:
+                chunk = out.get(timeout=CALL_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise EngineShutdownError("the engine's step loop has stopped") from None
+                continue
+            chunks.append(chunk)
+            if chunk["finished"]:
+                return chunks
 
     @staticmethod
     def _make_chunk(req: Request, finished: bool, state: dict) -> dict:
@@ -241,13 +316,16 @@ class Engine:
         state["text"] = max(state["text"], len(visible))
         ids_delta = req.output_ids[state["ids"] :]
         state["ids"] = len(req.output_ids)
-        return {"text": text_delta, "output_ids": ids_delta, "meta_info": req.meta_info(), "finished": finished}
+        # Logprob lists are deltas too: resending them whole each chunk made a stream quadratic.
+        meta_info = req.meta_info(logprobs_since=(state["input_lp"], state["output_lp"]))
+        state["input_lp"], state["output_lp"] = len(req.input_token_logprobs), len(req.output_token_logprobs)
+        return {"text": text_delta, "output_ids": ids_delta, "meta_info": meta_info, "finished": finished}
 
     def _attach_sync(self, req: Request, stream: bool = True) -> queue.Queue:
         """Chunks of ``req`` arrive on the returned queue; without ``stream`` only the final one
         (holding all text and ids), so a non-streaming request costs no per-token snapshot."""
         out: queue.Queue = queue.Queue()
-        state = {"text": 0, "ids": 0}
+        state = {"text": 0, "ids": 0, "input_lp": 0, "output_lp": 0}
 
         def deliver(r: Request, finished: bool) -> None:
             if stream or finished:
@@ -262,18 +340,23 @@ class Engine:
         finished = False
         try:
             while not finished:
-                chunk = out.get()
+                try:
+                    chunk = out.get(timeout=CALL_POLL_S)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise EngineShutdownError("the engine's step loop has stopped") from None
+                    continue
                 finished = chunk["finished"]
                 yield chunk
         finally:
             if not finished:
-                self.abort(req.rid)
+                self._abort_request(req)
 
     def _attach_async(self, req: Request, stream: bool = True) -> asyncio.Queue:
         """Like ``_attach_sync``, for an asyncio caller (delivered thread-safely to its loop)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        state = {"text": 0, "ids": 0}
+        state = {"text": 0, "ids": 0, "input_lp": 0, "output_lp": 0}
 
         def deliver(r: Request, finished: bool) -> None:
             if not (stream or finished):
@@ -298,13 +381,7 @@ class Engine:
                 yield chunk
         finally:
             if not finished:
-                self.abort(req.rid)
-
-    async def _collect_async(self, req: Request) -> dict:
-        chunks = []
-        async for chunk in self._stream_async(req, stream=False):
-            chunks.append(chunk)
-        return _collect(chunks)
+                self._abort_request(req)
 
     # ---- the step loop --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -320,7 +397,7 @@ class Engine:
                     block = False
                     if msg[0] == "stop":
                         for req in list(sched.running) + list(sched.waiting):
-                            sched.abort(req.rid)
+                            sched.abort_request(req, EngineShutdownError("the engine shut down before this request finished"))
                         return
                     self._handle(msg)
                 if sched.has_work():
@@ -335,6 +412,8 @@ class Engine:
             self.scheduler.add(msg[1])
         elif kind == "abort":
             self.scheduler.abort(msg[1])
+        elif kind == "abort_request":
+            self.scheduler.abort_request(msg[1])
         elif kind == "call":
             try:
                 msg[1]()
@@ -343,21 +422,20 @@ class Engine:
                 msg[2].put(exc)
 
 
-def _drain(out: queue.Queue) -> list[dict]:
-    chunks = []
-    while True:
-        chunk = out.get()
-        chunks.append(chunk)
-        if chunk["finished"]:
-            return chunks
-
-
 def _collect(chunks: list[dict]) -> dict:
+    """One result from a request's chunks: text, ids and logprob lists joined (each chunk holds a delta)."""
     last = chunks[-1]
-    if "error" in last["meta_info"]:
-        raise RuntimeError(f"request {last['meta_info']['id']} failed: {last['meta_info']['error']}")
+    meta_info = dict(last["meta_info"])
+    if "error" in meta_info:
+        if meta_info.get("error_type") == EngineShutdownError.__name__:
+            raise EngineShutdownError(meta_info["error"])
+        raise RequestFailedError(meta_info["id"], meta_info["error"])
+    if len(chunks) > 1:
+        for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs"):
+            if key in meta_info:
+                meta_info[key] = [entry for c in chunks for entry in c["meta_info"].get(key, [])]
     return {
         "text": "".join(c["text"] for c in chunks),
         "output_ids": [t for c in chunks for t in c["output_ids"]],
-        "meta_info": last["meta_info"],
+        "meta_info": meta_info,
     }

@@ -86,6 +86,7 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self.config = config
         self._ids = itertools.count()
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
         self._constraints = None  # the engine's grammar backend, built on first use (~1 s for 50k tokens)
         self._constraints_lock = threading.Lock()
 
@@ -103,12 +104,27 @@ class InputProcessor:
                     )
         return self._constraints
 
+    def check_prompt_chars(self, num_chars: int, what: str = "prompt") -> None:
+        """Refuse text that cannot fit the context before paying for its tokenization.
+
+        No token covers more than ``max_chars_per_token`` characters, so text longer than that
+        many per context position is over the context length whatever it tokenizes to.
+        """
+        if num_chars > self.context_length * self.max_chars_per_token:
+            raise ValueError(
+                f"{what} is {num_chars} characters, necessarily over the context length of {self.context_length} tokens "
+                f"(no token here covers more than {self.max_chars_per_token} characters)"
+            )
+
     def make_requests(self, given: GenerateInput) -> tuple[list[Request], bool]:
         """One validated request per prompt, and whether the caller gave a single prompt."""
         if (given.prompt is None) == (given.input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
         source = given.prompt if given.prompt is not None else given.input_ids
         sampling_params, rid = given.sampling_params, given.rid
+        if not isinstance(source, (str, list, tuple)):
+            name = "prompt" if given.prompt is not None else "input_ids"
+            raise ValueError(f"{name} must be a string, a list of token ids or a list of those, got {type(source).__name__}")
         prompts, single = prompt_batch(source)
         if not prompts:
             raise ValueError("prompt: the list of prompts is empty")
@@ -128,6 +144,16 @@ class InputProcessor:
             raise ValueError("rid: request ids must be unique within a batch")
         return [self.make_request(p, sp, r, given) for p, sp, r in zip(prompts, params_list, rids)], single
 
+    def _check_stop_token_ids(self, sp: SamplingParams) -> None:
+        bad = [t for t in sp.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"sampling parameter 'stop_token_ids': token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if sp.min_new_tokens and len(set(sp.stop_token_ids) | self.eos_token_ids) >= self.vocab_size:
+            raise ValueError(
+                "sampling parameter 'stop_token_ids' covers the whole vocabulary, so no token can be generated "
+                f"before min_new_tokens={sp.min_new_tokens}; drop min_new_tokens or some stop tokens"
+            )
+
     def make_request(self, prompt, params, rid: str | None, given: GenerateInput) -> Request:
         """The request for one prompt of ``given``, with its own sampling ``params`` and ``rid``."""
         return_logprob, logprob_start_len, top_logprobs_num = (
@@ -139,7 +165,9 @@ class InputProcessor:
         if top_logprobs_num:
             sp.top_logprobs_num = int(top_logprobs_num)
             sp.validate()
+        self._check_stop_token_ids(sp)
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt))
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
@@ -185,3 +213,14 @@ class InputProcessor:
             logprob_start_len=logprob_start_len if (sp.return_logprob and logprob_start_len >= 0) else -1,
             generator=generator,
         )
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (an upper bound, from its vocabulary).
+
+    A vocabulary entry's raw string is never shorter than the text it decodes to (byte-level BPE spells
+    each byte as one character, SentencePiece spells a space as one ``▁``), so its longest entry bounds
+    any token; special tokens (``<|endoftext|>``) are in the vocabulary too.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max(longest, 1)

@@ -84,7 +84,12 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def meta_info(self) -> dict:
+    def meta_info(self, logprobs_since: tuple[int, int] = (0, 0)) -> dict:
+        """Counts, finish reason and logprobs; the logprob lists start at ``logprobs_since``
+        (input, output) so a stream sends each entry once instead of the whole list every chunk.
+
+            >>> req.meta_info(logprobs_since=(0, 5))["output_token_logprobs"]   # entries 5.. only  # doctest: +SKIP
+        """
         info = {
             "id": self.rid,
             "prompt_tokens": len(self.prompt_ids),
@@ -97,11 +102,13 @@ class Request:
             "e2e_latency": time.perf_counter() - self.created,
         }
         if self.params.return_logprob or self.params.top_logprobs_num:
-            info["output_token_logprobs"] = list(self.output_token_logprobs)
+            input_since, output_since = logprobs_since
+            info["output_token_logprobs"] = self.output_token_logprobs[output_since:]
             if self.params.top_logprobs_num:
-                info["output_top_logprobs"] = list(self.output_top_logprobs)
+                info["output_top_logprobs"] = self.output_top_logprobs[output_since:]
             if self.logprob_start_len >= 0:
-                info["input_token_logprobs"] = list(self.input_token_logprobs)
+                info["input_token_logprobs"] = self.input_token_logprobs[input_since:]
         if self.error is not None:
             info["error"] = str(self.error)
+            info["error_type"] = type(self.error).__name__
         return info

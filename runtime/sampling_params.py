@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
+
 
 @dataclass(frozen=True)
 class Range:
@@ -50,7 +53,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     """EOS and stop tokens are masked until this many tokens exist."""
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 (or anything below ``GREEDY_TEMPERATURE``) means greedy (argmax)."""
     top_p: float = 1.0
     top_k: int = -1
     """-1 (or 0) keeps the whole vocabulary."""
@@ -145,7 +148,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_constraint(self) -> bool:

@@ -22,7 +22,8 @@ from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import find_stop
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.request import Request, RequestStatus
-from sglite.runtime.sampler import apply_penalties, sample, token_logprobs, top_logprobs
+from sglite.runtime.sampler import token_logprobs
+from sglite.runtime.token_selection import select_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Scheduler:
             "generation_tokens_total": 0,
             "requests_total": 0,
             "preemptions": 0,
+            "requests_failed": 0,
+            "isolation_retries": 0,
         }
 
     # ---- queue management -------------------------------------------------------------
@@ -86,6 +89,15 @@ class Scheduler:
             if req.rid == rid:
                 self._finish(req, "abort", None)
                 return
+
+    def abort_request(self, req: Request, error: BaseException | None = None) -> None:
+        """End exactly ``req`` (identity, not id), optionally with ``error``; a finished one is left alone."""
+        if req.finished:
+            return
+        req.error = error
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "abort", None)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -182,26 +194,34 @@ class Scheduler:
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING:  # finished or preempted earlier in this loop
                 continue
-            pending = req.fill_len - req.kv_len
-            in_prefill = req.kv_len < len(req.prompt_ids) or pending > 1 + len(req.pending_forced)
-            n = min(pending, budget) if in_prefill else pending
-            if n <= 0:
-                continue
-            slots = self._alloc(n)
-            while slots is None and not in_prefill and self._preempt(keep=req):
-                slots = self._alloc(n)
-            if slots is None and in_prefill:
-                n = min(n, self.pool.num_free + self.tree.evictable_size)
-                slots = self._alloc(n) if n > 0 else None
-            if slots is None:
-                if not in_prefill:  # nothing left to preempt: it cannot grow in this pool
-                    self._finish(req, "length", None)
-                continue
-            if in_prefill:
-                budget -= n
-            req.slot_indices = torch.cat([req.slot_indices, slots])
-            segments.append((req, n))
+            try:
+                budget = self._grow(req, budget, segments)
+            except Exception as exc:
+                self._fail(req, exc)
         return [(r, n) for r, n in segments if r.status is RequestStatus.RUNNING]
+
+    def _grow(self, req: Request, budget: int, segments: list[tuple[Request, int]]) -> int:
+        """Give ``req`` slots for this step's tokens (appending its segment); the prefill budget left."""
+        pending = req.fill_len - req.kv_len
+        in_prefill = req.kv_len < len(req.prompt_ids) or pending > 1 + len(req.pending_forced)
+        n = min(pending, budget) if in_prefill else pending
+        if n <= 0:
+            return budget
+        slots = self._alloc(n)
+        while slots is None and not in_prefill and self._preempt(keep=req):
+            slots = self._alloc(n)
+        if slots is None and in_prefill:
+            n = min(n, self.pool.num_free + self.tree.evictable_size)
+            slots = self._alloc(n) if n > 0 else None
+        if slots is None:
+            if not in_prefill:  # nothing left to preempt: it cannot grow in this pool
+                self._finish(req, "length", None)
+            return budget
+        if in_prefill:
+            budget -= n
+        req.slot_indices = torch.cat([req.slot_indices, slots])
+        segments.append((req, n))
+        return budget
 
     def _preempt(self, keep: Request) -> bool:
         """Retract the most recently admitted other request (its KV goes to the tree; it recomputes later)."""
@@ -241,6 +261,37 @@ class Scheduler:
 
     # ---- forward, sample, bookkeeping --------------------------------------------------------
     def _run_batch(self, segments: list[tuple[Request, int]]) -> None:
+        """Forward, then sample; a failure is pinned on the requests that caused it and ends only them.
+
+        The forward writes K/V only into slots its requests own and changes no bookkeeping, so a
+        failed batch is retried in halves until the failing request is alone (``isolation_retries``).
+        """
+        try:
+            logits, sample_rows, prompt_rows = self._forward_segments(segments)
+        except Exception as exc:
+            if len(segments) == 1:
+                self._fail(segments[0][0], exc)
+                return
+            self.stats["isolation_retries"] += 1
+            mid = len(segments) // 2
+            self._run_batch(segments[:mid])
+            self._run_batch(segments[mid:])
+            return
+        self.stats["forward_calls"] += 1
+
+        to_sample: list[Request] = []
+        for req, n in segments:
+            try:
+                self._after_forward(req, n, logits, prompt_rows, sample_rows, to_sample)
+            except Exception as exc:
+                self._fail(req, exc)
+        if to_sample:
+            self._sample_and_append(to_sample, logits[[sample_rows[r.rid] for r in to_sample]])
+
+    def _forward_segments(
+        self, segments: list[tuple[Request, int]]
+    ) -> tuple[torch.Tensor, dict[str, int], dict[str, tuple[int, int]]]:
+        """One forward over the ragged batch; its logits rows, where each request's sample row and prompt rows are."""
         input_ids, positions, out_slots, kv_slots, prefix_lens, extend_lens = [], [], [], [], [], []
         logit_rows: list[int] = []
         sample_rows: dict[str, int] = {}  # rid -> index into the logits returned
@@ -271,28 +322,33 @@ class Scheduler:
             kv_slots=kv_slots,
         )
         logits = self.forward(batch, torch.tensor(logit_rows, dtype=torch.int64)).float().cpu()
-        self.stats["forward_calls"] += 1
+        return logits, sample_rows, prompt_rows
 
-        to_sample: list[Request] = []
-        for req, n in segments:
-            start = req.kv_len
-            req.kv_len += n
-            if start < len(req.prompt_ids):
-                self.stats["prefill_tokens_computed"] += min(n, len(req.prompt_ids) - start)
-            if start == 0 and req.logprob_start_len == 0:  # the first token has no logprob
-                req.input_token_logprobs.append((None, req.prompt_ids[0], None))
-            if req.rid in prompt_rows:
-                self._record_prompt_logprobs(req, start, logits, *prompt_rows[req.rid])
-            if req.kv_len == len(req.prompt_ids) and not req.output_ids:
-                self._cache_prefix(req)
-            if req.rid in sample_rows:
-                req.pending_forced = []
-                if len(req.output_ids) >= req.params.max_new_tokens:
-                    self._finish(req, "length", None)  # max_new_tokens == 0: scoring only
-                else:
-                    to_sample.append(req)
-        if to_sample:
-            self._sample_and_append(to_sample, logits[[sample_rows[r.rid] for r in to_sample]])
+    def _after_forward(
+        self,
+        req: Request,
+        n: int,
+        logits: torch.Tensor,
+        prompt_rows: dict[str, tuple[int, int]],
+        sample_rows: dict[str, int],
+        to_sample: list[Request],
+    ) -> None:
+        start = req.kv_len
+        req.kv_len += n
+        if start < len(req.prompt_ids):
+            self.stats["prefill_tokens_computed"] += min(n, len(req.prompt_ids) - start)
+        if start == 0 and req.logprob_start_len == 0:  # the first token has no logprob
+            req.input_token_logprobs.append((None, req.prompt_ids[0], None))
+        if req.rid in prompt_rows:
+            self._record_prompt_logprobs(req, start, logits, *prompt_rows[req.rid])
+        if req.kv_len == len(req.prompt_ids) and not req.output_ids:
+            self._cache_prefix(req)
+        if req.rid in sample_rows:
+            req.pending_forced = []
+            if len(req.output_ids) >= req.params.max_new_tokens:
+                self._finish(req, "length", None)  # max_new_tokens == 0: scoring only
+            else:
+                to_sample.append(req)
 
     def _record_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor, first: int, count: int) -> None:
         prompt = req.prompt_ids
@@ -303,39 +359,30 @@ class Scheduler:
                 req.input_token_logprobs.append((lp, tok, None))
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        want_lp = [i for i, r in enumerate(reqs) if r.params.return_logprob or r.params.top_logprobs_num]
-        raw = logits.clone() if want_lp else logits  # logprobs are over the unprocessed logits
-        vocab = logits.shape[-1]
-        for row, req in enumerate(reqs):
-            if req.processor is not None:
-                req.processor.mask_logits(logits[row])
-            if len(req.output_ids) < req.params.min_new_tokens:
-                banned = [t for t in self.eos_token_ids | set(req.params.stop_token_ids) if 0 <= t < vocab]
-                logits[row, banned] = float("-inf")
-        penalised = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty]
-        if penalised:
-            sub = logits[penalised]
-            apply_penalties(
-                sub,
-                [reqs[i].params for i in penalised],
-                [torch.tensor(reqs[i].fill_ids, dtype=torch.int64) for i in penalised],
-                [torch.tensor(reqs[i].output_ids, dtype=torch.int64) for i in penalised],
-            )
-            logits[penalised] = sub
-        next_ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-        lps = token_logprobs(raw, torch.tensor(next_ids)).tolist() if want_lp else []
-        for row, (req, token) in enumerate(zip(reqs, next_ids)):
-            if req.params.return_logprob or req.params.top_logprobs_num:
-                req.output_token_logprobs.append((lps[row], token, None))
-                if req.params.top_logprobs_num:
-                    values, ids = top_logprobs(raw[row : row + 1], req.params.top_logprobs_num)
-                    req.output_top_logprobs.append([(v, i, None) for v, i in zip(values[0].tolist(), ids[0].tolist())])
+        selection = select_tokens(reqs, logits, self.eos_token_ids)
+        self.stats["isolation_retries"] += selection.retried_per_row
+        for row, error in selection.failures.items():
+            self._fail(reqs[row], error)
+        for row, token in selection.tokens.items():
+            req = reqs[row]
             try:
+                if row in selection.logprobs:
+                    entry, top = selection.logprobs[row]
+                    req.output_token_logprobs.append(entry)
+                    if top is not None:
+                        req.output_top_logprobs.append(top)
                 self._append_token(req, token)
             except Exception as exc:  # a processor bug ends its request, not the engine
-                logger.exception("request %s failed while appending a token", req.rid)
-                req.error = exc
-                self._finish(req, "abort", None)
+                self._fail(req, exc)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        """End ``req`` alone with ``error``: the step failure was its own, everyone else carries on."""
+        logger.error("request %s failed: %s: %s", req.rid, type(error).__name__, error, exc_info=error)
+        self.stats["requests_failed"] += 1
+        req.error = error
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "abort", None)
 
     def _append_token(self, req: Request, token: int) -> None:
         if req.first_token_time is None:
@@ -391,4 +438,7 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_type, req.finish_matched = finish_type, matched
         if req.on_update is not None:
-            req.on_update(req, True)
+            try:
+                req.on_update(req, True)
+            except Exception:  # a broken reader must not take the step (and everyone in it) down
+                logger.exception("delivering the end of request %s failed", req.rid)

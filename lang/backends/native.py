@@ -55,8 +55,16 @@ class NativeBackend(Backend):
         return out["text"], out["meta_info"]
 
     def generate_stream(self, prompt: PromptView, params: GenParams) -> Iterator[tuple[str, dict]]:
+        """Chunks' meta_info carry logprob deltas; the finished one carries the whole lists (the variable's)."""
+        logprobs: dict[str, list] = {}
         for chunk in self._generate_stream(prompt.text, self._sampling_params(params), **params.request_options()):
-            yield chunk["text"], chunk["meta_info"]
+            meta = chunk["meta_info"]
+            for key in ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs"):
+                if key in meta:
+                    logprobs.setdefault(key, []).extend(meta[key])
+            if chunk.get("finished"):
+                meta = {**meta, **{key: list(entries) for key, entries in logprobs.items()}}
+            yield chunk["text"], meta
 
     def cache_prefix(self, text: str) -> None:
         if text:

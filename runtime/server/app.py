@@ -22,12 +22,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sglite.runtime.server.config import ServerConfig
-from sglite.runtime.server.errors import APIError, install_error_handlers
+from sglite.runtime.server.errors import APIError, install_error_handlers, internal_error
 from sglite.runtime.server.metrics import ServerMetrics
 from sglite.runtime.server.native_api import NativeServing
 from sglite.runtime.server.openai_api import OpenAIServing
 from sglite.runtime.server.rate_limit import RateLimiter, retry_after_header
-from sglite.runtime.server.streaming import AsyncEngine, InflightRequests
+from sglite.runtime.server.streaming import AsyncEngine, InflightRequests, shutting_down_error
 
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/flush_cache", "/get_server_info", "/health", "/metrics",
@@ -35,13 +35,30 @@ ROUTES = (
 
 
 class AccessGuard:
-    """Bearer-key check (401) then per-key rate limit (429); a FastAPI dependency of the API routes."""
+    """Shutdown (503), rate limit (429) then bearer key (401); a FastAPI dependency of the API routes.
 
-    def __init__(self, config: ServerConfig) -> None:
+    The rate limit is keyed by client address and comes before the key check, so a client cannot
+    mint fresh buckets with made-up keys and failed key guesses are limited like any request.
+    """
+
+    def __init__(self, config: ServerConfig, shutting_down: asyncio.Event) -> None:
         self.api_key = config.api_key.encode() if config.api_key else None
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self.shutting_down = shutting_down
 
     async def __call__(self, request: Request) -> None:
+        if self.shutting_down.is_set():
+            raise shutting_down_error()
+        if self.limiter is not None:
+            client = request.client.host if request.client else "unknown"
+            wait = self.limiter.acquire(f"addr:{client}")
+            if wait > 0:
+                raise APIError(
+                    429,
+                    f"Rate limit of {self.limiter.capacity:.0f} requests per minute reached; retry in {wait:.1f} s.",
+                    code="rate_limit_exceeded",
+                    headers=retry_after_header(wait),
+                )
         presented = _bearer_token(request)
         if self.api_key is not None and not hmac.compare_digest((presented or "").encode(), self.api_key):
             raise APIError(
@@ -50,16 +67,6 @@ class AccessGuard:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if self.limiter is not None:
-            client = request.client.host if request.client else "unknown"
-            wait = self.limiter.acquire(f"key:{presented}" if presented else f"addr:{client}")
-            if wait > 0:
-                raise APIError(
-                    429,
-                    f"Rate limit of {self.limiter.capacity:.0f} requests per minute reached; retry in {wait:.1f} s.",
-                    code="rate_limit_exceeded",
-                    headers=retry_after_header(wait),
-                )
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -85,7 +92,7 @@ class CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # if the app raises before answering, ServerErrorMiddleware sends a 500
+        status = 500
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -98,6 +105,41 @@ class CountRequests:
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+class CatchServerErrors:
+    """Pure ASGI middleware answering an unhandled exception with a generic 500 and an error id.
+
+    Unlike an ``Exception`` handler (after which Starlette re-raises, and uvicorn closes the
+    connection) the exception stops here, so the client's keep-alive connection stays usable. If
+    the response had already started (a stream), its body is ended cleanly instead.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            error = internal_error(scope.get("method", "?"), scope.get("path", "?"))
+            if not started:
+                await JSONResponse(error.body(), status_code=500)(scope, receive, send)
+            elif not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def served_model_name(engine: AsyncEngine, config: ServerConfig) -> str:
@@ -124,6 +166,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     async def drain(timeout: float) -> None:
         """Shutdown, first half: give open requests ``timeout`` s, then abort the rest in the engine."""
         shutting_down.set()
+        inflight.closing = True  # requests past the guard but not yet submitted (tokenizing) get 503 too
         deadline = time.monotonic() + timeout
         while len(inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -142,9 +185,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.state.metrics = metrics
     app.state.drain = drain  # called by GracefulServer.shutdown (see server.py)
     install_error_handlers(app)
-    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(CatchServerErrors)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost of the two: it counts the 500s
 
-    guarded = [Depends(AccessGuard(config))]
+    guarded = [Depends(AccessGuard(config, shutting_down))]
     app.add_api_route("/v1/chat/completions", openai.chat_completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/models", openai.list_models, methods=["GET"], dependencies=guarded)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 
 from sglite.runtime.server.errors import APIError, invalid_request
 
 
-async def read_json_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body of a JSON request, or an ``APIError`` (400, 413 or 415) that says what is wrong.
+async def read_json_body(request: Request, max_bytes: int, timeout: float = 30.0) -> bytes:
+    """The raw body of a JSON request, or an ``APIError`` (400, 408, 413 or 415) that says what is wrong.
 
     The size is checked twice: against ``Content-Length`` before reading anything, and while
-    reading, because a chunked upload declares no length (and a declared one may lie).
+    reading, because a chunked upload declares no length (and a declared one may lie). A body that
+    is not complete within ``timeout`` seconds (one shorter than its Content-Length) gets 408.
     """
+    try:
+        return await asyncio.wait_for(_read_json_body(request, max_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+
+
+async def _read_json_body(request: Request, max_bytes: int) -> bytes:
     content_type = request.headers.get("content-type")
     if content_type is not None:
         media_type = content_type.split(";", 1)[0].strip().lower()

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
 from sglite.runtime.server.config import ServerConfig
@@ -90,6 +91,8 @@ def main_serve(argv: list[str] | None = None) -> int:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 1
     server = GracefulServer(create_app(engine, server_config, owns_engine=True), server_config)
+    # uvicorn drains on SIGTERM, then re-raises it with this handler in place: a finished drain exits 0.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after its graceful shutdown
@@ -110,3 +113,7 @@ def _replicated(args: argparse.Namespace, engine_options: dict) -> object:
     config = PoolConfig(replicas=args.replicas, address=args.ray_address, restart_failed=True,
                         gpus_per_replica=args.gpus_per_replica, router=RouterConfig(policy=args.router))
     return ReplicatedEngine(ReplicaPool(args.model, config, engine_options))
+
+
+def _exit_after_drain(signum: int, frame: object) -> None:
+    raise SystemExit(0)

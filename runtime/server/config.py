@@ -27,6 +27,15 @@ class ServerConfig:
     """Model id reported by /v1/models and in responses; None uses the model directory's name."""
     max_choices: int = 64
     """Most completions one request may ask for (``n`` times the number of prompts)."""
+    header_timeout: float = 10.0
+    """A connection whose request line and headers are not complete this many seconds after it opened
+    (or after its previous response) is closed: slow-header (slowloris) clients cannot hold sockets."""
+    body_timeout: float = 30.0
+    """Reading a request body may take this long; a body shorter than its Content-Length gets 408."""
+    keep_alive_timeout: float = 5.0
+    """Idle keep-alive connections are closed after this many seconds."""
+    max_connections: int = 1024
+    """Open connections past this are refused at once; requests past it in flight get 503."""
     graceful_shutdown_timeout: float = 5.0
     """Seconds open streams may keep running after shutdown starts; then they are aborted."""
     log_level: str = "info"
@@ -43,6 +52,11 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_choices < 1:
             raise ValueError(f"max_choices must be at least 1, got {self.max_choices}")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
         if self.graceful_shutdown_timeout < 0:
             raise ValueError(f"graceful_shutdown_timeout must be >= 0, got {self.graceful_shutdown_timeout}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):

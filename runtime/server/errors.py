@@ -6,6 +6,7 @@ Anything a client can send maps to a 4xx here; only a genuine server bug reaches
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,6 +61,23 @@ class APIError(Exception):
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     """A 400 naming the offending field, e.g. for a ValueError raised by the engine's validation."""
     return APIError(400, message, param=param, code=code)
+
+
+def request_failed(rid: str, detail: str) -> APIError:
+    """A 500 for one engine request that failed: the detail is logged, the client gets the request id.
+
+        >>> request_failed("req-1", "CUDA error: device-side assert").message
+        'generation failed for request req-1; the server log has the details'
+    """
+    logger.error("request %s failed in the engine: %s", rid, detail)
+    return APIError(500, f"generation failed for request {rid}; the server log has the details", code="generation_failed")
+
+
+def internal_error(method: str, path: str) -> APIError:
+    """The 500 for a server bug: an error id in the body, the traceback (logged by the caller) under that id."""
+    error_id = uuid.uuid4().hex[:16]
+    logger.exception("internal error %s while serving %s %s", error_id, method, path)
+    return APIError(500, f"internal server error (id {error_id}); the server log has the details", code="internal_error")
 
 
 def validation_error_to_api_error(errors: list[dict[str, Any]] | Any) -> APIError:
@@ -121,7 +139,5 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return APIError(exc.status_code, str(exc.detail), headers=headers).response()
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error while serving %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error ({type(exc).__name__}); see the server log").response()
+    # Unhandled exceptions are answered by app.CatchServerErrors (a middleware), not by a handler here:
+    # Starlette re-raises after an Exception handler, which makes uvicorn drop the keep-alive connection.

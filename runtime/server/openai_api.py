@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
-from sglite.runtime.server.errors import APIError, invalid_request
+from sglite.runtime.server.errors import APIError, invalid_request, request_failed
+from sglite.runtime.input_processor import max_chars_per_token
 from sglite.runtime.logprob_text import TokenStrings
 from sglite.runtime.server.logprobs import chat_logprobs, completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
@@ -61,9 +63,15 @@ LEGACY_DEFAULT_MAX_TOKENS = 16
 
 
 def finish_reason(meta_info: dict[str, Any]) -> str:
-    """OpenAI's ``finish_reason``; an abort not caused by this client means the server is going away."""
+    """OpenAI's ``finish_reason``; an abort not caused by this client means the server is going away.
+
+    A failed request is answered with a generic message and its id; the engine's own text (which may
+    name internals) goes to the server log only.
+    """
+    if meta_info.get("error_type") == "EngineShutdownError":
+        raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
     if meta_info.get("error"):
-        raise APIError(500, f"generation failed: {meta_info['error']}")
+        raise request_failed(meta_info.get("id", "?"), meta_info["error"])
     reason = (meta_info.get("finish_reason") or {}).get("type")
     if reason == "abort":
         raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
@@ -83,6 +91,14 @@ def usage_of(meta_infos: Sequence[dict[str, Any]], n: int) -> Usage:
     )
 
 
+async def off_loop(build: Callable[[ChoiceUpdate], str | None], update: ChoiceUpdate, heavy: bool) -> str | None:
+    """``build(update)``, in a worker thread when ``heavy`` (logprob entries to render), so a big event
+    never stalls the event loop that every other stream and ``/health`` share."""
+    if not heavy:
+        return build(update)
+    return await run_in_threadpool(build, update)
+
+
 def json_response(model: BaseModel) -> Response:
     """Serialize with pydantic-core (faster than ``json.dumps`` of ``model_dump()``)."""
     return Response(model.model_dump_json(), media_type="application/json")
@@ -97,7 +113,7 @@ class ChoiceUpdate:
     """The choice's first update (echo and the prompt's logprobs go here)."""
     text: str
     token_logprobs: list[Any]
-    """Output logprob entries new since the previous update (meta_info lists are cumulative)."""
+    """Output logprob entries new since the previous update (engine chunks carry deltas)."""
     top_logprobs: list[Any]
     meta_info: dict[str, Any]
     finish_reason: str | None
@@ -116,6 +132,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_name = model_name
         self.strings = TokenStrings(self.engine.tokenizer)
+        self.max_chars_per_token = max_chars_per_token(self.engine.tokenizer)
 
     # ---- /v1/models ---------------------------------------------------------------------
     async def list_models(self) -> Response:
@@ -166,7 +183,7 @@ class OpenAIServing:
         with each choice's last meta_info (for the usage chunk).
         """
         last_token_time: dict[int, float] = {}
-        logprobs_sent: dict[int, int] = {}
+        started: set[int] = set()
         async for index, chunk in merge_streams(streams):
             now = time.perf_counter()
             meta = chunk["meta_info"]
@@ -185,16 +202,14 @@ class OpenAIServing:
                 finals[index] = meta
                 reason = finish_reason(meta)
                 self.metrics.e2e_latency.observe(now - arrival)
-            token_logprobs = meta.get("output_token_logprobs") or []
-            start, end = logprobs_sent.get(index, 0), len(token_logprobs)
-            first = index not in logprobs_sent
-            logprobs_sent[index] = end
+            first = index not in started
+            started.add(index)
             yield ChoiceUpdate(
                 index=index,
                 first=first,
                 text=chunk["text"],
-                token_logprobs=token_logprobs[start:end],
-                top_logprobs=(meta.get("output_top_logprobs") or [])[start:end],
+                token_logprobs=meta.get("output_token_logprobs") or [],
+                top_logprobs=meta.get("output_top_logprobs") or [],
                 meta_info=meta,
                 finish_reason=reason,
             )
@@ -203,6 +218,17 @@ class OpenAIServing:
         rids = [rid for _, _, rid in calls]
         # On any exit, abort the choices still running (the client left, or the stream failed).
         return SSEResponse(sse_stream(events, on_exit=lambda: self.inflight.release(rids, abort=True)))
+
+    def _check_length(self, characters: int, param: str) -> None:
+        """A 400 for text that cannot fit the context, before it costs a tokenization (cheap bound)."""
+        context = self.engine.context_length
+        if characters > context * self.max_chars_per_token:
+            raise invalid_request(
+                f"{param} is {characters} characters, necessarily over this model's maximum context length of {context} "
+                f"tokens (no token covers more than {self.max_chars_per_token} characters)",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     # ---- /v1/chat/completions -----------------------------------------------------------
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
@@ -217,13 +243,14 @@ class OpenAIServing:
 
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
-        req = ChatCompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        req = ChatCompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes, self.config.body_timeout))
         if req.top_logprobs and not req.logprobs:
             raise invalid_request("top_logprobs requires logprobs=true", param="top_logprobs")
         try:
             constraint = req.constraint()
         except ValueError as exc:
             raise invalid_request(str(exc), param="response_format") from exc
+        self._check_length(sum(len(m.text()) for m in req.messages), "messages")
         prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, req.messages)
         calls = self._calls([prompt_ids], req, req.max_new_tokens(), "messages")
         for _, params, _ in calls:
@@ -258,16 +285,22 @@ class OpenAIServing:
             chunk = ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
             return sse(chunk.model_dump_json())
 
-        for index in range(len(calls)):
-            yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-        finals: dict[int, dict[str, Any]] = {}
-        async for update in self._updates(calls, streams, arrival, finals):
+        def update_event(update: ChoiceUpdate) -> str | None:
             logprobs = None
             if req.logprobs and update.token_logprobs:
                 logprobs = chat_logprobs(self.strings, update.token_logprobs, update.top_logprobs)
             if update.text or logprobs is not None or update.finish_reason is not None:
                 delta = ChatDelta(content=update.text) if update.text else ChatDelta()
-                yield event([ChatChunkChoice(index=update.index, delta=delta, logprobs=logprobs, finish_reason=update.finish_reason)])
+                return event([ChatChunkChoice(index=update.index, delta=delta, logprobs=logprobs, finish_reason=update.finish_reason)])
+            return None
+
+        for index in range(len(calls)):
+            yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        finals: dict[int, dict[str, Any]] = {}
+        async for update in self._updates(calls, streams, arrival, finals):
+            payload = await off_loop(update_event, update, heavy=bool(req.logprobs))
+            if payload is not None:
+                yield payload
         if req.include_usage_chunk:
             yield event([], usage_of([finals[i] for i in range(len(calls))], req.n))
 
@@ -281,9 +314,12 @@ class OpenAIServing:
 
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
-        req = CompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        req = CompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes, self.config.body_timeout))
         prompts = req.prompts()
         self._check_choices(len(prompts), req.n)  # before tokenizing a huge batch
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                self._check_length(len(prompt), "prompt")
         prompt_ids = await asyncio.to_thread(self._completion_prompt_ids, prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else LEGACY_DEFAULT_MAX_TOKENS
         calls = self._calls(prompt_ids, req, max_tokens, "prompt")
@@ -338,8 +374,8 @@ class OpenAIServing:
             return sse(chunk.model_dump_json())
 
         offsets: dict[int, int] = {}  # per choice: text offset of its next logprob token
-        finals: dict[int, dict[str, Any]] = {}
-        async for update in self._updates(calls, streams, arrival, finals):
+
+        def update_event(update: ChoiceUpdate) -> str | None:
             prompt_text = prompt_texts[update.index // req.n]
             echo = req.echo and update.first
             text = (prompt_text if echo else "") + update.text
@@ -351,6 +387,13 @@ class OpenAIServing:
                     update.meta_info, update.token_logprobs, update.top_logprobs, echo, offsets[update.index]
                 )
             if text or (logprobs is not None and logprobs.tokens) or update.finish_reason is not None:
-                yield event([CompletionChoice(index=update.index, text=text, logprobs=logprobs, finish_reason=update.finish_reason)])
+                return event([CompletionChoice(index=update.index, text=text, logprobs=logprobs, finish_reason=update.finish_reason)])
+            return None
+
+        finals: dict[int, dict[str, Any]] = {}
+        async for update in self._updates(calls, streams, arrival, finals):
+            payload = await off_loop(update_event, update, heavy=req.logprobs is not None or req.echo)
+            if payload is not None:
+                yield payload
         if req.include_usage_chunk:
             yield event([], usage_of([finals[i] for i in range(len(calls))], req.n))

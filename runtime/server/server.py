@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.connections import guarded_h11_protocol
 
 CANCEL_BACKSTOP_S = 5.0
 """uvicorn cancels what is still open this long after the drain aborted it (an engine that hangs)."""
@@ -32,6 +33,9 @@ class GracefulServer(uvicorn.Server):
                 port=config.port,
                 log_level=config.log_level,
                 timeout_graceful_shutdown=config.graceful_shutdown_timeout + CANCEL_BACKSTOP_S,
+                timeout_keep_alive=config.keep_alive_timeout,
+                limit_concurrency=config.max_connections,
+                http=guarded_h11_protocol(config.header_timeout, config.max_connections),
                 lifespan="on",
                 **uvicorn_options,
             )

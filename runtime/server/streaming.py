@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-from sglite.runtime.engine import EngineShutdownError
-from sglite.runtime.server.errors import APIError, invalid_request
+from sglite.runtime.engine import EngineShutdownError, RequestFailedError
+from sglite.runtime.server.errors import APIError, invalid_request, request_failed
 
 Chunk = dict[str, Any]
 
@@ -46,8 +46,14 @@ def _engine_error(exc: Exception) -> APIError:
     if isinstance(exc, ValueError):  # includes constraints.ConstraintError: the client's input is bad
         return invalid_request(str(exc))
     if isinstance(exc, EngineShutdownError):
-        return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
+        return shutting_down_error()
+    if isinstance(exc, RequestFailedError):
+        return request_failed(exc.rid, exc.detail)
     raise exc
+
+
+def shutting_down_error() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
 
 
 async def open_stream(engine: AsyncEngine, prompt: str | list[int], params: dict[str, Any], rid: str, **kwargs: Any) -> AsyncIterator[Chunk]:
@@ -68,8 +74,12 @@ class InflightRequests:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._rids: set[str] = set()
+        self.closing = False
+        """Set when shutdown starts: no new engine request is started after it (503 instead)."""
 
     def add(self, rids: Iterable[str]) -> None:
+        if self.closing:  # e.g. a prompt that was still being tokenized when SIGTERM came
+            raise shutting_down_error()
         self._rids.update(rids)
 
     def release(self, rids: Iterable[str], abort: bool) -> None:
@@ -81,6 +91,7 @@ class InflightRequests:
                     self.engine.abort(rid)
 
     def abort_all(self) -> None:
+        self.closing = True
         for rid in list(self._rids):
             self.engine.abort(rid)
 
