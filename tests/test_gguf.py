@@ -53,15 +53,18 @@ def interleave_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     return np.stack([first, second], axis=2).reshape(rows.shape)
 
 
+K_QUANT_LAYOUT = {Q.Q2_K: (84, (80, 82)), Q.Q3_K: (110, (108,)), Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)),
+                  Q.Q6_K: (210, (208,))}
+"""Bytes per 256-value block, and the offsets of its float16 scale fields (the rest is random bits)."""
+
+
 def k_quant_blocks(rows: int, cols: int, qtype: Q, seed: int = 0) -> np.ndarray:
     """Random K-quant blocks (gguf has no K-quantizer) with small finite f16 scales."""
-    block_elems, block_bytes = 256, {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
-    blocks = np.random.default_rng(seed).integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    block_bytes, scale_offsets = K_QUANT_LAYOUT[qtype]
+    blocks = np.random.default_rng(seed).integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    if qtype == Q.Q4_K:  # d, dmin lead the block
-        blocks[..., 0:2], blocks[..., 2:4] = scale, scale
-    else:  # d ends it
-        blocks[..., -2:] = scale
+    for offset in scale_offsets:
+        blocks[..., offset:offset + 2] = scale
     return blocks.reshape(rows, -1)
 
 
@@ -122,7 +125,7 @@ def write_gguf(
             raw, raw_type = extra_raw[target]
             writer.add_tensor(target, raw, raw_dtype=raw_type)
             # (only K-quants are expected to load; q/k tensors are never replaced, so no row order to undo)
-            expected[name] = quants.dequantize(raw, raw_type) if raw_type in (Q.Q4_K, Q.Q6_K) else values
+            expected[name] = quants.dequantize(raw, raw_type) if raw_type in K_QUANT_LAYOUT else values
             continue
         if qtype == Q.F32:
             writer.add_tensor(target, stored)
@@ -189,12 +192,13 @@ def test_quantized_types_dequantize_to_the_blocks_values(llama_path, tmp_path, c
     types = {r"token_embd": Q.Q8_0, r"attn_q\.": Q.Q4_0, r"attn_k\.": Q.Q4_1, r"attn_v": Q.Q5_0,
              r"attn_output": Q.Q5_1, r"ffn_gate": Q.F16, r"ffn_up": Q.BF16}
     raw = {"blk.0.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q4_K), Q.Q4_K),
-           "blk.1.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q6_K, seed=1), Q.Q6_K)}
+           "blk.1.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q6_K, seed=1), Q.Q6_K),
+           "blk.2.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q2_K, seed=2), Q.Q2_K)}
     expected = write_gguf(llama_path, tmp_path / "q.gguf", types=types, extra_raw=raw)
     got = loaded_weights(gguf_model_dir(tmp_path / "q.gguf"))
     for name, values in expected.items():
         assert got[name].shape == values.shape, name
-        assert np.array_equal(got[name], values), name
+        assert np.isfinite(values).all() and np.array_equal(got[name], values), name
     assert not np.array_equal(got["model.layers.0.self_attn.q_proj.weight"],
                               load_file(str(llama_path / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].numpy())
     # F16/BF16 stay in their own exact dtype; dequantized blocks become float32
@@ -202,6 +206,14 @@ def test_quantized_types_dequantize_to_the_blocks_values(llama_path, tmp_path, c
     assert dtypes["model.layers.0.mlp.gate_proj.weight"] == torch.float16
     assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.float32
+
+
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q5_K])
+def test_other_k_quants_load(qtype, llama_path, tmp_path, cache):
+    raw = {f"blk.{i}.ffn_down.weight": (k_quant_blocks(128, 256, qtype, seed=i), qtype) for i in range(3)}
+    expected = write_gguf(llama_path, tmp_path / "k.gguf", extra_raw=raw)
+    got = loaded_weights(gguf_model_dir(tmp_path / "k.gguf"))
+    assert all(np.isfinite(expected[name]).all() and np.array_equal(got[name], expected[name]) for name in expected)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
