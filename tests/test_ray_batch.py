@@ -152,6 +152,19 @@ def test_prefix_affinity_beats_round_robin_on_the_engines_cache_counters(ray_add
             assert min(per_replica) >= 49 // 4, per_replica  # both replicas did real work under either policy
         # The same program through run_batch on the pool reads the same greedy answers as an in-process engine.
         distributed = program.run_batch(rows[:6], backend=pool)
+
+        # A stream its reader abandons is aborted on its replica, not left generating.
+        before = sum(s["generation_tokens_total"] for s in pool.pool.replica_stats())
+        chunks = pool.pool.generate_stream({"prompt": "A long story:", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
+                                           key="A long story:")
+        next(chunks), next(chunks)
+        chunks.close()
+        deadline = time.monotonic() + 60
+        while any(s["num_running"] for s in pool.pool.replica_stats()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = pool.pool.replica_stats()
+        assert not any(s["num_running"] for s in stats)
+        assert sum(s["generation_tokens_total"] for s in stats) - before < 1800
     finally:
         pool.shutdown()
     with sgl.Runtime(llama_path) as local:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,20 +212,28 @@ class ReplicaPool:
                 self.release(replica)
 
     def generate_stream(self, kwargs: dict[str, Any], key: str) -> Iterator[dict]:
-        """Stream chunks from one replica; re-sent elsewhere only if its replica died before the first chunk."""
+        """Stream chunks from one replica; re-sent elsewhere only if its replica died before the first chunk.
+
+        A caller that stops reading early (closes the iterator) aborts the request on its replica.
+        """
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        kwargs = {**kwargs, "rid": kwargs.get("rid") or f"pool-{uuid.uuid4().hex}"}  # abort needs the id
         attempts = 0
         while True:
             replica = self.choose(key)
-            started = False
+            started = finished = False
             try:
                 for ref in self.actors[replica].generate_stream.options(num_returns="streaming").remote(kwargs):
                     chunk = ray.get(ref)
-                    started = True
+                    started, finished = True, bool(chunk.get("finished"))
                     yield chunk
                 return
+            except GeneratorExit:
+                if not finished:
+                    self.actors[replica].abort.remote(kwargs["rid"])
+                raise
             except RayTaskError as exc:
                 raise _cause(exc) from None
             except RayActorError as exc:
