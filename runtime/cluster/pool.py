@@ -13,6 +13,7 @@ while Ray restarts the replica).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedE
 from sglite.runtime.cluster.replica import EngineReplica
 from sglite.runtime.cluster.router import Router, RouterConfig, RouterError, make_router
 from sglite.runtime.config import EngineConfig
+
+logger = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 150 * 1024**2
 """Object store of a Ray instance the pool starts itself: prompts and outputs are small."""
@@ -93,6 +96,7 @@ class ReplicaPool:
 
         self.config = config or PoolConfig()
         self.model_path = str(model_path)
+        EngineConfig.from_options(**(engine_options or {}))  # bad options fail before Ray or any replica starts
         self.owns_ray = ensure_ray(self.config)
         gpus = self.config.gpus_per_replica
         if gpus is None:
@@ -100,7 +104,7 @@ class ReplicaPool:
         options = dict(engine_options or {})
         if gpus == 0 and "num_threads" not in options:
             options["num_threads"] = max(1, int(self.config.cpus_per_replica))  # replicas must not oversubscribe cores
-        self.engine_config = EngineConfig.from_options(**options)  # bad options fail here, before any replica starts
+        self.engine_config = EngineConfig.from_options(**options)
         actor_class = ray.remote(EngineReplica).options(
             num_cpus=self.config.cpus_per_replica,
             num_gpus=gpus,
@@ -125,7 +129,7 @@ class ReplicaPool:
         """Route with ``config`` from now on (forgets which prefixes went where; call while idle)."""
         with self._lock:
             router = make_router(len(self.actors), config)
-            for replica in self.dead:
+            for replica in self.dead | self.restarting:
                 router.remove(replica)
             self.router = router
 
@@ -175,7 +179,7 @@ class ReplicaPool:
 
     def _await_restart(self, replica: int) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         while replica < len(self.actors):  # the pool empties its actor list at shutdown
             try:
@@ -185,6 +189,9 @@ class ReplicaPool:
                 continue
             except RayActorError:
                 time.sleep(0.5)  # still restarting
+            except RayTaskError:
+                logger.error("replica %d failed to restart; it stays out of rotation", replica, exc_info=True)
+                return
         with self._lock:
             self.restarting.discard(replica)
             self.router.restore(replica)
