@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 import sglite as sgl  # noqa: E402
 from sglite.lang.batch_job import load_program, run_job  # noqa: E402
 from sglite.lang.backends.ray_pool import RayPool  # noqa: E402
-from sglite.runtime.cluster.pool import PoolConfig  # noqa: E402
+from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig  # noqa: E402
 from sglite.runtime.cluster.router import RouterConfig  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,8 @@ HEADERS = [f"Example set {k}: " + " ".join(f"fact{k}-{j} is {j * k}." for j in r
 @pytest.fixture(scope="module")
 def ray_address():
     """One small local Ray instance per module (2 CPUs: one per replica), always shut down."""
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
+                       _system_config=LOCAL_SYSTEM_CONFIG)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

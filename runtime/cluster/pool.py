@@ -28,6 +28,10 @@ from sglite.runtime.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
+LOCAL_SYSTEM_CONFIG = {"memory_monitor_refresh_ms": 0}
+"""A local instance shares its machine: Ray's memory monitor would kill replicas for other programs' memory use
+(the kernel's OOM killer still guards the machine)."""
+
 LOCAL_OBJECT_STORE_BYTES = 150 * 1024**2
 """Object store of a Ray instance the pool starts itself: prompts and outputs are small."""
 
@@ -84,6 +88,7 @@ def ensure_ray(config: PoolConfig) -> bool:
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,
         )
     return True
 
