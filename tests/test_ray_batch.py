@@ -19,7 +19,7 @@ from sglite.lang.backends.ray_pool import RayPool  # noqa: E402
 from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig  # noqa: E402
 from sglite.runtime.cluster.router import RouterConfig  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a Ray that cannot start must not hang CI
 
 PROGRAM = '''
 import sglite as sgl

@@ -17,7 +17,7 @@ from sglite.runtime.server.replicated_engine import ReplicatedEngine  # noqa: E4
 from sglite.runtime.server import ServerConfig  # noqa: E402
 from sglite.runtime.server.testing import serve_in_thread  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a Ray that cannot start must not hang CI
 
 KEY = "sk-replicas"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]

@@ -20,7 +20,7 @@ _spec = importlib.util.spec_from_file_location("sglite_test_server_for_replicas"
 _single = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_single)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a Ray that cannot start must not hang CI
 
 globals().update({name: value for name, value in vars(_single).items()
                   if name.startswith("test_") or name in ("server", "client")})

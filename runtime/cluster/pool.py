@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedError
+from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedError, ReplicaStartTimeoutError
 from sglite.runtime.cluster.replica import EngineReplica
 from sglite.runtime.cluster.router import Router, RouterConfig, RouterError, make_router
 from sglite.runtime.config import EngineConfig
@@ -56,6 +56,8 @@ class PoolConfig:
     """Ray restarts a dead replica (serving); False: a dead replica is dropped and its calls go elsewhere (batch)."""
     max_call_retries: int = 3
     """Times one call is re-sent to another replica after its replica died (without ``restart_failed``)."""
+    start_timeout_s: float = 900.0
+    """Seconds the replicas may take to be placed and load the model before the pool gives up (and stops them)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -118,7 +120,13 @@ class ReplicaPool:
         )
         self.actors = [actor_class.remote(self.model_path, options) for _ in range(self.config.replicas)]
         try:
-            self.infos = ray.get([a.ready.remote() for a in self.actors])
+            self.infos = ray.get([a.ready.remote() for a in self.actors], timeout=self.config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ReplicaStartTimeoutError(
+                f"{self.config.replicas} replica(s) were not ready within {self.config.start_timeout_s:.0f} s: the cluster "
+                f"lacks the CPUs/GPUs they reserve ({self.config.cpus_per_replica} CPU, {gpus} GPU each) or memory"
+            ) from None
         except ray.exceptions.RayError as exc:
             self.shutdown()  # no replica, and no Ray instance this pool started, outlives a failed start
             raise _cause(exc) from None
