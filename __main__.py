@@ -8,8 +8,8 @@ USAGE = """usage: python -m sglite COMMAND [ARGS]
 
 commands:
   demo       extraction + classification on the embedded SmolLM2-135M-Instruct (or --model PATH)
-  serve      start the OpenAI-compatible HTTP server: serve [--model PATH|FILE.gguf] [--port 30000 ...]
-  run        batch job: run FILE.py:FUNCTION --input rows.jsonl --output out.jsonl [--model PATH]
+  serve      start the OpenAI-compatible HTTP server: serve [--model PATH|FILE.gguf] [--port 30000 ...] [--replicas N]
+  run        batch job: run FILE.py:FUNCTION --input rows.jsonl --output out.jsonl [--model PATH] [--ray --replicas N]
   estimate   memory estimate: estimate MODEL|FILE.gguf [--context N --batch B --dtype D]
 
 `python -m sglite COMMAND --help` describes each command's options."""

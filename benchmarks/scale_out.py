@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool, routing_key
+from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig, ReplicaPool, routing_key
 from sglite.runtime.cluster.router import RouterConfig
 from sglite.runtime.tiny_model import build_tiny_model
 
@@ -91,7 +91,8 @@ def main() -> None:
     model = args.model or str(build_tiny_model("llama"))
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0, "ignore_eos": True}
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     results = {}
     try:
         pool = ReplicaPool(model, PoolConfig(replicas=2))

@@ -16,10 +16,10 @@ ray = pytest.importorskip("ray")
 import sglite as sgl  # noqa: E402
 from sglite.lang.batch_job import load_program, run_job  # noqa: E402
 from sglite.lang.backends.ray_pool import RayPool  # noqa: E402
-from sglite.runtime.cluster.pool import PoolConfig  # noqa: E402
+from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig  # noqa: E402
 from sglite.runtime.cluster.router import RouterConfig  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a Ray that cannot start must not hang CI
 
 PROGRAM = '''
 import sglite as sgl
@@ -37,7 +37,8 @@ HEADERS = [f"Example set {k}: " + " ".join(f"fact{k}-{j} is {j * k}." for j in r
 @pytest.fixture(scope="module")
 def ray_address():
     """One small local Ray instance per module (2 CPUs: one per replica), always shut down."""
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
+                       _system_config=LOCAL_SYSTEM_CONFIG)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
@@ -152,6 +153,19 @@ def test_prefix_affinity_beats_round_robin_on_the_engines_cache_counters(ray_add
             assert min(per_replica) >= 49 // 4, per_replica  # both replicas did real work under either policy
         # The same program through run_batch on the pool reads the same greedy answers as an in-process engine.
         distributed = program.run_batch(rows[:6], backend=pool)
+
+        # A stream its reader abandons is aborted on its replica, not left generating.
+        before = sum(s["generation_tokens_total"] for s in pool.pool.replica_stats())
+        chunks = pool.pool.generate_stream({"prompt": "A long story:", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
+                                           key="A long story:")
+        next(chunks), next(chunks)
+        chunks.close()
+        deadline = time.monotonic() + 60
+        while any(s["num_running"] for s in pool.pool.replica_stats()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = pool.pool.replica_stats()
+        assert not any(s["num_running"] for s in stats)
+        assert sum(s["generation_tokens_total"] for s in stats) - before < 1800
     finally:
         pool.shutdown()
     with sgl.Runtime(llama_path) as local:

@@ -12,12 +12,12 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import sglite  # noqa: E402
-from sglite.runtime.cluster.pool import PoolConfig, ReplicaPool  # noqa: E402
+from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig, ReplicaPool  # noqa: E402
 from sglite.runtime.server.replicated_engine import ReplicatedEngine  # noqa: E402
 from sglite.runtime.server import ServerConfig  # noqa: E402
 from sglite.runtime.server.testing import serve_in_thread  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a Ray that cannot start must not hang CI
 
 KEY = "sk-replicas"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -25,7 +25,8 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 @pytest.fixture(scope="module")
 def replicated(llama_path):
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     pool = ReplicaPool(str(llama_path), PoolConfig(replicas=2, restart_failed=True), {"max_total_tokens": 8192})
     engine = ReplicatedEngine(pool)
     try:

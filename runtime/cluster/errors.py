@@ -9,3 +9,7 @@ class ReplicaFailedError(RuntimeError):
 
 class ReplicasExhaustedError(RuntimeError):
     """Every replica has died and none is restarted: a batch job stops here (its rows stay unwritten)."""
+
+
+class ReplicaStartTimeoutError(TimeoutError):
+    """The replicas could not be placed or did not load their model in time."""

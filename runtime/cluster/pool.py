@@ -13,16 +13,24 @@ while Ray restarts the replica).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedError
+from sglite.runtime.cluster.errors import ReplicaFailedError, ReplicasExhaustedError, ReplicaStartTimeoutError
 from sglite.runtime.cluster.replica import EngineReplica
 from sglite.runtime.cluster.router import Router, RouterConfig, RouterError, make_router
 from sglite.runtime.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SYSTEM_CONFIG = {"memory_monitor_refresh_ms": 0}
+"""A local instance shares its machine: Ray's memory monitor would kill replicas for other programs' memory use
+(the kernel's OOM killer still guards the machine)."""
 
 LOCAL_OBJECT_STORE_BYTES = 150 * 1024**2
 """Object store of a Ray instance the pool starts itself: prompts and outputs are small."""
@@ -48,6 +56,8 @@ class PoolConfig:
     """Ray restarts a dead replica (serving); False: a dead replica is dropped and its calls go elsewhere (batch)."""
     max_call_retries: int = 3
     """Times one call is re-sent to another replica after its replica died (without ``restart_failed``)."""
+    start_timeout_s: float = 900.0
+    """Seconds the replicas may take to be placed and load the model before the pool gives up (and stops them)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -80,6 +90,7 @@ def ensure_ray(config: PoolConfig) -> bool:
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,
         )
     return True
 
@@ -92,6 +103,7 @@ class ReplicaPool:
 
         self.config = config or PoolConfig()
         self.model_path = str(model_path)
+        EngineConfig.from_options(**(engine_options or {}))  # bad options fail before Ray or any replica starts
         self.owns_ray = ensure_ray(self.config)
         gpus = self.config.gpus_per_replica
         if gpus is None:
@@ -99,7 +111,7 @@ class ReplicaPool:
         options = dict(engine_options or {})
         if gpus == 0 and "num_threads" not in options:
             options["num_threads"] = max(1, int(self.config.cpus_per_replica))  # replicas must not oversubscribe cores
-        self.engine_config = EngineConfig.from_options(**options)  # bad options fail here, before any replica starts
+        self.engine_config = EngineConfig.from_options(**options)
         actor_class = ray.remote(EngineReplica).options(
             num_cpus=self.config.cpus_per_replica,
             num_gpus=gpus,
@@ -108,7 +120,13 @@ class ReplicaPool:
         )
         self.actors = [actor_class.remote(self.model_path, options) for _ in range(self.config.replicas)]
         try:
-            self.infos = ray.get([a.ready.remote() for a in self.actors])
+            self.infos = ray.get([a.ready.remote() for a in self.actors], timeout=self.config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ReplicaStartTimeoutError(
+                f"{self.config.replicas} replica(s) were not ready within {self.config.start_timeout_s:.0f} s: the cluster "
+                f"lacks the CPUs/GPUs they reserve ({self.config.cpus_per_replica} CPU, {gpus} GPU each) or memory"
+            ) from None
         except ray.exceptions.RayError as exc:
             self.shutdown()  # no replica, and no Ray instance this pool started, outlives a failed start
             raise _cause(exc) from None
@@ -124,7 +142,7 @@ class ReplicaPool:
         """Route with ``config`` from now on (forgets which prefixes went where; call while idle)."""
         with self._lock:
             router = make_router(len(self.actors), config)
-            for replica in self.dead:
+            for replica in self.dead | self.restarting:
                 router.remove(replica)
             self.router = router
 
@@ -174,7 +192,7 @@ class ReplicaPool:
 
     def _await_restart(self, replica: int) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         while replica < len(self.actors):  # the pool empties its actor list at shutdown
             try:
@@ -184,6 +202,9 @@ class ReplicaPool:
                 continue
             except RayActorError:
                 time.sleep(0.5)  # still restarting
+            except RayTaskError:
+                logger.error("replica %d failed to restart; it stays out of rotation", replica, exc_info=True)
+                return
         with self._lock:
             self.restarting.discard(replica)
             self.router.restore(replica)
@@ -211,20 +232,28 @@ class ReplicaPool:
                 self.release(replica)
 
     def generate_stream(self, kwargs: dict[str, Any], key: str) -> Iterator[dict]:
-        """Stream chunks from one replica; re-sent elsewhere only if its replica died before the first chunk."""
+        """Stream chunks from one replica; re-sent elsewhere only if its replica died before the first chunk.
+
+        A caller that stops reading early (closes the iterator) aborts the request on its replica.
+        """
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        kwargs = {**kwargs, "rid": kwargs.get("rid") or f"pool-{uuid.uuid4().hex}"}  # abort needs the id
         attempts = 0
         while True:
             replica = self.choose(key)
-            started = False
+            started = finished = False
             try:
                 for ref in self.actors[replica].generate_stream.options(num_returns="streaming").remote(kwargs):
                     chunk = ray.get(ref)
-                    started = True
+                    started, finished = True, bool(chunk.get("finished"))
                     yield chunk
                 return
+            except GeneratorExit:
+                if not finished:
+                    self.actors[replica].abort.remote(kwargs["rid"])
+                raise
             except RayTaskError as exc:
                 raise _cause(exc) from None
             except RayActorError as exc:
