@@ -38,7 +38,7 @@ class EngineConfig:
     default otherwise (see benchmarks/decode.py)."""
     quantization: str | None = None
     """Weight-only quantization on CPU: ``int8`` (per channel) or ``int4`` (groups of 32); None keeps the
-    checkpoint's weights in ``dtype``. Decode at small batch reads 2x / ~3.5x fewer weight bytes than
+    checkpoint's weights in ``dtype``. Decode at small batch reads 2x / 3.2x fewer weight bytes than
     bfloat16; greedy output drifts from float (README, "Speed")."""
 
     def __post_init__(self) -> None:
