@@ -74,16 +74,22 @@ def sglite_runner(model: str, name: str, threads: int, **options) -> tuple[Runne
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         assert all(len(o["output_ids"]) == n for o in outs)
 
-    linears = [m for m in engine.runner.model.modules() if not list(m.children())]
-    weight_bytes = sum(
-        t.numel() * t.element_size()
-        for m in linears
-        if type(m).__name__ != "Embedding"
-        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-    )
-    if engine.runner.model.tied_embeddings and options.get("quantization") is None:
-        weight_bytes += engine.runner.model.lm_head.weight.numel() * engine.runner.model.lm_head.weight.element_size()
+    weight_bytes = decode_weight_bytes(engine.runner.model)
     return Runner(name, generate, weight_bytes), engine
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one batch-1 decode step reads: every linear layer (the output head included,
+    tied or not) and the norms; of the embedding, one row (ignored)."""
+    from sglite.runtime.quantization import QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.kernel_bytes()
+        elif not isinstance(module, torch.nn.Embedding):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
 
 
 def transformers_runner(model: str, dtype: torch.dtype, pad_id: int) -> Runner:
@@ -106,9 +112,7 @@ def transformers_runner(model: str, dtype: torch.dtype, pad_id: int) -> Runner:
         )
         assert out.shape[1] == width + n
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed_tokens" not in n)
-    if hf.config.tie_word_embeddings:
-        weight_bytes += hf.lm_head.weight.numel() * hf.lm_head.weight.element_size()
+    weight_bytes = decode_weight_bytes(hf)
     return Runner(f"transformers {str(dtype).removeprefix('torch.')}", generate, weight_bytes)
 
 

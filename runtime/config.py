@@ -37,11 +37,11 @@ class EngineConfig:
     """Seeds the generators of requests that give no ``seed``."""
     num_threads: int | None = None
     """CPU threads of each model forward (set on the engine's own step thread only, never process-wide);
-    None picks per forward: one thread for small ones (decode of a few sequences on a small model), torch's
-    default otherwise (see benchmarks/decode.py)."""
+    None times one thread against torch's default per forward size and keeps the faster (re-checked now and
+    then, so it follows the machine's load)."""
     quantization: str | None = None
     """Weight-only quantization on CPU: ``int8`` (per channel) or ``int4`` (groups of 32); None keeps the
-    checkpoint's weights in ``dtype``. Decode at small batch reads 2x / ~3.5x fewer weight bytes than
+    checkpoint's weights in ``dtype``. Decode at small batch reads 2x / 3.2x fewer weight bytes than
     bfloat16; greedy output drifts from float (README, "Speed")."""
 
     def __post_init__(self) -> None:

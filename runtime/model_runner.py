@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,12 +10,7 @@ import torch
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
-
-SMALL_FORWARD_FLOPS = 4e9
-"""Below this many multiply-adds a CPU forward runs on one thread: with ~30 layers of small
-matrices, waking and joining a second thread hundreds of times per step costs more than it saves
-(measured by ``benchmarks/decode.py``'s thread sweep)."""
-
+from sglite.runtime.thread_tuner import ThreadTuner
 
 def pick_device(device: str | None) -> torch.device:
     if device is None:
@@ -52,8 +48,9 @@ class ModelRunner:
 
     ``quantization`` (``int8`` | ``int4``, CPU only) stores the linear weights quantized (see
     :mod:`sglite.runtime.quantization`). ``num_threads`` fixes the CPU threads of every forward;
-    None picks per forward: one thread for small forwards (decode of a few sequences on a small
-    model), the caller's count otherwise.
+    None lets a :class:`~sglite.runtime.thread_tuner.ThreadTuner` choose per forward size between
+    one thread and the caller's count, by timing both. Either way the count applies to the calling
+    thread for the forward only.
     """
 
     def __init__(
@@ -74,11 +71,12 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
         self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.quantization = quantization
         if quantization is not None:
             quantize_model(self.model, quantization)
         self.num_threads = num_threads
+        default_threads = torch.get_num_threads()
+        self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
 
     def make_pool(self, size: int) -> KVSlotPool:
         m = self.model
@@ -90,7 +88,7 @@ class ModelRunner:
             return None
         if self.num_threads is not None:
             return self.num_threads
-        return 1 if num_tokens * self.num_parameters < SMALL_FORWARD_FLOPS else None
+        return self.thread_tuner.choose(num_tokens) if self.thread_tuner is not None else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVSlotPool, logit_rows: torch.Tensor) -> torch.Tensor:
@@ -104,8 +102,15 @@ class ModelRunner:
                 extend_lens=batch.extend_lens,
                 kv_slots=[s.to(dev, non_blocking=True) for s in batch.kv_slots],
             )
-        with intra_op_threads(self.threads_for(batch.input_ids.numel())):
+        num_tokens = batch.input_ids.numel()
+        threads = self.threads_for(num_tokens)
+        start = time.perf_counter()
+        with intra_op_threads(threads):
             hidden = self.model.forward(batch, pool)
             if logit_rows.numel() == 0:
-                return torch.empty(0, self.model.vocab_size)
-            return self.model.compute_logits(hidden[logit_rows.to(dev)]).float()
+                logits = torch.empty(0, self.model.vocab_size)
+            else:
+                logits = self.model.compute_logits(hidden[logit_rows.to(dev)]).float()
+        if threads is not None and self.num_threads is None and self.thread_tuner is not None:
+            self.thread_tuner.record(num_tokens, threads, time.perf_counter() - start)
+        return logits

@@ -14,6 +14,7 @@ from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.model_loader import load_model
 from sglite.runtime.models.attention import MIN_KV_BUCKET, AttentionMetadata
+from sglite.runtime.thread_tuner import ThreadTuner
 
 SHORT, LONG = 12, 700  # prompt lengths in tokens
 STEPS = 12
@@ -111,3 +112,36 @@ def test_engine_mixed_long_and_short_prompts_match_transformers(llama_path, refe
     assert [o["output_ids"] for o in again] == expected[:2]
     if cache == "on":
         assert again[1]["meta_info"]["cached_tokens"] >= LONG - 1
+
+
+def test_thread_tuner_keeps_the_faster_count_per_size_and_follows_load():
+    tuner = ThreadTuner(candidates=(1, 2), trials=3, recheck_every=10)
+    cost = {(1, 1): 0.01, (1, 2): 0.03, (512, 1): 0.40, (512, 2): 0.25}  # decode: 1 thread wins; prefill: 2
+
+    def run(tokens: int, steps: int) -> list[int]:
+        chosen = []
+        for _ in range(steps):
+            threads = tuner.choose(tokens)
+            tuner.record(tokens, threads, cost[(tokens, threads)])
+            chosen.append(threads)
+        return chosen
+
+    assert sorted(run(1, 6)) == [1, 1, 1, 2, 2, 2]  # each candidate timed `trials` times first
+    assert sorted(run(512, 6)) == [1, 1, 1, 2, 2, 2]
+    assert run(1, 3) == [1, 1, 1] and run(512, 3) == [2, 2, 2]
+    assert tuner.chosen() == {1: 1, 512: 2}
+    cost[(1, 1)] = 0.05  # the machine got busier: one thread now loses at decode too
+    later = run(1, 40)
+    assert later[-5:] == [2] * 5
+
+
+def test_engine_threads_are_tuned_on_its_own_thread(llama_path):
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    with sglite.Engine(str(llama_path), max_total_tokens=512) as engine:
+        forward = engine.runner.model.forward
+        engine.runner.model.forward = lambda *args: (seen.append(torch.get_num_threads()), forward(*args))[1]
+        engine.generate("def f(x):", {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+        assert torch.get_num_threads() == before
+    if before > 1:  # both candidates were timed on the engine's step thread
+        assert {1, before} <= set(seen)

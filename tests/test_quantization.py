@@ -20,7 +20,7 @@ from sglite.runtime.quantization import (
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 8])  # packed kernel, packed kernel, dense path
+@pytest.mark.parametrize("rows", [1, 3, max(KERNEL_MAX_ROWS.values()) + 8])  # packed kernel x2, dense path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_matmul_matches_dequantized_reference(method, rows, dtype):
     torch.manual_seed(0)
@@ -29,8 +29,12 @@ def test_quantized_matmul_matches_dequantized_reference(method, rows, dtype):
     weight = layer.dequantize(torch.float32)
     x = torch.randn(rows, 256).to(dtype)
     expected = x.float() @ weight.t() + linear.bias.detach()
+    with torch.profiler.profile() as prof:
+        out = layer(x)
+    kernel = {"int8": "aten::_weight_int8pack_mm", "int4": "aten::_weight_int4pack_mm_for_cpu"}[method]
+    assert (kernel in {e.name for e in prof.events()}) == (rows <= KERNEL_MAX_ROWS[method])
     # the kernels take bfloat16 activations: allow bfloat16 rounding of x and of the result (~2^-8 relative)
-    torch.testing.assert_close(layer(x).float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(out.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
     # the dequantized weight is the float weight up to half a quantization step (a step spans at
     # most 2/127 of the row's range for int8, 2/15 of the group's for int4), plus bfloat16 scales
     half_step = {"int8": 1 / 127, "int4": 1 / 15}[method]
