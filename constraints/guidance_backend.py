@@ -71,6 +71,7 @@ class GuidanceBackend:
         self._biases: ByteLRU[torch.Tensor] = ByteLRU(self.limits.bias_cache_bytes)
         self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.executor = llguidance.LLExecutor()  # computes a batch's masks on Rust threads
 
     # ---- compile ------------------------------------------------------------------------------
 
@@ -203,9 +204,7 @@ class GuidanceLogitsProcessor:
         self._eos_accepted = False
         self._mask = np.zeros(backend.mask_words, dtype=np.int32)
 
-    def mask_logits(self, logits: torch.Tensor) -> None:
-        """Forbidden tokens of the ``[vocab]`` row -> ``-inf`` (one bitmask fill, one cached-bias ``add_``)."""
-        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+    def _apply(self, logits: torch.Tensor) -> None:
         if self.matcher.is_error():  # only after a bypassed mask: let EOS end it
             self.violation = self.violation or self.matcher.get_error()
             self._mask[:] = 0
@@ -214,6 +213,27 @@ class GuidanceLogitsProcessor:
                 if t < self._mask.nbytes * 8:
                     bits[t // 8] |= 1 << (t % 8)
         logits.add_(self.backend.bias(self._mask, logits.shape[-1], logits.device, logits.dtype))
+
+    @classmethod
+    def mask_rows(cls, logits: torch.Tensor, rows: list[tuple[int, GuidanceLogitsProcessor]]) -> None:
+        """``mask_logits`` for several rows: the bitmasks of one backend's matchers in one parallel call."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        by_backend: dict[int, list[tuple[int, GuidanceLogitsProcessor]]] = {}
+        for row, proc in rows:
+            by_backend.setdefault(id(proc.backend), []).append((row, proc))
+        for members in by_backend.values():
+            backend = members[0][1].backend
+            masks = np.zeros((len(members), backend.mask_words), dtype=np.int32)
+            fill_next_token_bitmask_par(backend.executor, [(p.matcher, i) for i, (_, p) in enumerate(members)], masks)
+            for i, (row, proc) in enumerate(members):
+                proc._mask[:] = masks[i]
+                proc._apply(logits[row])
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Forbidden tokens of the ``[vocab]`` row -> ``-inf`` (one bitmask fill, one cached-bias ``add_``)."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        self._apply(logits)
 
     def accept_token(self, token_id: int) -> None:
         if self.is_finished():

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from sglite.runtime.kv_pool import KVSlotPool
+from sglite.runtime.logits_processor import mask_rows
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import find_stop
@@ -306,9 +307,8 @@ class Scheduler:
         want_lp = [i for i, r in enumerate(reqs) if r.params.return_logprob or r.params.top_logprobs_num]
         raw = logits.clone() if want_lp else logits  # logprobs are over the unprocessed logits
         vocab = logits.shape[-1]
+        mask_rows(logits, [(row, req.processor) for row, req in enumerate(reqs) if req.processor is not None])
         for row, req in enumerate(reqs):
-            if req.processor is not None:
-                req.processor.mask_logits(logits[row])
             if len(req.output_ids) < req.params.min_new_tokens:
                 banned = [t for t in self.eos_token_ids | set(req.params.stop_token_ids) if 0 <= t < vocab]
                 logits[row, banned] = float("-inf")
