@@ -63,7 +63,11 @@ class GuidanceBackend:
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids |= {int(tokenizer.eos_token_id)}
         # The one-time cost (~1.5 s for 49k tokens): a trie of every token's bytes.
-        self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(self.eos_token_ids))
+        try:
+            self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(self.eos_token_ids))
+        except ValueError as exc:  # a slow (Python) tokenizer
+            raise ConstraintError(f"the llguidance backend needs a fast (Rust) tokenizer ({exc}); "
+                                  "use grammar_backend='outlines'") from None
         self.mask_words = (self.lltokenizer.vocab_size + 31) // 32
         self._llguidance = llguidance
         self._parser_limits = llguidance.LLParserLimits(max_grammar_size=self.limits.max_grammar_size)

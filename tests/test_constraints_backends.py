@@ -296,3 +296,14 @@ def test_batched_masks_equal_row_by_row_masks(backends, tokenizer, name):
         proc.mask_logits(expected[row])
     assert torch.equal(logits, expected)
     assert all(0 < torch.isinf(logits[row]).sum() < VOCAB for row in range(len(specs)))  # each row really masked
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_sentencepiece_tokenizer(sp_tokenizer, name):
+    backend = make_backend(name, sp_tokenizer, VOCAB)
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "São Paulo"]}, "n": {"type": "integer",
+              "minimum": 1, "maximum": 99}}, "required": ["city", "n"]}
+    for seed in range(3):
+        proc, result, text = run(backend, sp_tokenizer, seed, json_schema=schema)
+        assert result.finished and proc.violation is None
+        jsonschema.validate(json.loads(text), schema)
