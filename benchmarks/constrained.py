@@ -172,7 +172,7 @@ def decode_table(model: str, requests: int, max_new_tokens: int, repeats: int) -
             "notes": {"type": "string"}}, "required": ["notes"]}, **equal},
     }
     for name in BACKENDS:
-        with sglite.Engine(model, jump_forward=False, grammar_backend=name) as engine:
+        with sglite.Engine(model, jump_forward=False, grammar_backend=name, max_total_tokens=16384) as engine:
             engine.generate("warm up", {"max_new_tokens": 2})
             base = None
             for label, params in workloads.items():
@@ -203,7 +203,7 @@ def gil_table(model: str, streams: int = 8) -> None:
             f"field_{i}": {"type": "string", "maxLength": 30} for i in range(300)}}},
     }
     for name in BACKENDS:
-        with sglite.Engine(model, grammar_backend=name) as engine:
+        with sglite.Engine(model, grammar_backend=name, max_total_tokens=16384) as engine:
             engine.generate("warm up", {"max_new_tokens": 2})
             for label, constraint in big.items():
                 stamps: list[list[float]] = [[] for _ in range(streams)]
