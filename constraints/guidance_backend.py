@@ -155,6 +155,9 @@ class GuidanceBackend:
                 "or pass lenient=True to generate with it relaxed (each relaxation is reported as a warning)"
             )
         warnings = tuple(f"json_schema relaxed: {describe(schema, m)}" for m in messages)
+        # The first mask builds the lexer states of the start (0.1 s for a 10k-value enum); copies share
+        # them, so build them here, in the caller's thread, instead of in the step loop.
+        prototype.compute_bitmask()
         # The Rust-side size is not observable; charge the grammar text several times over plus a floor.
         return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024)
 
