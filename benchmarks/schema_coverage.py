@@ -102,12 +102,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def sample_outputs(model: str, backend_name: str, schemas: list[dict], samples: int, max_new_tokens: int):
+def sample_outputs(model: str, backend_name: str, schemas: list[dict], samples: int, max_new_tokens: int,
+                   max_total_tokens: int):
     import jsonschema
     import sglite
 
     counts = collections.Counter()
-    with sglite.Engine(model, grammar_backend=backend_name, num_threads=1) as engine:
+    with sglite.Engine(model, grammar_backend=backend_name, max_total_tokens=max_total_tokens,
+                       max_running_requests=32) as engine:
         prompts, params = [], []
         for i, schema in enumerate(schemas):
             for k in range(samples):
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=4.0)
     parser.add_argument("--sample", type=int, default=60, help="schemas sampled through the engine (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-total-tokens", type=int, default=16384, help="KV pool of the sampling engine")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -196,7 +199,8 @@ def main() -> None:
             if own and len(names) > 1:
                 sets[f"{len(own[: args.sample // 2])} more only {name} compiles strictly"] = own[: args.sample // 2]
             for label, chosen in sets.items():
-                counts = sample_outputs(args.model, name, [rows[i]["schema"] for i in chosen], 3, args.max_new_tokens)
+                counts = sample_outputs(args.model, name, [rows[i]["schema"] for i in chosen], 3, args.max_new_tokens,
+                                        args.max_total_tokens)
                 print(f"| {name} | {label} | {counts['valid']} | {counts['truncated']} | {counts['invalid']} |")
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ class GuidanceBackend:
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids |= {int(tokenizer.eos_token_id)}
         # The one-time cost (~1.5 s for 49k tokens): a trie of every token's bytes.
-        self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(self.eos_token_ids))
+        try:
+            self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(self.eos_token_ids))
+        except ValueError as exc:  # a slow (Python) tokenizer
+            raise ConstraintError(f"the llguidance backend needs a fast (Rust) tokenizer ({exc}); "
+                                  "use grammar_backend='outlines'") from None
         self.mask_words = (self.lltokenizer.vocab_size + 31) // 32
         self._llguidance = llguidance
         self._parser_limits = llguidance.LLParserLimits(max_grammar_size=self.limits.max_grammar_size)
@@ -71,6 +75,7 @@ class GuidanceBackend:
         self._biases: ByteLRU[torch.Tensor] = ByteLRU(self.limits.bias_cache_bytes)
         self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.executor = llguidance.LLExecutor()  # computes a batch's masks on Rust threads
 
     # ---- compile ------------------------------------------------------------------------------
 
@@ -150,6 +155,9 @@ class GuidanceBackend:
                 "or pass lenient=True to generate with it relaxed (each relaxation is reported as a warning)"
             )
         warnings = tuple(f"json_schema relaxed: {describe(schema, m)}" for m in messages)
+        # The first mask builds the lexer states of the start (0.1 s for a 10k-value enum); copies share
+        # them, so build them here, in the caller's thread, instead of in the step loop.
+        prototype.compute_bitmask()
         # The Rust-side size is not observable; charge the grammar text several times over plus a floor.
         return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024)
 
@@ -203,9 +211,7 @@ class GuidanceLogitsProcessor:
         self._eos_accepted = False
         self._mask = np.zeros(backend.mask_words, dtype=np.int32)
 
-    def mask_logits(self, logits: torch.Tensor) -> None:
-        """Forbidden tokens of the ``[vocab]`` row -> ``-inf`` (one bitmask fill, one cached-bias ``add_``)."""
-        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+    def _apply(self, logits: torch.Tensor) -> None:
         if self.matcher.is_error():  # only after a bypassed mask: let EOS end it
             self.violation = self.violation or self.matcher.get_error()
             self._mask[:] = 0
@@ -214,6 +220,27 @@ class GuidanceLogitsProcessor:
                 if t < self._mask.nbytes * 8:
                     bits[t // 8] |= 1 << (t % 8)
         logits.add_(self.backend.bias(self._mask, logits.shape[-1], logits.device, logits.dtype))
+
+    @classmethod
+    def mask_rows(cls, logits: torch.Tensor, rows: list[tuple[int, GuidanceLogitsProcessor]]) -> None:
+        """``mask_logits`` for several rows: the bitmasks of one backend's matchers in one parallel call."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        by_backend: dict[int, list[tuple[int, GuidanceLogitsProcessor]]] = {}
+        for row, proc in rows:
+            by_backend.setdefault(id(proc.backend), []).append((row, proc))
+        for members in by_backend.values():
+            backend = members[0][1].backend
+            masks = np.zeros((len(members), backend.mask_words), dtype=np.int32)
+            fill_next_token_bitmask_par(backend.executor, [(p.matcher, i) for i, (_, p) in enumerate(members)], masks)
+            for i, (row, proc) in enumerate(members):
+                proc._mask[:] = masks[i]
+                proc._apply(logits[row])
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Forbidden tokens of the ``[vocab]`` row -> ``-inf`` (one bitmask fill, one cached-bias ``add_``)."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        self._apply(logits)
 
     def accept_token(self, token_id: int) -> None:
         if self.is_finished():

@@ -105,6 +105,15 @@ class OutlinesBackend:
     def regex(self, spec: ConstraintSpec) -> tuple[str, list[str]]:
         """The regex of ``spec`` and the relaxations (lenient) it took."""
         if spec.kind == "regex":
+            # Estimating a regex's automaton is Python work that grows with its text (~1 s for 10k characters
+            # on a busy 2-core machine), and holds the GIL the step loop needs; past 2 characters per
+            # state the budget could not be met by an ordinary regex anyway.
+            if len(spec.source) > 2 * self.limits.max_regex_size:
+                raise ConstraintError(
+                    f"regex is {len(spec.source):,} characters, over the outlines backend's limit of "
+                    f"{2 * self.limits.max_regex_size:,} (2 x SGLITE_MAX_REGEX_SIZE); use grammar_backend='llguidance' "
+                    "or a shorter regex"
+                )
             return spec.source, []
         if spec.kind == "choices":
             return regex_for_choices(spec.choices, max_bytes=self.limits.max_regex_size), []

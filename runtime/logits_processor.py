@@ -25,3 +25,22 @@ class LogitsProcessor(Protocol):
     def is_finished(self) -> bool: ...
 
     def forced_tokens(self) -> list[int]: ...
+
+
+def mask_rows(logits: torch.Tensor, rows: list[tuple[int, LogitsProcessor]]) -> None:
+    """Mask each ``(row, processor)`` of ``logits`` in place.
+
+    Processors whose class offers a ``mask_rows(logits, rows)`` classmethod get all their rows
+    at once (llguidance computes the batch's bitmasks in parallel, without the GIL); the rest get
+    ``mask_logits`` row by row.
+    """
+    groups: dict[type, list[tuple[int, LogitsProcessor]]] = {}
+    for row, processor in rows:
+        groups.setdefault(type(processor), []).append((row, processor))
+    for cls, members in groups.items():
+        batched = getattr(cls, "mask_rows", None)
+        if batched is not None and len(members) > 1:
+            batched(logits, members)
+        else:
+            for row, processor in members:
+                processor.mask_logits(logits[row])

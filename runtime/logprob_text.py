@@ -33,12 +33,15 @@ class TokenStrings:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._table: tuple[bytes | None, ...] | None = None  # built on first use (~1 s for 50k tokens), then kept
 
     def _lookup(self, token_id: int) -> tuple[str, list[int]]:
         cached = self._cache.get(token_id)
         if cached is not None:
             return cached
-        table = get_vocabulary(self.tokenizer).token_bytes
+        if self._table is None:
+            self._table = get_vocabulary(self.tokenizer).token_bytes
+        table = self._table
         raw = table[token_id] if 0 <= token_id < len(table) else None
         if raw is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sglite.runtime.logits_processor import mask_rows
 from sglite.runtime.request import Request
 from sglite.runtime.sampler import NoCandidateError, apply_penalties, sample, sanitize_logits, token_logprobs, top_logprobs
 
@@ -31,9 +32,10 @@ class Selection:
     """The batched draw raised and rows were drawn one by one."""
 
 
-def process_logits(req: Request, row: torch.Tensor, eos_token_ids: set[int]) -> None:
-    """Constraint mask, ``min_new_tokens`` ban and penalties for one request's logits row, in place."""
-    if req.processor is not None:
+def process_logits(req: Request, row: torch.Tensor, eos_token_ids: set[int], mask: bool = True) -> None:
+    """Constraint mask (unless already applied for the batch), ``min_new_tokens`` ban and penalties for one
+    request's logits row, in place."""
+    if mask and req.processor is not None:
         req.processor.mask_logits(row)
     if len(req.output_ids) < req.params.min_new_tokens:
         vocab = row.shape[-1]
@@ -61,10 +63,15 @@ def select_tokens(reqs: Sequence[Request], logits: torch.Tensor, eos_token_ids: 
     selection = Selection()
     want_lp = [r.params.return_logprob or r.params.top_logprobs_num > 0 for r in reqs]
     raw = logits.clone() if any(want_lp) else logits  # logprobs are over the unprocessed logits
+    try:  # one batched mask (llguidance fills the batch's bitmasks in parallel)
+        mask_rows(logits, [(row, req.processor) for row, req in enumerate(reqs) if req.processor is not None])
+        batch_masked = True
+    except Exception:  # masking is idempotent: redo it row by row below so only the failing row fails
+        batch_masked = False
     live: list[int] = []
     for row, req in enumerate(reqs):
         try:
-            process_logits(req, logits[row], eos_token_ids)
+            process_logits(req, logits[row], eos_token_ids, mask=not batch_masked)
             live.append(row)
         except Exception as exc:
             selection.failures[row] = exc

@@ -274,3 +274,36 @@ def test_every_finished_output_validates(backends, tokenizer, schema, seed):
     assert proc.violation is None
     if result.finished:
         jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_batched_masks_equal_row_by_row_masks(backends, tokenizer, name):
+    import torch
+
+    from sglite.runtime.logits_processor import mask_rows
+
+    specs = [{"regex": r"[0-9]{3}"}, {"json_schema": {"type": "array", "items": {"type": "boolean"}}},
+             {"choices": ["alpha", "beta"]}, {"regex": r"[a-z ]+"}]
+    batch = [backend_processor(backends[name], **spec) for spec in specs]
+    single = [backend_processor(backends[name], **spec) for spec in specs]
+    for token in tokenizer.encode("[", add_special_tokens=False):
+        batch[1].accept_token(token)
+        single[1].accept_token(token)
+    logits = torch.randn(len(specs), VOCAB, generator=torch.Generator().manual_seed(0))
+    expected = logits.clone()
+    mask_rows(logits, list(enumerate(batch)))
+    for row, proc in enumerate(single):
+        proc.mask_logits(expected[row])
+    assert torch.equal(logits, expected)
+    assert all(0 < torch.isinf(logits[row]).sum() < VOCAB for row in range(len(specs)))  # each row really masked
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_sentencepiece_tokenizer(sp_tokenizer, name):
+    backend = make_backend(name, sp_tokenizer, VOCAB)
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "São Paulo"]}, "n": {"type": "integer",
+              "minimum": 1, "maximum": 99}}, "required": ["city", "n"]}
+    for seed in range(3):
+        proc, result, text = run(backend, sp_tokenizer, seed, json_schema=schema)
+        assert result.finished and proc.violation is None
+        jsonschema.validate(json.loads(text), schema)

@@ -33,7 +33,7 @@ def field(text: str, key: str):
 
 @pytest.mark.slow
 def test_constrained_extraction_is_at_least_as_accurate_as_free(real_model_path):
-    with sglite.Engine(real_model_path) as engine:  # grammar_backend="llguidance", the default
+    with sglite.Engine(real_model_path, max_total_tokens=4096) as engine:  # grammar_backend="llguidance" (default)
         prompts = [engine.tokenizer.apply_chat_template(
             [{"role": "user", "content": "Extract the person's name, age and city from this text as JSON with keys "
                                          f"name, age, city.\nText: {row['bio']}"}],
