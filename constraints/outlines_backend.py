@@ -73,6 +73,13 @@ def audit_schema(schema, lenient: bool) -> list[str]:
         if "format" in node and ("minLength" in node or "maxLength" in node) and "pattern" not in node:
             relax("minLength" if "minLength" in node else "maxLength", pointer,
                   "is ignored next to 'format' by the outlines backend")
+        values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]] if "const" in node else None
+        if values is not None and "type" in node:
+            import jsonschema
+
+            if any(not jsonschema.Draft202012Validator({"type": node["type"]}).is_valid(v) for v in values):
+                refuse("type", pointer, "disagrees with a value of 'enum'/'const' next to it, and the outlines route "
+                       "ignores 'type' there")
         properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
         if isinstance(node.get("required"), list):
             missing = [name for name in node["required"] if name not in properties]

@@ -203,6 +203,9 @@ def test_recursive_and_large_schemas_finish_in_bounded_time(backends, tokenizer)
         except ConstraintError as exc:  # a refusal is fine too, if it names the problem
             assert "circular" in str(exc)
         assert time.perf_counter() - start < 10.0  # milliseconds in practice; generous for loaded CI
+    with pytest.raises(ConstraintError, match="'type' at /properties/mode"):  # outlines ignores type next to enum
+        backend_processor(backends["outlines"], json_schema={"type": "object", "properties": {
+            "mode": {"enum": ["all", "ssl"], "type": "object"}}})
     with pytest.raises(ConstraintError, match="recursive"):  # outlines-core would expand it without bound
         backend_processor(backends["outlines"], json_schema=ENFORCED["ref_root"])
 
