@@ -286,5 +286,5 @@ def test_sglang_signature_keywords_are_accepted(runtime):
     states = scored.run_batch([{"word": w} for w in ("a", "b", "c")], generator_style=True, temperature=0)
     assert not isinstance(states, list)
     assert [st.text()[0] for st in states] == ["a", "b", "c"]
-    with pytest.raises(sgl.LangError, match="fork"):
-        sgl.gen("x", n=2)
+    with pytest.raises(sgl.LangError, match="positive integer"):
+        sgl.gen("x", n=0)

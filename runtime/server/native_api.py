@@ -34,6 +34,7 @@ from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import APIError, invalid_request
 from sglite.runtime.logprob_text import FLOOR_LOGPROB, with_logprob_texts
 from sglite.runtime.prompts import prompt_batch
+from sglite.runtime.server.native_stream import StreamState, sglang_meta_info
 from sglite.runtime.server.protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     Chunk,
@@ -46,8 +47,6 @@ from sglite.runtime.server.streaming import (
     sse,
     sse_stream,
 )
-
-LOGPROB_KEYS = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs", "output_top_logprobs")
 
 Call = tuple[str | list[int], dict[str, Any], str]  # (prompt, sampling params, rid)
 
@@ -67,47 +66,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
-
-
-def sglang_meta_info(meta_info: dict[str, Any]) -> dict[str, Any]:
-    """The engine's meta_info in SGLang's shape: a length finish also says its length."""
-    reason = meta_info.get("finish_reason")
-    if isinstance(reason, dict) and reason.get("type") == "length" and "length" not in reason:
-        meta_info = {**meta_info, "finish_reason": {**reason, "length": meta_info.get("completion_tokens", 0)}}
-    return meta_info
-
-
-class StreamState:
-    """What one streamed request has sent so far: SGLang's events are cumulative in text and ids,
-    incremental in logprobs (each entry once, ``output_token_logprobs_length`` the running count)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.sent: dict[str, int] = {key: 0 for key in LOGPROB_KEYS}
-
-    def event(self, chunk: Chunk) -> dict[str, Any]:
-        self.text += chunk["text"]
-        self.output_ids.extend(chunk["output_ids"])
-        meta = dict(chunk["meta_info"])
-        for key in LOGPROB_KEYS:
-            if key in meta:
-                meta[key] = self._new_entries(key, meta[key], meta)
-        if "output_token_logprobs" in meta:
-            meta["output_token_logprobs_length"] = self.sent["output_token_logprobs"]
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": sglang_meta_info(meta)}
-
-    def _new_entries(self, key: str, entries: list[Any], meta: dict[str, Any]) -> list[Any]:
-        """The entries of ``entries`` not sent yet. The engine sends either the whole list so far or only
-        the new entries; an output list as long as ``completion_tokens`` is the whole list."""
-        total = meta.get("completion_tokens", 0) if key.startswith("output") else None
-        sent = self.sent[key]
-        cumulative = total is not None and len(entries) == total and sent > 0
-        if key.startswith("input"):
-            cumulative = sent > 0 and len(entries) == sent  # prompt logprobs arrive whole, in the first event
-        new = entries[sent:] if cumulative else entries
-        self.sent[key] = sent + len(new)
-        return new
 
 
 class NativeServing:
