@@ -319,14 +319,17 @@ class StreamExecutor:
         if self.stream and params.sample_count() > 1:
             raise LangError("gen(n=...) with several samples cannot stream; run the program without stream=True")
         if self.stream:
-            value, meta = "", None
+            value, meta, pending = "", None, None
             for delta, chunk_meta in self.backend.generate_stream(prompt, params):
                 value += delta
                 meta = merge_stream_meta(meta, chunk_meta)
+                # An event without text (half a character, EOS) hands its logprobs to the next piece.
+                pending = merge_stream_meta(pending, chunk_meta)
                 if node.name is not None:
                     self.variables[node.name] = value
                 if delta:
-                    self._append(delta, node.name, chunk_meta)
+                    self._append(delta, node.name, pending)
+                    pending = None
         else:
             value, meta = self.backend.generate(prompt, params)
             # n > 1: SGLang's shape, the list of samples in the variable and the first one in the text

@@ -31,7 +31,7 @@ from sglite.runtime.server.streaming import AsyncEngine, InflightRequests, shutt
 
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/flush_cache", "/get_server_info", "/health", "/metrics",
-    "/server_info", "/model_info", "/get_model_info", "/health_generate",
+    "/server_info", "/model_info", "/get_model_info", "/health_generate", "/concate_and_append_request",
 )
 
 

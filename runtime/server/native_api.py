@@ -5,6 +5,7 @@
     GET  /server_info, /get_server_info  engine and server settings, live stats, version
     GET|POST /flush_cache                empty the radix cache (refused while requests run)
     GET  /health_generate                200 once the engine decodes a token
+    POST /concate_and_append_request     accepted: a join's splice is done by the radix cache
 
     curl -s localhost:30000/generate -H 'Content-Type: application/json' \\
         -d '{"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}'
@@ -85,6 +86,21 @@ class NativeServing:
         for path in ("/model_info", "/get_model_info"):
             app.add_api_route(path, self.model_info, methods=["GET"], dependencies=dependencies)
         app.add_api_route("/health_generate", self.health_generate, methods=["GET"], dependencies=dependencies)
+        app.add_api_route("/concate_and_append_request", self.concate_and_append, methods=["POST"], dependencies=dependencies)
+
+    async def concate_and_append(self, request: Request) -> Response:
+        """SGLang's client calls this after ``join("concate_and_append")`` to splice the forks' KV into the
+        parent's. Here the parent's next ``/generate`` sends the joined text, whose prefixes the radix
+        cache already holds: the splice happens there, exactly (the forks' KV sits at the positions the
+        joined text gives it only up to the fork point; what follows is computed, not position-shifted)."""
+        try:
+            body = json.loads(await read_json_body(request, self.config.max_body_bytes))
+        except ValueError as exc:
+            raise invalid_request(f"the body is not JSON: {exc}", code="invalid_json") from exc
+        src, dst = (body.get("src_rids"), body.get("dst_rid")) if isinstance(body, dict) else (None, None)
+        if not (isinstance(src, list) and all(isinstance(r, str) for r in src) and isinstance(dst, str)):
+            raise invalid_request("give 'src_rids' (a list of strings) and 'dst_rid' (a string)", param="src_rids")
+        return JSONResponse({"success": True})
 
     async def flush_cache(self) -> Response:
         """Empty the radix cache; 409 while requests run (their KV is in use)."""
