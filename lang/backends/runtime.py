@@ -125,9 +125,9 @@ class Runtime(NativeBackend):
 
     def get_server_info(self) -> dict[str, Any]:
         return {
-            "model_path": self.model_path,
-            "context_length": self.engine.context_length,
             **dataclasses.asdict(self.engine.config),
+            "model_path": self.model_path,
+            "context_length": self.engine.context_length,  # the effective one (the option may be None)
             **self.engine.get_stats(),
         }
 
