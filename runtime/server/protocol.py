@@ -4,7 +4,7 @@ Field policy, so clients get a precise 400 instead of silently different output:
 
 - every field OpenAI documents is known; those that only carry metadata (``user``, ``store``,
   ``metadata``, ``service_tier``…) are accepted and ignored;
-- those that would change the output in a way this server cannot honour (``tools``, ``logit_bias``,
+- those that would change the output in a way this server cannot honour (``functions``, ``logit_bias``,
   ``audio``, ``suffix``…) are rejected with 400 naming the field;
 - anything else is an unknown field: 400 ``Unrecognized request argument supplied: <field>``.
 
@@ -124,17 +124,58 @@ class TextContentPart(_StrictModel):
     text: str
 
 
+class FunctionCall(_StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+    """The arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCall(_StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema; a call's arguments are generated under it."""
+    strict: bool | None = None
+    """Accepted; calls are always constrained to the schema."""
+
+
+class Tool(_StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(_StrictModel):
+    name: str
+
+
+class NamedToolChoice(_StrictModel):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
 class ChatMessage(_StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system`` and is templated as one."""
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's earlier calls (sent back by the client with their results)."""
+    tool_call_id: str | None = None
+    """A ``tool`` turn's answer to this call id."""
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for a {self.role} message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
         return self
 
     def text(self) -> str:
@@ -143,6 +184,15 @@ class ChatMessage(_StrictModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (``developer`` templated as ``system``)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class JsonSchemaFormat(_StrictModel):
@@ -167,20 +217,22 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    """Only the values that are meaningful without tools are accepted."""
+    tools: list[Tool] | None = Field(None, max_length=128)
+    """Functions the model may call; a call is generated under its ``parameters`` schema."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default ``auto`` with tools; ``required`` and a named function force a call."""
     parallel_tool_calls: bool | None = None
+    """Accepted; at most one call is made per choice."""
     reasoning_effort: str | None = None
     verbosity: str | None = None
     modalities: list[Literal["text"]] | None = None
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
     prediction: Any = None
     web_search_options: Any = None
 
-    @field_validator("tools", "functions", "function_call", "audio", "prediction", "web_search_options")
+    @field_validator("functions", "function_call", "audio", "prediction", "web_search_options")
     @classmethod
     def _reject_unsupported_chat(cls, value: Any, info: Any) -> Any:
         return _reject_if_set(value, info.field_name)
@@ -340,8 +392,9 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(_Response):
@@ -370,6 +423,7 @@ class ChatDelta(_Response):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):
