@@ -94,7 +94,7 @@ class NativeServing:
         cache already holds: the splice happens there, exactly (the forks' KV sits at the positions the
         joined text gives it only up to the fork point; what follows is computed, not position-shifted)."""
         try:
-            body = json.loads(await read_json_body(request, self.config.max_body_bytes))
+            body = json.loads(await read_json_body(request, self.config.max_body_bytes, self.config.body_timeout))
         except ValueError as exc:
             raise invalid_request(f"the body is not JSON: {exc}", code="invalid_json") from exc
         src, dst = (body.get("src_rids"), body.get("dst_rid")) if isinstance(body, dict) else (None, None)
@@ -167,7 +167,7 @@ class NativeServing:
         return Response(status_code=200)
 
     async def generate(self, request: Request) -> Response:
-        req = GenerateRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes))
+        req = GenerateRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes, self.config.body_timeout))
         if (req.text is None) == (req.input_ids is None):
             raise invalid_request("give exactly one of 'text' or 'input_ids'", param="text")
         source: Any = req.text if req.text is not None else req.input_ids
