@@ -22,18 +22,23 @@ from sglite.lang.api import (
     gen_int,
     gen_string,
     get_server_info,
+    image,
     select,
+    separate_reasoning,
     system,
     system_begin,
     system_end,
     user,
     user_begin,
     user_end,
+    video,
 )
 from sglite.lang.backends.base import Backend, BackendNotSetError, get_default_backend, set_default_backend
 from sglite.lang.backends.openai import OpenAI
 from sglite.lang.backends.runtime import Runtime
 from sglite.lang.backends.runtime_endpoint import RuntimeEndpoint
+from sglite.lang.backends.server_args import UnsupportedServerArgError
+from sglite.lang.global_config import GlobalConfig, global_config
 from sglite.lang.chat_template import ChatTemplate, ChatTemplateError, get_chat_template
 from sglite.lang.choices import (
     ChoicesDecision,
@@ -61,6 +66,9 @@ __all__ = [
     "gen_int",
     "gen_string",
     "select",
+    "image",
+    "video",
+    "separate_reasoning",
     "system",
     "user",
     "assistant",
@@ -86,6 +94,9 @@ __all__ = [
     "get_default_backend",
     "flush_cache",
     "get_server_info",
+    "global_config",
+    "GlobalConfig",
+    "UnsupportedServerArgError",
     # chat templates, notebooks, errors
     "ChatTemplate",
     "get_chat_template",

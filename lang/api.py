@@ -16,7 +16,21 @@ from typing import Any
 
 from sglite.lang.backends.base import Backend, resolve_backend
 from sglite.lang.choices import ChoicesSamplingMethod, token_length_normalized
-from sglite.lang.ir import Expr, ExprList, Gen, GenParams, LangError, RoleBegin, RoleEnd, Select, as_expr
+from sglite.lang.ir import (
+    Expr,
+    ExprList,
+    Gen,
+    GenParams,
+    Image,
+    LangError,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    SeparateReasoning,
+    Video,
+    as_expr,
+    variable_names,
+)
 from sglite.lang.program import Program
 
 
@@ -40,6 +54,7 @@ def gen(
     n: int | None = None,
     stop: str | list[str] | None = None,
     stop_token_ids: list[int] | None = None,
+    stop_regex: str | list[str] | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -66,10 +81,13 @@ def gen(
 
         >>> s += "Age: " + sgl.gen("age", dtype=int)      # doctest: +SKIP
 
-    ``n`` is accepted for SGLang compatibility and must be 1; for several samples fork the state.
+    ``n=k`` draws k samples from one prefill of the prompt: the variable is the list of k strings
+    and the first is appended to the text (SGLang's shape); ``get_meta_info`` is the list of their
+    meta infos. ``stop_regex`` stops at a regular-expression match (trimmed, like ``stop``).
+
+        >>> s += "Slogan:" + sgl.gen("slogan", n=3, temperature=0.8, stop="\\n")   # doctest: +SKIP
+        >>> s["slogan"]                     # three strings                    # doctest: +SKIP
     """
-    if n not in (None, 1):
-        raise LangError(f"gen(n={n!r}) is not supported; use forks = s.fork({n}) and a gen in each fork")
     if choices is not None:
         return select(name, choices, 0.0 if temperature is None else temperature,
                       choices_method or token_length_normalized)
@@ -78,6 +96,8 @@ def gen(
         min_new_tokens=min_tokens,
         stop=stop,
         stop_token_ids=stop_token_ids,
+        stop_regex=stop_regex,
+        n=n,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -95,6 +115,7 @@ def gen(
         grammar=grammar,
     )
     params.constraint()  # fail here, at the program line, on conflicting or unknown constraints
+    params.sample_count()
     return Gen(name, params)
 
 
@@ -123,6 +144,35 @@ def select(
     if not isinstance(choices_method, ChoicesSamplingMethod):
         raise LangError(f"choices_method must be e.g. sgl.token_length_normalized, got {choices_method!r}")
     return Select(name, list(choices), temperature, choices_method)
+
+
+def image(expr: Any) -> Image:
+    """An image input (SGLang's ``sgl.image``). Every model this engine serves is text-only, so running
+    a program that uses it raises ``LangError`` naming the model; nothing is silently dropped."""
+    return Image(expr)
+
+
+def video(path: str, num_frames: int = 0) -> Video:
+    """A video input (SGLang's ``sgl.video``); refused like ``image`` on a text-only model."""
+    return Video(path, num_frames)
+
+
+def separate_reasoning(expr: Expr | None = None, model_type: str | None = None) -> ExprList:
+    """Split a reasoning model's ``<think>...</think>`` out of a ``gen``'s text (SGLang's ``separate_reasoning``).
+
+    After ``s += sgl.assistant(sgl.separate_reasoning(sgl.gen("answer"), model_type="qwen3"))``
+    ``s["answer"]`` holds the text after the reasoning and ``s["answer_reasoning_content"]`` the
+    reasoning; the state's text keeps only the answer. ``model_type`` picks the markers
+    (``reasoning_markers`` lists them).
+    """
+    from sglite.lang.reasoning import reasoning_markers
+
+    if expr is None:
+        raise LangError("separate_reasoning() needs the gen (or select) whose output to split")
+    reasoning_markers(model_type)  # unknown model types fail here, at the program line
+    if not variable_names(as_expr(expr)):
+        raise LangError("separate_reasoning() needs a gen or select with a name")
+    return ExprList([SeparateReasoning(as_expr(expr), model_type)])
 
 
 def _role(role: str, expr: Expr | str | None) -> ExprList:

@@ -24,15 +24,33 @@ from sglite.lang.ir import (
     ExprList,
     Gen,
     GenParams,
+    Image,
     LangError,
     RoleBegin,
     RoleEnd,
     Select,
+    SeparateReasoning,
     VarScopeBegin,
     VarScopeEnd,
+    Video,
     as_expr,
     variable_names,
 )
+
+LOGPROB_KEYS = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs", "output_top_logprobs")
+
+
+def merge_stream_meta(merged: dict | None, meta: dict | None) -> dict | None:
+    """The meta info of a whole streamed gen: the last chunk's counters, every chunk's logprob entries."""
+    if meta is None:
+        return merged
+    if merged is None:
+        return dict(meta)
+    combined = dict(meta)
+    for key in LOGPROB_KEYS:
+        if key in meta or key in merged:
+            combined[key] = list(merged.get(key) or []) + list(meta.get(key) or [])
+    return combined
 
 
 _LANG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -106,6 +124,8 @@ class StreamExecutor:
         self._unfinished = 0
         self._draining = False
         self._var_events: dict[str, threading.Event] = {}
+        self._held_vars: set[str] = set()
+        """Variables whose readers must wait for a later node (``separate_reasoning`` rewrites them)."""
         self._cond = threading.Condition()
 
     # ---- submission (program thread) -------------------------------------------------------
@@ -249,7 +269,8 @@ class StreamExecutor:
         if meta_info is not None:
             self.meta_info[name] = meta_info
         self.spans.append(VariableSpan(name, start, len(self.text_)))
-        self._var_events.setdefault(name, threading.Event()).set()
+        if name not in self._held_vars:
+            self._var_events.setdefault(name, threading.Event()).set()
 
     def _prompt(self) -> PromptView:
         open_text = self.text_[self._role_start:] if self._open_role else ""
@@ -276,6 +297,14 @@ class StreamExecutor:
                 raise LangError(f"var_scope {expr.name!r} ended without beginning")
             start = self._scope_starts.pop(expr.name)
             self._finish_var(expr.name, self.text_[start:], None, start)
+        elif isinstance(expr, (Image, Video)):
+            kind = "image" if isinstance(expr, Image) else "video"
+            raise LangError(
+                f"sgl.{kind}(...) needs a vision-language model; {self.backend.get_model_name() or 'this backend'} "
+                "serves a text-only model (no image or video input is sent, so none can be ignored silently)"
+            )
+        elif isinstance(expr, SeparateReasoning):
+            self._execute_separate_reasoning(expr)
         elif isinstance(expr, ConcatenateAndAppend):
             for child in expr.executors:
                 child.sync()
@@ -287,18 +316,48 @@ class StreamExecutor:
         params = node.params.merged_over(self.default_params)
         start = len(self.text_)
         prompt = self._prompt()
+        if self.stream and params.sample_count() > 1:
+            raise LangError("gen(n=...) with several samples cannot stream; run the program without stream=True")
         if self.stream:
-            value, meta = "", None
-            for delta, meta in self.backend.generate_stream(prompt, params):
+            value, meta, pending = "", None, None
+            for delta, chunk_meta in self.backend.generate_stream(prompt, params):
                 value += delta
+                meta = merge_stream_meta(meta, chunk_meta)
+                # An event without text (half a character, EOS) hands its logprobs to the next piece.
+                pending = merge_stream_meta(pending, chunk_meta)
                 if node.name is not None:
                     self.variables[node.name] = value
                 if delta:
-                    self._append(delta, node.name, meta)
+                    self._append(delta, node.name, pending)
+                    pending = None
         else:
             value, meta = self.backend.generate(prompt, params)
-            self._append(value, node.name, meta)
+            # n > 1: SGLang's shape, the list of samples in the variable and the first one in the text
+            self._append(value[0] if isinstance(value, list) else value, node.name, meta)
         self._finish_var(node.name, value, meta, start)
+
+    def _execute_separate_reasoning(self, node: SeparateReasoning) -> None:
+        from sglite.lang.reasoning import split_reasoning
+
+        names = variable_names(node.inner)
+        self._held_vars.update(names)
+        try:
+            self._execute(node.inner)
+        finally:
+            self._held_vars.difference_update(names)
+        for name in names:
+            span = next(sp for sp in reversed(self.spans) if sp.name == name)
+            value = self.variables[name]
+            parts = [split_reasoning(v, node.model_type) for v in value] if isinstance(value, list) else None
+            reasoning, answer = ([p[0] for p in parts], [p[1] for p in parts]) if parts else split_reasoning(value, node.model_type)
+            shown = answer[0] if isinstance(answer, list) else answer
+            with self._cond:  # the text keeps only the answer, as in SGLang
+                self.text_ = self.text_[: span.start] + shown + self.text_[span.end :]
+            self.spans = [sp for sp in self.spans if sp is not span] + [VariableSpan(name, span.start, span.start + len(shown))]
+            self.variables[name] = answer
+            self.variables[SeparateReasoning.reasoning_name(name)] = reasoning
+            for var in (name, SeparateReasoning.reasoning_name(name)):
+                self._var_events.setdefault(var, threading.Event()).set()
 
     def _execute_select(self, node: Select) -> None:
         start = len(self.text_)

@@ -40,6 +40,11 @@ class GenParams:
     """Stop when the output ends with one of these strings (they are not included)."""
     stop_token_ids: list[int] | None = None
     """Stop after one of these token ids."""
+    stop_regex: str | list[str] | None = None
+    """Stop when the output matches one of these regular expressions (the match is trimmed)."""
+    n: int | None = None
+    """Samples of this ``gen`` (SGLang's ``n``): the variable becomes a list of ``n`` strings and the
+    first is appended to the text; the prompt is prefilled once for all of them."""
     temperature: float | None = None
     """0 is greedy decoding."""
     top_p: float | None = None
@@ -77,6 +82,13 @@ class GenParams:
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         return dataclasses.replace(defaults, **overrides)
 
+    def sample_count(self) -> int:
+        """``n``, validated: a positive integer (1 when unset)."""
+        n = 1 if self.n is None else self.n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise LangError(f"gen(n=...) must be a positive integer, got {self.n!r}")
+        return n
+
     def with_extra_stop(self, extra: tuple[str, ...]) -> GenParams:
         """Add a chat template's stop strings (e.g. ``<|im_end|>``) to the user's."""
         if not extra:
@@ -91,7 +103,15 @@ class GenParams:
             for f in fields(self)
             if getattr(self, f.name) is not None and f.name not in self.REQUEST_KEYS + ("dtype", "regex", "json_schema", "grammar")
         }
+        if params.get("n") == 1:
+            del params["n"]  # the engine's default: keeps requests valid for servers without ``n``
+        if not params.get("stop_regex"):
+            params.pop("stop_regex", None)
         regex, json_schema = self.constraint()
+        if self.dtype is not None and dtype_name(self.dtype) in DTYPE_STOPS:
+            # SGLang's int/float regexes allow trailing blanks and stop on them (the stop is trimmed)
+            stop = [params["stop"]] if isinstance(params.get("stop"), str) else list(params.get("stop") or [])
+            params["stop"] = stop + [s for s in DTYPE_STOPS[dtype_name(self.dtype)] if s not in stop]
         if regex is not None:
             params["regex"] = regex
         if json_schema is not None:
@@ -123,17 +143,35 @@ class GenParams:
         }
 
 
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+"""SGLang's ``dtype=int`` / ``dtype=float`` regexes (``sglang.lang.ir``), with ``DTYPE_STOPS`` as its stops."""
+DTYPE_STOPS = {"int": (" ", "\n"), "float": (" ", "\n")}
+
+
+def dtype_name(dtype: type | str) -> str:
+    return dtype if isinstance(dtype, str) else getattr(dtype, "__name__", repr(dtype))
+
+
 def dtype_regex(dtype: type | str) -> str:
-    """The regex of a Python literal type: ``int``, ``float``, ``bool`` or ``str`` (or their names)."""
+    """The regex of a Python literal type: ``int``, ``float``, ``bool`` or ``str`` (or their names).
+
+    ``int`` and ``float`` are SGLang's (a number, then blanks the stops trim); ``bool`` is ``True|False``
+    and ``str`` a double-quoted JSON string.
+
+        >>> import re
+        >>> bool(re.fullmatch(dtype_regex(int), "+365 ")), bool(re.fullmatch(dtype_regex("float"), "3.14"))
+        (True, True)
+    """
     from sglite import constraints
 
-    name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", repr(dtype))
     table = {
-        "int": constraints.INT_REGEX,
-        "float": constraints.FLOAT_REGEX,
+        "int": REGEX_INT,
+        "float": REGEX_FLOAT,
         "bool": constraints.BOOL_REGEX,
         "str": constraints.STRING_REGEX,
     }
+    name = dtype_name(dtype)
     if name not in table:
         raise LangError(f"gen(dtype=...) must be one of int, float, bool, str; got {dtype!r}")
     return table[name]
@@ -224,6 +262,34 @@ class RoleEnd(Expr):
 
 
 @dataclass(eq=False)
+class Image(Expr):
+    """An image input; refused when run (every model served here is text-only)."""
+
+    source: Any
+
+
+@dataclass(eq=False)
+class Video(Expr):
+    """A video input; refused when run (every model served here is text-only)."""
+
+    path: str
+    num_frames: int
+
+
+@dataclass(eq=False)
+class SeparateReasoning(Expr):
+    """Run ``inner`` (gens/selects), then split each of its variables ``x`` into the reasoning
+    (``x_reasoning_content``) and the rest (``x``); readers see only the split values."""
+
+    inner: Expr
+    model_type: str | None
+
+    @staticmethod
+    def reasoning_name(name: str) -> str:
+        return f"{name}_reasoning_content"
+
+
+@dataclass(eq=False)
 class VarScopeBegin(Expr):
     """Start capturing all text appended from here into variable ``name``."""
 
@@ -252,4 +318,7 @@ def variable_names(expr: Expr) -> list[str]:
         return [expr.name]
     if isinstance(expr, VarScopeEnd):
         return [expr.name]
+    if isinstance(expr, SeparateReasoning):
+        inner = variable_names(expr.inner)
+        return inner + [SeparateReasoning.reasoning_name(name) for name in inner]
     return []

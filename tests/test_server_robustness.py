@@ -70,7 +70,7 @@ HOSTILE = [
     ("/v1/chat/completions", {"messages": []}),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),  # a tool turn needs tool_call_id
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": [1, [2, [3]]]}}]}]}),
@@ -134,7 +134,7 @@ HOSTILE = [
     chat(regex="a", response_format={"type": "json_object"}),
     # fields this server does not know or cannot honour
     chat(foo=1),
-    chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+    chat(tools=[{"type": "function", "function": {"name": "not a name!"}}]),
     chat(functions=[{"name": "f"}]),
     chat(logit_bias={"1": 5}),
     chat(audio={"voice": "x"}),

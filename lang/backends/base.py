@@ -41,8 +41,9 @@ class Backend(ABC):
     chat_template: ChatTemplate
 
     @abstractmethod
-    def generate(self, prompt: PromptView, params: GenParams) -> tuple[str, dict]:
-        """Generate a completion of ``prompt``; returns ``(text, meta_info)``."""
+    def generate(self, prompt: PromptView, params: GenParams) -> tuple[str | list[str], dict | list[dict]]:
+        """Generate a completion of ``prompt``; returns ``(text, meta_info)``, or with ``params.n`` > 1
+        the lists of the ``n`` samples' texts and meta infos."""
 
     def generate_stream(self, prompt: PromptView, params: GenParams) -> Iterator[tuple[str, dict]]:
         """Yield ``(new_text, meta_info_so_far)`` as the completion grows (default: one piece)."""
@@ -53,6 +54,14 @@ class Backend(ABC):
         self, prompt: PromptView, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod
     ) -> ChoicesDecision:
         """Choose one of ``choices`` as the continuation of ``prompt``."""
+
+    def get_model_name(self) -> str:
+        """The served model's path or name (SGLang's ``get_model_name``)."""
+        return str(getattr(self, "model_path", "") or getattr(self, "model_name", ""))
+
+    def get_chat_template(self) -> ChatTemplate:
+        """The chat template turns are rendered with."""
+        return self.chat_template
 
     def cache_prefix(self, text: str) -> None:
         """Make ``text`` a cached prefix before several continuations of it run (no-op by default)."""

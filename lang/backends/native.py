@@ -45,26 +45,31 @@ class NativeBackend(Backend):
         top_logprobs_num: int = 0,
         return_text_in_logprobs: bool = False,
     ) -> Iterator[dict]:
-        """Stream chunks ``{"text": new_text, "meta_info": {...}, "finished": bool}``."""
+        """Stream SGLang's ``/generate`` events: ``{"text": all text so far, "meta_info": {...}}`` with each
+        logprob entry in one event only and ``output_token_logprobs_length`` the running count."""
 
     def _sampling_params(self, params: GenParams) -> dict[str, Any]:
-        return params.with_extra_stop(self.chat_template.stop_str).to_sampling_params()
+        from sglite.lang.global_config import global_config
 
-    def generate(self, prompt: PromptView, params: GenParams) -> tuple[str, dict]:
+        sampling = params.with_extra_stop(self.chat_template.stop_str).to_sampling_params()
+        if not global_config.skip_special_tokens_in_output:
+            sampling["skip_special_tokens"] = False
+        return sampling
+
+    def generate(self, prompt: PromptView, params: GenParams) -> tuple[str | list[str], dict | list[dict]]:
         out = self._generate(prompt.text, self._sampling_params(params), **params.request_options())
+        if isinstance(out, list):  # n > 1: one result per sample
+            return [o["text"] for o in out], [o["meta_info"] for o in out]
         return out["text"], out["meta_info"]
 
     def generate_stream(self, prompt: PromptView, params: GenParams) -> Iterator[tuple[str, dict]]:
-        """Chunks' meta_info carry logprob deltas; the finished one carries the whole lists (the variable's)."""
-        logprobs: dict[str, list] = {}
-        for chunk in self._generate_stream(prompt.text, self._sampling_params(params), **params.request_options()):
-            meta = chunk["meta_info"]
-            for key in ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs"):
-                if key in meta:
-                    logprobs.setdefault(key, []).extend(meta[key])
-            if chunk.get("finished"):
-                meta = {**meta, **{key: list(entries) for key, entries in logprobs.items()}}
-            yield chunk["text"], meta
+        """``(new text, this event's meta_info)`` from SGLang-format events (cumulative text, logprob deltas;
+        the interpreter joins the deltas into the variable's meta info)."""
+        sent = 0
+        for event in self._generate_stream(prompt.text, self._sampling_params(params), **params.request_options()):
+            text = event["text"]
+            yield text[sent:], event["meta_info"]
+            sent = len(text)
 
     def cache_prefix(self, text: str) -> None:
         if text:

@@ -20,17 +20,21 @@ class EndpointError(RuntimeError):
 
 
 class RuntimeEndpoint(NativeBackend):
-    """A remote engine as a program backend, over HTTP (``httpx``).
+    """A remote engine as a program backend, over HTTP (``httpx``); SGLang's constructor signature.
 
-    The chat template is ``chat_template`` when given (a name such as ``"llama-3"`` or a
-    ``ChatTemplate``), else guessed from the served model's name (``GET /v1/models``), else ChatML.
-    A 4xx answer (bad sampling parameter, invalid regex) raises ``ValueError`` with the server's message.
+    The chat template is ``chat_template_name`` (SGLang's keyword) or ``chat_template`` when given
+    (a name such as ``"llama-3"`` or a ``ChatTemplate``), else guessed from the served model's path
+    (``GET /get_model_info``, as SGLang's client does; ``/v1/models`` for servers without it), else
+    ChatML. ``verify`` is the TLS check (a CA bundle path, or False). A 4xx answer (bad sampling
+    parameter, invalid regex) raises ``ValueError`` with the server's message.
     """
 
     def __init__(
         self,
         base_url: str,
         api_key: str | None = None,
+        verify: str | bool | None = None,
+        chat_template_name: str | None = None,
         chat_template: str | ChatTemplate | None = None,
         timeout: float = 600.0,
     ) -> None:
@@ -38,21 +42,30 @@ class RuntimeEndpoint(NativeBackend):
 
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
-        self.model_name = self._served_model_name() if chat_template is None else ""
-        self.chat_template = resolve_chat_template(chat_template, self.model_name)
+        self.client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, verify=True if verify is None else verify
+        )
+        self.model_info = self._model_info()
+        self.model_name = str(self.model_info.get("model_path") or "")
+        self.chat_template = resolve_chat_template(chat_template or chat_template_name, self.model_name)
 
-    def _served_model_name(self) -> str:
+    def _model_info(self) -> dict[str, Any]:
+        """SGLang's ``/get_model_info``; from ``/v1/models`` on servers without it."""
         import httpx
 
         try:
+            response = self.client.get("/get_model_info")
+            if response.status_code != 404:
+                _raise_for_status(response.status_code, response.text)
+                return response.json()
             response = self.client.get("/v1/models")
-            if response.status_code == 200:
-                models = response.json().get("data") or []
-                return str(models[0].get("id", "")) if models else ""
-        except (httpx.HTTPError, ValueError):
-            pass  # an endpoint without /v1/models still works, with the default template
-        return ""
+        except httpx.HTTPError as exc:
+            raise EndpointError(f"cannot reach {self.base_url}: {exc}") from exc
+        models = (response.json().get("data") or []) if response.status_code == 200 else []
+        return {"model_path": str(models[0].get("id", "")) if models else ""}
+
+    def get_model_name(self) -> str:
+        return self.model_name
 
     def _payload(
         self, prompt, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs
@@ -105,11 +118,12 @@ class RuntimeEndpoint(NativeBackend):
         return response.status_code == 200
 
     def get_server_info(self) -> dict[str, Any]:
-        response = self.client.get("/get_server_info")
-        if response.status_code == 404:  # servers without SGLang's info route still have a name
-            return {"base_url": self.base_url, "model": self.model_name or self._served_model_name()}
-        _raise_for_status(response.status_code, response.text)
-        return response.json()
+        for path in ("/server_info", "/get_server_info"):  # SGLang's current route, then its older name
+            response = self.client.get(path)
+            if response.status_code != 404:
+                _raise_for_status(response.status_code, response.text)
+                return response.json()
+        return {"base_url": self.base_url, "model_path": self.model_name}
 
     def shutdown(self) -> None:
         """Close the HTTP connections (the server keeps running)."""

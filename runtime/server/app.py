@@ -31,6 +31,7 @@ from sglite.runtime.server.streaming import AsyncEngine, InflightRequests, shutt
 
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/flush_cache", "/get_server_info", "/health", "/metrics",
+    "/server_info", "/model_info", "/get_model_info", "/health_generate", "/concate_and_append_request",
 )
 
 
@@ -192,9 +193,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.add_api_route("/v1/chat/completions", openai.chat_completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/models", openai.list_models, methods=["GET"], dependencies=guarded)
-    app.add_api_route("/generate", native.generate, methods=["POST"], dependencies=guarded)
-    app.add_api_route("/flush_cache", native.flush_cache, methods=["POST"], dependencies=guarded)
-    app.add_api_route("/get_server_info", native.server_info, methods=["GET"], dependencies=guarded)
+    native.register(app, guarded)
 
     @app.get("/health")
     async def health() -> Response:

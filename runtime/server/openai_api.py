@@ -133,6 +133,9 @@ class OpenAIServing:
         self.model_name = model_name
         self.strings = TokenStrings(self.engine.tokenizer)
         self.max_chars_per_token = max_chars_per_token(self.engine.tokenizer)
+        from sglite.runtime.server.tool_serving import ToolServing
+
+        self.tools = ToolServing(self)
 
     # ---- /v1/models ---------------------------------------------------------------------
     async def list_models(self) -> Response:
@@ -234,7 +237,7 @@ class OpenAIServing:
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         from jinja2 import TemplateError
 
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        conversation = [m.for_template() for m in messages]
         try:
             ids = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
         except (TemplateError, ValueError) as exc:
@@ -246,6 +249,10 @@ class OpenAIServing:
         req = ChatCompletionRequest.model_validate_json(await read_json_body(request, self.config.max_body_bytes, self.config.body_timeout))
         if req.top_logprobs and not req.logprobs:
             raise invalid_request("top_logprobs requires logprobs=true", param="top_logprobs")
+        if req.tools:  # tool calling: see tool_serving.py
+            return await self.tools.chat(request, req, arrival)
+        if req.tool_choice not in (None, "none", "auto"):
+            raise invalid_request("tool_choice requires tools", param="tool_choice")
         try:
             constraint = req.constraint()
         except ValueError as exc:

@@ -4,7 +4,7 @@ Field policy, so clients get a precise 400 instead of silently different output:
 
 - every field OpenAI documents is known; those that only carry metadata (``user``, ``store``,
   ``metadata``, ``service_tier``…) are accepted and ignored;
-- those that would change the output in a way this server cannot honour (``tools``, ``logit_bias``,
+- those that would change the output in a way this server cannot honour (``functions``, ``logit_bias``,
   ``audio``, ``suffix``…) are rejected with 400 naming the field;
 - anything else is an unknown field: 400 ``Unrecognized request argument supplied: <field>``.
 
@@ -124,17 +124,58 @@ class TextContentPart(_StrictModel):
     text: str
 
 
+class FunctionCall(_StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+    """The arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCall(_StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema; a call's arguments are generated under it."""
+    strict: bool | None = None
+    """Accepted; calls are always constrained to the schema."""
+
+
+class Tool(_StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(_StrictModel):
+    name: str
+
+
+class NamedToolChoice(_StrictModel):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
 class ChatMessage(_StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system`` and is templated as one."""
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's earlier calls (sent back by the client with their results)."""
+    tool_call_id: str | None = None
+    """A ``tool`` turn's answer to this call id."""
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for a {self.role} message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
         return self
 
     def text(self) -> str:
@@ -143,6 +184,15 @@ class ChatMessage(_StrictModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (``developer`` templated as ``system``)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class JsonSchemaFormat(_StrictModel):
@@ -167,20 +217,22 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    """Only the values that are meaningful without tools are accepted."""
+    tools: list[Tool] | None = Field(None, max_length=128)
+    """Functions the model may call; a call is generated under its ``parameters`` schema."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default ``auto`` with tools; ``required`` and a named function force a call."""
     parallel_tool_calls: bool | None = None
+    """Accepted; at most one call is made per choice."""
     reasoning_effort: str | None = None
     verbosity: str | None = None
     modalities: list[Literal["text"]] | None = None
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
     prediction: Any = None
     web_search_options: Any = None
 
-    @field_validator("tools", "functions", "function_call", "audio", "prediction", "web_search_options")
+    @field_validator("functions", "function_call", "audio", "prediction", "web_search_options")
     @classmethod
     def _reject_unsupported_chat(cls, value: Any, info: Any) -> Any:
         return _reject_if_set(value, info.field_name)
@@ -239,19 +291,67 @@ class CompletionRequest(SamplingRequest):
 # --------------------------------------------------------------------------- native /generate
 
 
+NATIVE_UNSUPPORTED = {
+    "image_data": "this server runs a text-only model",
+    "video_data": "this server runs a text-only model",
+    "audio_data": "this server runs a text-only model",
+    "input_embeds": "give text or input_ids",
+    "session_id": "sessions are not implemented; the radix cache reuses shared prefixes without them",
+    "session_params": "sessions are not implemented; the radix cache reuses shared prefixes without them",
+    "lora_path": "LoRA adapters are not implemented",
+    "lora_id": "LoRA adapters are not implemented",
+    "custom_logit_processor": "custom logit processors are not loaded by this server",
+    "token_ids_logprob": "logprobs of chosen token ids are not implemented; use top_logprobs_num",
+    "return_hidden_states": "hidden states are not returned by this server",
+    "bootstrap_host": "prefill/decode disaggregation is not implemented",
+    "bootstrap_port": "prefill/decode disaggregation is not implemented",
+    "bootstrap_room": "prefill/decode disaggregation is not implemented",
+    "data_parallel_rank": "this server runs one engine (no data parallelism)",
+}
+"""SGLang ``/generate`` fields that would change the output here: 400 naming the field when set."""
+
+
 class GenerateRequest(_StrictModel):
-    """POST /generate, SGLang's native API: the engine's own arguments, answered with its own dicts."""
+    """POST /generate, SGLang's native API (``GenerateReqInput``): the engine's own arguments, answered
+    with its own dicts. SGLang's sampling fields are checked by the engine's ``SamplingParams``."""
 
     text: str | list[str] | None = None
     input_ids: list[TokenId] | list[list[TokenId]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
-    return_logprob: bool = False
-    logprob_start_len: int = Field(-1, ge=-1, le=2**31 - 1)
-    top_logprobs_num: int = Field(0, ge=0, le=100)
+    return_logprob: bool | None = False
+    logprob_start_len: int | None = Field(-1, ge=-1, le=2**31 - 1)
+    top_logprobs_num: int | None = Field(0, ge=0, le=100)
     return_text_in_logprobs: bool = False
     """Each logprob entry's third element is its token's text instead of null."""
     rid: str | list[str] | None = None
+    # SGLang fields with no effect here: metrics are always recorded; text is the only modality.
+    log_metrics: bool | None = None
+    modalities: list[Literal["text"]] | None = None
+    # SGLang fields refused when set (NATIVE_UNSUPPORTED says why).
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    input_embeds: Any = None
+    session_id: Any = None
+    session_params: Any = None
+    lora_path: Any = None
+    lora_id: Any = None
+    custom_logit_processor: Any = None
+    token_ids_logprob: Any = None
+    return_hidden_states: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    data_parallel_rank: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> GenerateRequest:
+        for name, why in NATIVE_UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value not in (None, False, [], {}, "") and not (isinstance(value, list) and all(v is None for v in value)):
+                raise ValueError(f"'{name}' is not supported: {why}")
+        return self
 
 
 # --------------------------------------------------------------------------- responses
@@ -292,8 +392,9 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(_Response):
@@ -322,6 +423,7 @@ class ChatDelta(_Response):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):

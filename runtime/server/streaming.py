@@ -78,8 +78,18 @@ class InflightRequests:
         """Set when shutdown starts: no new engine request is started after it (503 instead)."""
 
     def add(self, rids: Iterable[str]) -> None:
+        """Register ``rids`` (all or none); a 400 if one is already in flight, which is left untouched.
+
+        Checked here, before anything reaches the engine, because every later failure path aborts
+        the handler's rids by id: a duplicate registered first would abort someone else's request.
+        """
         if self.closing:  # e.g. a prompt that was still being tokenized when SIGTERM came
             raise shutting_down_error()
+        rids = list(rids)
+        taken = [rid for rid in rids if rid in self._rids]
+        if taken or len(set(rids)) != len(rids):
+            rid = taken[0] if taken else next(r for r in rids if rids.count(r) > 1)
+            raise invalid_request(f"rid {rid!r} is already used by a request in flight; choose a unique rid", param="rid", code="duplicate_rid")
         self._rids.update(rids)
 
     def release(self, rids: Iterable[str], abort: bool) -> None:
