@@ -320,3 +320,15 @@ def test_estimate_reads_gguf_metadata(llama_path, tmp_path, cache, capsys):
     params = sum(t.numel() for t in load_file(str(llama_path / "model.safetensors")).values())
     assert f"{params / 1e3:.2f} K params" in out
     assert not cache.exists() or not any(cache.iterdir())  # no conversion just to estimate
+
+
+def test_serve_and_runtime_default_to_sglite_model_then_the_packaged_gguf(tmp_path, monkeypatch, capsys):
+    from sglite.runtime.default_model import DEFAULT_GGUF_NAME, default_model_path
+    from sglite.runtime.server.cli import main_serve
+
+    missing = tmp_path / "nowhere.gguf"
+    monkeypatch.setenv("SGLITE_MODEL", str(missing))
+    assert main_serve([]) != 0  # no --model: $SGLITE_MODEL is what it tried to load
+    assert f"cannot load model {str(missing)!r}" in capsys.readouterr().err
+    monkeypatch.delenv("SGLITE_MODEL")
+    assert Path(default_model_path()).name == DEFAULT_GGUF_NAME and Path(default_model_path()).is_file()
