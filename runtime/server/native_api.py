@@ -36,7 +36,7 @@ from sglite.runtime.server.errors import APIError, invalid_request
 from sglite.runtime.logprob_text import FLOOR_LOGPROB, with_logprob_texts
 from sglite.runtime.prompts import prompt_batch
 from sglite.runtime.native_stream import StreamState, sglang_meta_info
-from sglite.runtime.server.protocol import GenerateRequest
+from sglite.runtime.server.native_protocol import GenerateRequest
 from sglite.runtime.server.streaming import (
     Chunk,
     InflightRequests,
