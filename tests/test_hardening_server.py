@@ -170,7 +170,12 @@ def test_engine_failure_text_is_not_sent_to_clients(server, engine, monkeypatch)
     body = {"prompt": [poison], "max_tokens": 2, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as streamed:
         events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    native = {"input_ids": [poison], "sampling_params": {"max_new_tokens": 2}, "stream": True}
+    with httpx.stream("POST", f"{server}/generate", json=native, timeout=60) as streamed:
+        native_events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
     monkeypatch.setattr(engine.scheduler, "forward", forward)
+    assert native_events[-1] == "[DONE]" and "secret" not in native_events[-2]
+    assert json.loads(native_events[-2])["error"]["code"] == "generation_failed"
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert "secret" not in message and "request" in message

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
-from sglite.runtime.server.errors import APIError, invalid_request
+from sglite.runtime.server.errors import APIError, invalid_request, request_failed
 from sglite.runtime.logprob_text import FLOOR_LOGPROB, with_logprob_texts
 from sglite.runtime.prompts import prompt_batch
 from sglite.runtime.native_stream import StreamState, sglang_meta_info
@@ -254,8 +254,10 @@ class NativeServing:
             if chunk.get("finished"):
                 self.inflight.release([rids[index]], abort=False)
                 error = chunk["meta_info"].get("error")
-                if error:
-                    raise APIError(500, f"generation failed: {error}")
+                if error:  # the detail goes to the log; the client gets the request id
+                    if chunk["meta_info"].get("error_type") == "EngineShutdownError":
+                        raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
+                    raise request_failed(rids[index], error)
             event = self._with_texts(states[index].event(chunk), texts)
             if many:
                 event["index"] = index
