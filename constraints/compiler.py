@@ -24,6 +24,7 @@ from outlines_core import json_schema as oc_json
 
 from sglite.constraints.byte_cache import ByteLRU, digest
 from sglite.constraints.errors import ConstraintError
+from sglite.constraints.spec import check_choices
 from sglite.constraints.regex_budget import MAX_REGEX_LENGTH, MAX_REGEX_SIZE, check_regex_budget
 from sglite.constraints.regex_syntax import (
     check_groups_balanced,
@@ -66,13 +67,7 @@ def regex_for_type(python_type: type) -> str:
 
 def regex_for_choices(choices: list[str] | tuple[str, ...], max_bytes: int = MAX_REGEX_SIZE) -> str:
     """An alternation matching exactly one of ``choices`` (each taken literally), at most ``max_bytes`` long."""
-    if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
-        raise ConstraintError(f"choices must be a list of strings, got {type(choices).__name__}")
-    if not choices:
-        raise ConstraintError("choices is empty: give at least one string")
-    bad = [c for c in choices if not isinstance(c, str)]
-    if bad:
-        raise ConstraintError(f"choices must all be strings; got {bad[0]!r}")
+    check_choices(choices)
     unique = list(dict.fromkeys(choices))  # the DFA accepts the union, so order is cosmetic
     # The alternation's regex_size is at most its UTF-8 length: refuse before building it.
     total = sum(len(c.encode("utf-8", "surrogatepass")) for c in unique)

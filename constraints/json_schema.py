@@ -33,6 +33,7 @@ from sglite.constraints.byte_cache import ByteLRU, digest
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_layout import JsonLayout, apply_layout
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
+from sglite.constraints.spec import model_class_schema
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, budget_problem
 
 SchemaInput = Union[str, dict, bool, type]
@@ -71,13 +72,7 @@ def normalize_schema(schema: SchemaInput) -> dict | bool:
     schema, and for anything the Draft 2020-12 meta-schema rejects (with keyword and path).
     """
     if isinstance(schema, type):
-        model_json_schema = getattr(schema, "model_json_schema", None)
-        if model_json_schema is None:
-            raise ConstraintError(
-                f"json_schema: class {schema.__name__} is not a pydantic BaseModel; "
-                "pass a pydantic model, a dict or a JSON string"
-            )
-        parsed: Any = model_json_schema()
+        parsed: Any = model_class_schema(schema)
     elif isinstance(schema, str):
         try:
             parsed = json.loads(schema)

@@ -87,13 +87,7 @@ class ConstraintSpec:
                 raise ConstraintError("ebnf must be a non-empty grammar string (Lark, or GBNF with ::= rules)")
             return cls("ebnf", ebnf)
         if choices is not None:
-            if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
-                raise ConstraintError(f"choices must be a list of strings, got {type(choices).__name__}")
-            if not choices:
-                raise ConstraintError("choices is empty: give at least one string")
-            bad = [c for c in choices if not isinstance(c, str)]
-            if bad:
-                raise ConstraintError(f"choices must all be strings; got {bad[0]!r}")
+            check_choices(choices)
             return cls("choices", json.dumps(list(choices)))
         return cls("json_schema", schema_text(json_schema), layout, lenient)
 
@@ -102,18 +96,34 @@ class ConstraintSpec:
         return json.loads(self.source)
 
 
+def check_choices(choices: Any) -> None:
+    """Raise ``ConstraintError`` unless ``choices`` is a non-empty list (or tuple) of strings."""
+    if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+        raise ConstraintError(f"choices must be a list of strings, got {type(choices).__name__}")
+    if not choices:
+        raise ConstraintError("choices is empty: give at least one string")
+    bad = [c for c in choices if not isinstance(c, str)]
+    if bad:
+        raise ConstraintError(f"choices must all be strings; got {bad[0]!r}")
+
+
+def model_class_schema(schema: type) -> Any:
+    """The JSON schema of a pydantic model class; ``ConstraintError`` for any other class."""
+    model_json_schema = getattr(schema, "model_json_schema", None)
+    if model_json_schema is None:
+        raise ConstraintError(
+            f"json_schema: class {schema.__name__} is not a pydantic BaseModel; "
+            "pass a pydantic model, a dict or a JSON string"
+        )
+    return model_json_schema()
+
+
 def schema_text(schema: Any) -> str:
     """The JSON text of a schema given as text, a dict/bool or a pydantic model class (not yet validated)."""
     if isinstance(schema, str):
         return schema
     if isinstance(schema, type):
-        model_json_schema = getattr(schema, "model_json_schema", None)
-        if model_json_schema is None:
-            raise ConstraintError(
-                f"json_schema: class {schema.__name__} is not a pydantic BaseModel; "
-                "pass a pydantic model, a dict or a JSON string"
-            )
-        return json.dumps(model_json_schema())
+        return json.dumps(model_class_schema(schema))
     if isinstance(schema, (dict, bool)):
         try:
             return json.dumps(schema, allow_nan=False)

@@ -298,15 +298,19 @@ class Engine:
         """Chunks from ``out`` until the finished one; never waits on a step loop that has died."""
         chunks = []
         while True:
-            try:
-                chunk = out.get(timeout=CALL_POLL_S)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise EngineShutdownError("the engine's step loop has stopped") from None
-                continue
+            chunk = self._next_chunk(out)
             chunks.append(chunk)
             if chunk["finished"]:
                 return chunks
+
+    def _next_chunk(self, out: queue.Queue) -> dict:
+        """The next chunk from ``out``; raises instead of waiting on a step loop that has died."""
+        while True:
+            try:
+                return out.get(timeout=CALL_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise EngineShutdownError("the engine's step loop has stopped") from None
 
     @staticmethod
     def _make_chunk(req: Request, finished: bool, state: dict) -> dict:
@@ -340,12 +344,7 @@ class Engine:
         finished = False
         try:
             while not finished:
-                try:
-                    chunk = out.get(timeout=CALL_POLL_S)
-                except queue.Empty:
-                    if not self._thread.is_alive():
-                        raise EngineShutdownError("the engine's step loop has stopped") from None
-                    continue
+                chunk = self._next_chunk(out)
                 finished = chunk["finished"]
                 yield chunk
         finally:

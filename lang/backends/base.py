@@ -77,6 +77,12 @@ class Backend(ABC):
     def shutdown(self) -> None:
         """Release the backend's resources (engine, connections)."""
 
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
 
 _default_backend: Backend | None = None
 

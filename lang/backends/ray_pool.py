@@ -105,9 +105,3 @@ class RayPool(NativeBackend):
     def shutdown(self) -> None:
         """Stop the replicas (and the local Ray instance this pool started). Idempotent."""
         self.pool.shutdown()
-
-    def __enter__(self) -> RayPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()

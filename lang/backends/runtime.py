@@ -135,12 +135,6 @@ class Runtime(NativeBackend):
         """Stop the engine (idempotent)."""
         self.engine.shutdown()
 
-    def __enter__(self) -> Runtime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
 
 def _prompt_argument(prompt: str | list) -> dict[str, Any]:
     """Token-id prompts travel as ``input_ids`` (as in the HTTP protocol), text as ``prompt``."""
