@@ -25,7 +25,7 @@ import json
 import math
 import secrets
 from decimal import Decimal
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 from outlines_core.json_schema import build_regex_from_schema
 
@@ -33,6 +33,7 @@ from sglite.constraints.byte_cache import ByteLRU, digest
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_layout import JsonLayout, apply_layout
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
+from sglite.constraints.schema_keywords import subschemas
 from sglite.constraints.spec import model_class_schema
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, budget_problem
 
@@ -207,7 +208,7 @@ def _largest_bound(schema: Any) -> str:
     """Where to start shrinking: ``" (largest count: maxLength=5000 at /properties/bio)"``, or the
     numeric bound with the most digits, or ``""``."""
     counts, bounds = [], []
-    for path, node in _subschemas(schema, ""):
+    for path, node in subschemas(schema):
         counts.extend((node[k], k, path) for k in _COUNT_KEYWORDS if isinstance(node.get(k), int))
         bounds.extend((_digits(Decimal(str(node[k]))), k, path) for k in _BOUND_KEYS
                       if isinstance(node.get(k), (int, float)))
@@ -325,26 +326,9 @@ def _unsupported_message(schema: Any, detail: str) -> str:
 
 
 def _find_keyword(node: Any, keywords: tuple[str, ...], path: str) -> tuple[str, str] | None:
-    for sub_path, sub in _subschemas(node, path):
+    for sub_path, sub in subschemas(node, path):
         for keyword in keywords:
             if keyword in sub:
                 return keyword, sub_path
     return None
 
-
-def _subschemas(node: Any, path: str) -> Iterator[tuple[str, dict]]:
-    """``(JSON pointer, subschema)`` of ``node`` and every schema inside it, depth first."""
-    if not isinstance(node, dict):
-        return
-    yield path, node
-    for key in _ONE_SCHEMA:
-        if isinstance(node.get(key), dict):
-            yield from _subschemas(node[key], f"{path}/{key}")
-    for key in _SCHEMA_LIST:
-        if isinstance(node.get(key), list):
-            for i, child in enumerate(node[key]):
-                yield from _subschemas(child, f"{path}/{key}/{i}")
-    for key in _SCHEMA_MAP:
-        if isinstance(node.get(key), dict):
-            for name, child in node[key].items():
-                yield from _subschemas(child, f"{path}/{key}/{name}")
