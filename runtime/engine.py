@@ -59,8 +59,15 @@ class Engine:
 
         self.config = EngineConfig.from_options(**options)
         self.model_path = str(resolve_model_path(str(model_path)))
+        cfg = self.config
         self.runner = ModelRunner(
-            self.model_path, self.config.device, self.config.dtype, self.config.quantization, self.config.num_threads
+            self.model_path,
+            cfg.device,
+            cfg.dtype,
+            cfg.quantization,
+            cfg.num_threads,
+            enable_torch_compile=cfg.enable_torch_compile,
+            torch_compile_max_bs=cfg.torch_compile_max_bs,
         )
         self.model_config = self.runner.hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -51,6 +51,10 @@ class ModelRunner:
     None lets a :class:`~sglite.runtime.thread_tuner.ThreadTuner` choose per forward size between
     one thread and the caller's count, by timing both. Either way the count applies to the calling
     thread for the forward only.
+
+    ``enable_torch_compile`` runs decode batches of up to ``torch_compile_max_bs`` sequences through a
+    :class:`~sglite.runtime.compiled_decode.CompiledDecode`; its code is generated for one thread count
+    (``num_threads``, else the caller's), so the tuner only picks threads for the eager forwards.
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class ModelRunner:
         dtype: str | None = None,
         quantization: str | None = None,
         num_threads: int | None = None,
+        enable_torch_compile: bool = False,
+        torch_compile_max_bs: int = 32,
     ) -> None:
         from sglite.runtime.model_loader import load_model, resolve_dtype
         from sglite.runtime.quantization import QuantizationError, check_method, quantize_model
@@ -77,6 +83,12 @@ class ModelRunner:
         self.num_threads = num_threads
         default_threads = torch.get_num_threads()
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
+        self.compiled_decode = None
+        if enable_torch_compile:
+            from sglite.runtime.compiled_decode import CompiledDecode
+
+            self.compiled_decode = CompiledDecode(self.model, torch_compile_max_bs)
+            self.compiled_threads = num_threads or default_threads
 
     def make_pool(self, size: int) -> KVSlotPool:
         m = self.model
@@ -102,6 +114,9 @@ class ModelRunner:
                 extend_lens=batch.extend_lens,
                 kv_slots=[s.to(dev, non_blocking=True) for s in batch.kv_slots],
             )
+        if self.compiled_decode is not None and self.compiled_decode.accepts(batch):
+            with intra_op_threads(self.compiled_threads if dev.type == "cpu" else None):
+                return self.compiled_decode.run(batch, pool, logit_rows.to(dev))
         num_tokens = batch.input_ids.numel()
         threads = self.threads_for(num_tokens)
         start = time.perf_counter()

@@ -27,6 +27,8 @@ SAME_NAME = (
     "device",
     "num_threads",
     "jump_forward",
+    "enable_torch_compile",
+    "torch_compile_max_bs",
 )
 """Engine options SGLang spells the same way (``num_threads``/``jump_forward`` are sglite's own)."""
 
@@ -63,7 +65,6 @@ DEFAULT_ONLY = {
     "lora_paths": (None, "LoRA adapters are not implemented"),
     "is_embedding": (False, "embedding models are not served"),
     "skip_tokenizer_init": (False, "the engine always tokenizes (prompts may still be token ids)"),
-    "enable_torch_compile": (False, "torch.compile is not used"),
     "attention_backend": (None, "attention is the engine's own (SDPA)"),
     "grammar_backend": (None, "constraints use the engine's own grammar backend"),
     "revision": (None, "models load from a local path only"),

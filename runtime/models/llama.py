@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.models.attention import AttentionMetadata, paged_attention
+from sglite.runtime.models.decode_attention import DecodeContext, decode_attention
 from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears, head_dim_of
 
 
@@ -73,14 +74,10 @@ class LlamaAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        pool: KVSlotPool,
-    ) -> torch.Tensor:
+    def project(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q`` ``[T, heads, head_dim]``, ``k`` and ``v`` ``[T, kv_heads, head_dim]``; q and k rotated."""
         num_tokens, heads, kv_heads = hidden.shape[0], self.num_heads, self.num_kv_heads
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(hidden).view(num_tokens, heads + 2 * kv_heads, self.head_dim)
@@ -93,9 +90,28 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # q and k rotate in one pass over their concatenated heads
         qk = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
-        q, k = qk[:, :heads], qk[:, heads:]
+        return qk[:, :heads], qk[:, heads:], v
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        pool: KVSlotPool,
+    ) -> torch.Tensor:
+        q, k, v = self.project(hidden, cos, sin)
         out = paged_attention(q, k, v, pool, self.layer_id, meta, self.scaling, self.sliding_window)
         return self.o_proj(out)
+
+    def forward_decode(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode token per sequence over the pool's cached keys (read only): ``(out, k, v)``; the
+        caller writes ``k``/``v`` into the pool."""
+        q, k, v = self.project(hidden, cos, sin)
+        out = decode_attention(q, k, v, kv[self.layer_id, 0], kv[self.layer_id, 1], cached, self.scaling)
+        return self.o_proj(out), k, v
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -120,6 +136,14 @@ class LlamaDecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, meta, pool)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def forward_decode(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for one decode token per sequence, leaving the pool untouched: ``(hidden, k, v)``."""
+        attn, k, v = self.self_attn.forward_decode(self.input_layernorm(hidden), cos, sin, kv, cached)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), k, v
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, spec: AttentionSpec) -> None:
@@ -140,6 +164,23 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, meta, pool)
         return self.norm(hidden)
+
+    def forward_decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step that reads the pool and writes nothing: final-norm hidden ``[B, hidden_size]``
+        and the new tokens' K/V ``[layers, 2, B, kv_heads, head_dim]`` for the caller to store.
+
+        Free of Python branching on data and of in-place writes to its inputs, so that it can be
+        captured whole (``torch.compile``; see :mod:`sglite.runtime.compiled_decode`).
+        """
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, dtype=hidden.dtype)
+        new_kv = []
+        for layer in self.layers:
+            hidden, k, v = layer.forward_decode(hidden, cos, sin, kv, cached)
+            new_kv.append(torch.stack((k, v)))
+        return self.norm(hidden), torch.stack(new_kv)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -199,6 +240,14 @@ class LlamaForCausalLM(nn.Module):
         Writes each new token's K (after RoPE) and V into ``pool.kv[layer, 0|1, batch.out_slots]``.
         """
         return self.model(batch, pool)
+
+    def decode_step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 logits ``[B, vocab_size]`` of one decode token per sequence, and the new K/V
+        ``[layers, 2, B, kv_heads, head_dim]`` (not yet in the pool ``kv``)."""
+        hidden, new_kv = self.model.forward_decode(input_ids, positions, kv, cached)
+        return self.compute_logits(hidden), new_kv
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab_size]`` for hidden rows ``[N, hidden_size]``."""
