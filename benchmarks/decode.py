@@ -241,6 +241,17 @@ def quality_table(model: str, formats: list[tuple[str, dict]], tokenizer, new_to
         print(f"| {name:<22} | {100 * equal:29.1f}% | {ppl:37.3f} |")
 
 
+def format_options(name: str) -> dict:
+    """Engine options of a ``--formats`` entry: ``bfloat16``, ``int4``, ``int4+compile``, ..."""
+    weights, _, extra = name.partition("+")
+    if extra not in ("", "compile"):
+        raise SystemExit(f"unknown format suffix {extra!r} in {name!r} (only +compile)")
+    options = {"quantization": weights, "dtype": "bfloat16"} if weights in ("int8", "int4") else {"dtype": weights}
+    if extra == "compile":
+        options["enable_torch_compile"] = True
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint for sglite and transformers (default: the default model)")
@@ -250,7 +261,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--formats", default="bfloat16,int8,int4", help="sglite columns: bfloat16, float32, int8, int4")
+    parser.add_argument(
+        "--formats",
+        default="bfloat16,int4,bfloat16+compile,int8+compile,int4+compile",
+        help="sglite columns: bfloat16, float32, int8, int4, each optionally +compile (enable_torch_compile)",
+    )
     parser.add_argument("--no-quality", action="store_true", help="skip the quality table")
     args = parser.parse_args()
     model = args.model or default_model()
@@ -258,10 +273,7 @@ def main() -> None:
 
     engines, runners = [], []
     for fmt_name in args.formats.split(","):
-        options = {"quantization": fmt_name} if fmt_name in ("int8", "int4") else {"dtype": fmt_name}
-        if "quantization" in options:
-            options["dtype"] = "bfloat16"
-        runner, engine = sglite_runner(model, f"sglite {fmt_name}", args.threads, **options)
+        runner, engine = sglite_runner(model, f"sglite {fmt_name}", args.threads, **format_options(fmt_name))
         runners.append(runner)
         engines.append(engine)
     tokenizer = engines[0].tokenizer
@@ -275,8 +287,7 @@ def main() -> None:
         for engine in engines:
             engine.shutdown()
     if not args.no_quality:
-        formats = [(f"sglite {f}", {"quantization": f, "dtype": "bfloat16"} if f in ("int8", "int4") else {"dtype": f})
-                   for f in args.formats.split(",") if f != "float32"]
+        formats = [(f"sglite {f}", format_options(f)) for f in args.formats.split(",") if f != "float32" and "+" not in f]
         quality_table(model, formats, tokenizer, args.new_tokens * 2)
 
 

@@ -1,18 +1,19 @@
 """A captured decode step: ``torch.compile`` of the whole decode forward, SGLang's ``--enable-torch-compile``.
 
 On a CPU a decode step of a small model is hundreds of small operators (norms, rotary, residual
-adds, attention over a few keys) between its matmuls, each paying Python and dispatch overhead.
-Inductor turns the step into a few fused C++ loops around the matmuls, and with *freezing* it
-treats the weights as constants and prepacks them for oneDNN, whose packed bfloat16 GEMV reads
-weights much faster than an unpacked matmul (README, "Speed"). On CUDA the same graph compiles to
-Triton kernels.
+adds, attention over a few keys) between its matmuls, each paying Python and dispatch overhead, and
+its matmuls are matrix-vector products that torch's unpacked kernels run far below memory bandwidth.
+Inductor turns the step into a few fused C++ loops around the matmuls; with *freezing* the weights
+become constants, and *max-autotune* picks, per matmul shape, between oneDNN/MKL and inductor's own
+C++ GEMM templates over prepacked weights, timing each (README, "Speed"). On CUDA the same graph
+compiles to Triton kernels (no freezing or autotuning there).
 
 What is captured is :meth:`LlamaForCausalLM.decode_step`: it reads the KV pool and writes nothing,
 returning the new tokens' K/V, which :meth:`CompiledDecode.run` stores in the pool afterwards (a
-graph that mutated the pool would make inductor copy it). Shapes are dynamic (batch size, context
-width), so one compilation serves every batch; size 1 gets its own (torch specializes it), and so
-may the quantized output head's kernel-or-dense switch. The first decode step of each pays the
-compile: about a minute on a 2-core CPU, seconds once inductor's on-disk cache is warm.
+graph that mutated the pool would make inductor copy it). The matmul shapes are static: a batch is
+padded with dummy rows up to the next of :data:`BATCH_BUCKETS` (the CPU analogue of SGLang's CUDA-graph
+batch sizes) and each bucket compiles once, on its first use, for about 1-2 minutes on a 2-core CPU.
+The context width is dynamic (one graph serves every context length of a bucket).
 
 Prefill chunks, mixed prefill/decode batches, batches past ``max_batch_size``, contexts longer than
 a sliding window and batches whose contexts differ so much that padding them to the longest would
@@ -21,6 +22,9 @@ more than double the keys read all run the eager path, which groups sequences by
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from torch import nn
 
@@ -28,6 +32,21 @@ from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.models.attention import MIN_KV_BUCKET
 from sglite.runtime.models.decode_attention import DecodeContext
+
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Batch sizes compiled for; a batch runs in the smallest bucket that holds it."""
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The compiled batch size that serves ``batch_size`` sequences.
+
+        >>> [batch_bucket(n) for n in (1, 3, 8, 9, 100)]
+        [1, 4, 8, 16, 128]
+    """
+    return next(b for b in BATCH_BUCKETS if b >= batch_size)
 
 
 class CompiledDecode:
@@ -43,11 +62,17 @@ class CompiledDecode:
         self.max_batch_size = max_batch_size
         windows = [layer.self_attn.sliding_window for layer in model.model.layers]
         self.window = min((w for w in windows if w is not None), default=None)
-        # freezing: weights are graph constants, prepacked for oneDNN's CPU kernels
-        options = {"freezing": True} if model.device.type == "cpu" else {}
-        self._step = torch.compile(model.decode_step, dynamic=True, fullgraph=True, options=options)
+        if max_batch_size > BATCH_BUCKETS[-1]:
+            raise ValueError(f"torch_compile_max_bs={max_batch_size} is past the largest bucket, {BATCH_BUCKETS[-1]}")
+        # freezing: weights are graph constants (prepacked); max_autotune: time the GEMM kernels per shape
+        options = {"freezing": True, "max_autotune": True} if model.device.type == "cpu" else {}
+        # dynamic=False: the batch (matmul rows) stays static per bucket even after recompiles; only
+        # the context width is marked dynamic, per call
+        self._step = torch.compile(model.decode_step, dynamic=False, fullgraph=True, options=options)
         self.steps = 0
         """Decode steps run through the compiled graph (a counter for tests and stats)."""
+        self.buckets_used: set[int] = set()
+        """Batch buckets compiled so far (each compiled on its first step)."""
 
     def accepts(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is a decode batch this graph serves (else the caller runs the eager path)."""
@@ -62,8 +87,26 @@ class CompiledDecode:
     def run(self, batch: ForwardBatch, pool: KVSlotPool, logit_rows: torch.Tensor) -> torch.Tensor:
         """float32 logits of ``logit_rows``; the new tokens' K/V land at ``batch.out_slots``."""
         device = pool.kv.device
-        cached = DecodeContext.from_slots([slots[:-1] for slots in batch.kv_slots]).to(device)
-        logits, new_kv = self._step(batch.input_ids, batch.positions, pool.kv, cached)
-        pool.kv.index_copy_(2, batch.out_slots, new_kv)  # [layers, 2, B, kv_heads, d] into [layers, 2, slots, ...]
+        size, bucket = batch.batch_size, batch_bucket(batch.batch_size)
+        # Dummy rows: token 0 at position 0 with no cached keys (it attends to itself only); never stored.
+        padding = bucket - size
+        cached_slots = [slots[:-1] for slots in batch.kv_slots] + [batch.kv_slots[0][:0]] * padding
+        cached = DecodeContext.from_slots(cached_slots).to(device)
+        input_ids, positions = batch.input_ids, batch.positions
+        if padding:
+            input_ids = torch.cat((input_ids, input_ids.new_zeros(padding)))
+            positions = torch.cat((positions, positions.new_zeros(padding)))
+        for tensor in cached:
+            torch._dynamo.mark_dynamic(tensor, 1)  # one graph per bucket for every context width
+        first = bucket not in self.buckets_used
+        if first:
+            logger.info("compiling the decode step for batches of up to %d (once per bucket)", bucket)
+            start = time.perf_counter()
+        logits, new_kv = self._step(input_ids, positions, pool.kv, cached)
+        if first:
+            logger.info("decode step for batches of up to %d compiled in %.1f s", bucket, time.perf_counter() - start)
+        # [layers, 2, bucket, kv_heads, d]: the real rows go into [layers, 2, slots, kv_heads, d]
+        pool.kv.index_copy_(2, batch.out_slots, new_kv[:, :, :size])
         self.steps += 1
+        self.buckets_used.add(bucket)
         return logits.index_select(0, logit_rows)

@@ -89,6 +89,8 @@ def test_compiled_engine_matches_transformers_alone_and_batched(llama_path, refe
         batched = engine.generate(input_ids=ids, sampling_params=params)
         engine.check_invariant()  # no slot leaked by the out-of-graph K/V write
         steps = engine.runner.compiled_decode.steps
+        buckets = engine.runner.compiled_decode.buckets_used
     assert alone["output_ids"] == expected[0]
     assert [o["output_ids"] for o in batched] == expected
     assert steps >= 2 * (STEPS - 1)  # both the batch-1 and the batched decode steps ran compiled
+    assert buckets == {1, 8}  # 5 sequences ran in the 8-row graph (3 dummy rows, never stored)
