@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument(
         "--formats",
-        default="bfloat16,int4,bfloat16+compile,int8+compile,int4+compile",
+        default="bfloat16,int4,bfloat16+compile,int4+compile",
         help="sglite columns: bfloat16, float32, int8, int4, each optionally +compile (enable_torch_compile)",
     )
     parser.add_argument("--no-quality", action="store_true", help="skip the quality table")
@@ -277,7 +277,9 @@ def main() -> None:
         runners.append(runner)
         engines.append(engine)
     tokenizer = engines[0].tokenizer
-    runners.append(transformers_runner(model, torch.bfloat16, tokenizer.pad_token_id or 0))
+    # transformers reads the dense checkpoint sglite loaded (a GGUF is converted once to safetensors): its own
+    # GGUF loader would keep the weights packed and dequantize in every matmul, which is not its dense speed
+    runners.append(transformers_runner(engines[0].model_path, torch.bfloat16, tokenizer.pad_token_id or 0))
     cpp = llama_cpp_runner(args.gguf or default_gguf(), args.threads)
     if cpp is not None:
         runners.append(cpp)

@@ -96,15 +96,23 @@ def test_gguf_weights_equal_transformers_gguf_loader(real_model_path, runtime, h
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
 
 
-def test_greedy_parity_with_transformers(real_model_path, runtime, hf_model, chat_ids):
-    engine = runtime.engine
-    eos = set(engine.eos_token_ids)
+@pytest.fixture(scope="module")
+def expected_greedy(runtime, hf_model, chat_ids) -> list[list[int]]:
+    """transformers' float32 greedy continuations of ``chat_ids``, cut at EOS."""
+    eos = set(runtime.engine.eos_token_ids)
     expected = []
     with torch.no_grad():
         for ids in chat_ids:
             out = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                     eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
             expected.append(_until_eos(out[0, len(ids):].tolist(), eos))
+    return expected
+
+
+def test_greedy_parity_with_transformers(real_model_path, runtime, expected_greedy, chat_ids):
+    engine = runtime.engine
+    eos = set(engine.eos_token_ids)
+    expected = expected_greedy
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
 
     def ours(outputs):
@@ -154,3 +162,14 @@ def test_select_classifies_sentiment(runtime):
     assert len(reviews) >= 20
     right = sum(state["label"] == review["label"] for state, review in zip(states, reviews))
     assert right >= 0.8 * len(reviews)
+
+
+def test_compiled_decode_greedy_parity_with_transformers(real_model_path, runtime, expected_greedy, chat_ids):
+    """``enable_torch_compile`` (frozen weights, autotuned GEMM kernels) keeps float32 greedy output identical."""
+    eos = set(runtime.engine.eos_token_ids)
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
+    with sgl.Engine(real_model_path, dtype="float32", enable_torch_compile=True) as compiled:
+        batched = compiled.generate(input_ids=chat_ids, sampling_params=params)
+        steps = compiled.runner.compiled_decode.steps
+    assert [_until_eos(out["output_ids"], eos) for out in batched] == expected_greedy
+    assert steps >= NEW_TOKENS // 2  # the decode steps ran through the compiled graph
