@@ -68,7 +68,12 @@ class CompiledDecode:
         # Inductor reads `freezing` from its config at compile time, not from torch.compile(options=...),
         # so each call patches the config (~20 us; it only matters when a bucket compiles).
         cpu = model.device.type == "cpu"
-        self._inductor_config = {"freezing": True, "max_autotune": True} if cpu else {}
+        self._inductor_config = {
+            "freezing": True,
+            "max_autotune": True,
+            "autotune_num_choices_displayed": 0,  # the engine logs its own line per compile, not inductor's tables
+            "max_autotune_report_choices_stats": False,
+        } if cpu else {}
         # dynamic=False: the batch (matmul rows) stays static per bucket even after recompiles; only
         # the context width is marked dynamic, per call
         self._step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
