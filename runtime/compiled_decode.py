@@ -40,6 +40,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 """Batch sizes compiled for; a batch runs in the smallest bucket that holds it."""
 
 
+RECOMPILE_LIMIT = 256
+"""Graphs of ``decode_step`` kept per process (buckets x engines x models)."""
+
+
 def batch_bucket(batch_size: int) -> int:
     """The compiled batch size that serves ``batch_size`` sequences.
 
@@ -100,17 +104,19 @@ class CompiledDecode:
         padding = bucket - size
         cached_slots = [slots[:-1] for slots in batch.kv_slots] + [batch.kv_slots[0][:0]] * padding
         cached = DecodeContext.from_slots(cached_slots).to(device)
-        input_ids, positions = batch.input_ids, batch.positions
-        if padding:
-            input_ids = torch.cat((input_ids, input_ids.new_zeros(padding)))
-            positions = torch.cat((positions, positions.new_zeros(padding)))
+        # Always new tensors made here (under the runner's inference mode): dynamo guards on whether an input
+        # is an inference tensor, and a mix would compile every bucket twice.
+        input_ids = torch.cat((batch.input_ids, batch.input_ids.new_zeros(padding)))
+        positions = torch.cat((batch.positions, batch.positions.new_zeros(padding)))
         for tensor in cached:
             torch._dynamo.mark_dynamic(tensor, 1)  # one graph per bucket for every context width
         first = bucket not in self.buckets_used
         if first:
             logger.info("compiling the decode step for batches of up to %d (once per bucket)", bucket)
             start = time.perf_counter()
-        with torch._inductor.config.patch(self._inductor_config):
+        # Every engine in the process compiles the same `decode_step` code, and dynamo's recompile limit
+        # (8 graphs per code object) would send the rest to eager: lift it for these calls.
+        with torch._inductor.config.patch(self._inductor_config), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             logits, new_kv = self._step(input_ids, positions, pool.kv, cached)
         if first:
             logger.info("decode step for batches of up to %d compiled in %.1f s", bucket, time.perf_counter() - start)
