@@ -127,9 +127,9 @@ def test_cpu_prefill_never_expands_kv_heads_nor_reads_keys_past_a_block(monkeypa
         return sdpa(query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
-    q, k, v = torch.randn(tokens, num_heads, HEAD_DIM), torch.randn(tokens, num_kv_heads, HEAD_DIM), torch.randn(
-        tokens, num_kv_heads, HEAD_DIM
-    )
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(tokens, num_heads, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(tokens, num_kv_heads, HEAD_DIM, generator=gen) for _ in range(2))
     paged_attention(q, k, v, filled_pool(batch, num_kv_heads), 0, AttentionMetadata.from_batch(batch), 0.25)
 
     assert len(calls) == math.ceil(extend / QUERY_BLOCK)

@@ -89,8 +89,8 @@ def extend_attention(
     ``[prefix + E, kv_heads, d]`` (all of its keys, in position order), by ``blocks``
     (:func:`query_blocks` for ``group_size = heads // kv_heads``). Returns ``[E, heads * d]``.
 
-        >>> torch.manual_seed(0) and None
-        >>> q, k, v = torch.randn(5, 4, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(*shape, generator=gen) for shape in [(5, 4, 8), (7, 2, 8), (7, 2, 8)])
         >>> out = extend_attention(q, k, v, query_blocks(2, 5, group_size=2, block=2), scaling=8**-0.5)
         >>> mask = torch.arange(7)[None, :] <= torch.arange(2, 7)[:, None]   # causal over the prefix too
         >>> ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
