@@ -12,7 +12,10 @@ context. Every layer reuses that layout.
 
 Two cases skip work: a decode group folds the query heads of each KV head into the query axis
 (no K/V expansion for GQA), and a fresh prefill (no cached prefix) attends to its own new K/V
-with SDPA's causal kernel instead of reading them back from the pool through a mask.
+with SDPA's causal kernel instead of reading them back from the pool through a mask. On CPU a
+prefill group goes further (``prefill_attention.py``): sequence by sequence, in query blocks that
+read only the keys up to their last position, so neither padding nor the masked-out half of the
+causal triangle is computed.
 """
 
 from __future__ import annotations
