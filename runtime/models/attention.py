@@ -12,7 +12,10 @@ context. Every layer reuses that layout.
 
 Two cases skip work: a decode group folds the query heads of each KV head into the query axis
 (no K/V expansion for GQA), and a fresh prefill (no cached prefix) attends to its own new K/V
-with SDPA's causal kernel instead of reading them back from the pool through a mask.
+with SDPA's causal kernel instead of reading them back from the pool through a mask. On CPU a
+prefill group goes further (``prefill_attention.py``): sequence by sequence, in query blocks that
+read only the keys up to their last position, so neither padding nor the masked-out half of the
+causal triangle is computed.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime.models.prefill_attention import QueryBlock, extend_attention, query_blocks
 
 
 MIN_KV_BUCKET = 128
 """Contexts up to this many keys share one group: padding them is cheaper than another kernel call."""
+
+BLOCKED_EXTEND_DEVICES = frozenset({"cpu"})
+"""Devices whose prefill chunks run sequence by sequence in query blocks (``prefill_attention.py``:
+no padding, no key past a block's last query, no K/V expansion); elsewhere a group is one padded,
+masked SDPA call, where one kernel launch beats a Python loop of small ones."""
 
 
 @dataclass
@@ -53,7 +62,14 @@ class AttentionGroup:
     the mask is plain causal (SDPA's ``is_causal``, which skips the masked blocks)."""
     equal_kv: bool = False
     """Decode steps over equally many keys: no key is padding, so without a sliding window no mask."""
+    prefix_lens: tuple[int, ...] = ()
+    """Cached tokens of each sequence, in the group's order."""
+    extend_lens: tuple[int, ...] = ()
+    """New tokens of each sequence; the group's query rows hold them sequence after sequence."""
     _masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    _query_blocks: dict[tuple[int | None, torch.dtype, int], list[list[QueryBlock]]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +103,18 @@ class AttentionGroup:
             self._masks[(sliding_window, dtype)] = visible
         return self._masks[(sliding_window, dtype)]
 
+    def query_blocks(self, group_size: int, sliding_window: int | None, dtype: torch.dtype) -> list[list[QueryBlock]]:
+        """Per sequence, its :func:`~sglite.runtime.models.prefill_attention.query_blocks`; built
+        once per forward (per window size and dtype) and shared by the layers."""
+        key = (sliding_window, dtype, group_size)
+        if key not in self._query_blocks:
+            device = self.kv_index.device
+            self._query_blocks[key] = [
+                query_blocks(prefix, n, group_size, sliding_window, dtype, device)
+                for prefix, n in zip(self.prefix_lens, self.extend_lens)
+            ]
+        return self._query_blocks[key]
+
 
 def _build_group(
     batch: ForwardBatch, seqs: list[int], token_starts: list[int], whole_batch: bool, device: torch.device
@@ -119,7 +147,10 @@ def _build_group(
             token_rows = starts[seq_of_token] + offset_in_seq
     fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
     equal_kv = max_extend == 1 and len({batch.prefix_lens[i] for i in seqs}) == 1
-    return AttentionGroup(token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv)
+    return AttentionGroup(
+        token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv,
+        prefix_lens=tuple(batch.prefix_lens[i] for i in seqs), extend_lens=tuple(extend),
+    )
 
 
 @dataclass
@@ -195,6 +226,8 @@ def _attend_group(
 ) -> torch.Tensor:
     """Attention of one group's new tokens (``q``/``k``/``v`` rows ``[T_g, heads | kv_heads, head_dim]``);
     returns ``[T_g, heads * head_dim]``."""
+    if group.max_extend > 1 and q.device.type in BLOCKED_EXTEND_DEVICES:
+        return _attend_extend_blocked(q, k, v, k_cache, v_cache, group, scaling, sliding_window)
     num_heads, head_dim = q.shape[1], q.shape[2]
     batch_size, max_extend = group.batch_size, group.max_extend
     layout = (batch_size, group.kv_index.shape[1], k_cache.shape[1], head_dim)
@@ -239,6 +272,32 @@ def _attend_group(
     )  # [B, heads, max_extend, d]
     out = out.transpose(1, 2).reshape(batch_size * max_extend, num_heads * head_dim)
     return out if group.padded_rows is None else out.index_select(0, group.padded_rows)
+
+
+def _attend_extend_blocked(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scaling: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """A prefill group, one sequence at a time (:func:`extend_attention`): a sequence without a
+    cached prefix reads its new ``k``/``v`` rows (when given), one with a prefix gathers its keys
+    from the pool."""
+    blocks = group.query_blocks(q.shape[1] // k_cache.shape[1], sliding_window, q.dtype)
+    outs, row = [], 0
+    for i, (prefix, n) in enumerate(zip(group.prefix_lens, group.extend_lens)):
+        if prefix == 0 and k is not None:
+            keys, values = k[row : row + n], v[row : row + n]
+        else:
+            slots = group.kv_index[i, : prefix + n]
+            keys, values = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+        outs.append(extend_attention(q[row : row + n], keys, values, blocks[i], scaling))
+        row += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def paged_attention(
