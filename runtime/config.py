@@ -46,8 +46,9 @@ class EngineConfig:
 
     enable_torch_compile: bool = False
     """Capture the decode step with ``torch.compile`` (SGLang's flag): fused C++ (CPU) or Triton (CUDA) kernels and,
-    on CPU, weights prepacked for oneDNN. The first decode step compiles it (about a minute on 2 cores, seconds
-    with inductor's disk cache warm); decode then runs ~1.5-2x faster at small batch (README, "Speed")."""
+    on CPU, frozen weights and autotuned GEMM kernels. Each decode batch size (1, 2, 4, 8, 16, 32) compiles on first
+    use, 1-2 minutes on 2 cores, and keeps its own packed weights; bfloat16 decode then ran 2.9x / 1.8x / 1.3x faster
+    than eager at batch 1 / 8 / 32 on SmolLM2-135M (README, "Speed")."""
     torch_compile_max_bs: int = 32
     """Largest decode batch run through the compiled step (SGLang's flag); wider ones run eagerly."""
 
