@@ -62,7 +62,6 @@ class CompiledDecode:
     """
 
     def __init__(self, model: nn.Module, max_batch_size: int = 32) -> None:
-        self.model = model
         self.max_batch_size = max_batch_size
         windows = [layer.self_attn.sliding_window for layer in model.model.layers]
         self.window = min((w for w in windows if w is not None), default=None)

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime.models.masks import additive_mask, visible_keys
 from sglite.runtime.models.prefill_attention import QueryBlock, extend_attention, query_blocks
 
 
@@ -92,14 +93,10 @@ class AttentionGroup:
         if (sliding_window, dtype) not in self._masks:
             key = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)[None, None, :]
             query = self.query_positions[:, :, None]
-            visible = (key <= query) & (key < self.kv_lens[:, None, None])
-            if sliding_window is not None:
-                visible &= key > query - sliding_window
+            visible = visible_keys(key, query, sliding_window) & (key < self.kv_lens[:, None, None])
             visible = visible[:, None, :, :]
             if dtype != torch.bool:
-                visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
-                    ~visible, float("-inf")
-                )
+                visible = additive_mask(visible, dtype)
             self._masks[(sliding_window, dtype)] = visible
         return self._masks[(sliding_window, dtype)]
 

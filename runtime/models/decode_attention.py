@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from sglite.runtime.models.masks import additive_mask
+
 
 class DecodeContext(NamedTuple):
     """Where each decoding sequence's cached keys sit in the pool."""
@@ -44,7 +46,7 @@ class DecodeContext(NamedTuple):
         for row, slots in zip(kv_index, cached_slots):
             row[: len(slots)] = slots
         visible = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        kv_mask = torch.zeros(kv_index.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+        kv_mask = additive_mask(visible, torch.float32)
         return cls(kv_index, kv_mask)
 
     def to(self, device: torch.device) -> DecodeContext:
