@@ -53,6 +53,12 @@ def batch_bucket(batch_size: int) -> int:
     return next(b for b in BATCH_BUCKETS if b >= batch_size)
 
 
+def check_max_batch_size(max_batch_size: int) -> None:
+    """Raise ``ValueError`` naming ``torch_compile_max_bs`` unless it is 1 .. the largest bucket."""
+    if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= BATCH_BUCKETS[-1]:
+        raise ValueError(f"torch_compile_max_bs must be an integer from 1 to {BATCH_BUCKETS[-1]}, got {max_batch_size!r}")
+
+
 class CompiledDecode:
     """The model's decode step compiled once (lazily, on first use) and reused for every decode batch.
 
@@ -65,8 +71,7 @@ class CompiledDecode:
         self.max_batch_size = max_batch_size
         windows = [layer.self_attn.sliding_window for layer in model.model.layers]
         self.window = min((w for w in windows if w is not None), default=None)
-        if max_batch_size > BATCH_BUCKETS[-1]:
-            raise ValueError(f"torch_compile_max_bs={max_batch_size} is past the largest bucket, {BATCH_BUCKETS[-1]}")
+        check_max_batch_size(max_batch_size)
         # freezing: weights are graph constants (prepacked); max_autotune: time the GEMM kernels per shape.
         # Inductor reads `freezing` from its config at compile time, not from torch.compile(options=...),
         # so each call patches the config (~20 us; it only matters when a bucket compiles).

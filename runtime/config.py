@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sglite.runtime.compiled_decode import check_max_batch_size
 from sglite.runtime.dtypes import dtype_name
 
 
@@ -55,9 +56,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
-        for name in ("max_running_requests", "chunked_prefill_size", "torch_compile_max_bs"):
+        for name in ("max_running_requests", "chunked_prefill_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_max_batch_size(self.torch_compile_max_bs)  # before the (slow) model load, as every flag here
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:

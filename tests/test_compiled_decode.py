@@ -64,6 +64,12 @@ def test_compiled_decode_accepts_only_decode_batches_it_can_serve(llama_path):
     assert step.steps == 0
 
 
+@pytest.mark.parametrize("value", [0, 129, 2.5])
+def test_torch_compile_max_bs_out_of_range_is_refused_before_loading(value):
+    with pytest.raises(ValueError, match="torch_compile_max_bs"):
+        sglite.Engine("/nonexistent/model", enable_torch_compile=True, torch_compile_max_bs=value)
+
+
 STEPS = 10
 
 
