@@ -95,12 +95,7 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
 def transformers_runner(model: str, dtype: torch.dtype, pad_id: int) -> Runner:
     from transformers import AutoModelForCausalLM
 
-    path = Path(model)
-    if path.suffix == ".gguf":
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    hf.eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()  # a checkpoint folder, never a .gguf
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]], n: int) -> None:
