@@ -31,6 +31,7 @@ from torch import nn
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.models.attention import MIN_KV_BUCKET
+from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext
 
 
@@ -85,6 +86,8 @@ class CompiledDecode:
         # dynamic=False: the batch (matmul rows) stays static per bucket even after recompiles; only
         # the context width is marked dynamic, per call
         self._step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
+        if cpu:
+            paged_decode.load()  # the C++ decode attention (read in place from the pool), when it builds
         self.steps = 0
         """Decode steps run through the compiled graph (a counter for tests and stats)."""
         self.buckets_used: set[int] = set()
@@ -112,7 +115,7 @@ class CompiledDecode:
         # is an inference tensor, and a mix would compile every bucket twice.
         input_ids = torch.cat((batch.input_ids, batch.input_ids.new_zeros(padding)))
         positions = torch.cat((batch.positions, batch.positions.new_zeros(padding)))
-        for tensor in cached:
+        for tensor in (cached.kv_index, cached.kv_mask):
             torch._dynamo.mark_dynamic(tensor, 1)  # one graph per bucket for every context width
         first = bucket not in self.buckets_used
         if first:
@@ -128,4 +131,6 @@ class CompiledDecode:
         pool.kv.index_copy_(2, batch.out_slots, new_kv[:, :, :size])
         self.steps += 1
         self.buckets_used.add(bucket)
+        if len(logit_rows) == size and bool((logit_rows == torch.arange(size, device=logit_rows.device)).all()):
+            return logits[:size]  # every row, in order (the usual decode batch): no copy of [B, vocab]
         return logits.index_select(0, logit_rows)

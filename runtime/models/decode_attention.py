@@ -11,6 +11,9 @@ Every sequence's cached keys are padded to the batch's longest context (``kv_ind
 at slot 0 past a sequence's end, ``kv_mask`` hides them), so the caller should group sequences
 whose contexts are alike (:class:`~sglite.runtime.compiled_decode.CompiledDecode` does).
 Sliding windows are not applied: use this only where every context fits in the layer's window.
+On a CPU where the C++ kernel of :mod:`~sglite.runtime.models.paged_decode` is loaded, the pool
+rows are read in place through ``kv_index`` instead of being gathered (same arithmetic, float32
+softmax); elsewhere the torch formulation below runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from sglite.runtime.models import paged_decode
 from sglite.runtime.models.masks import additive_mask
 
 
@@ -29,6 +33,8 @@ class DecodeContext(NamedTuple):
     """``[B, S]`` int64 pool slots of each sequence's cached tokens (not the new one), padded with slot 0."""
     kv_mask: torch.Tensor
     """``[B, S]`` float32, 0 where ``kv_index`` is a real key and -inf where it is padding."""
+    kv_lens: torch.Tensor
+    """``[B]`` int64 cached keys of each sequence (the real prefix of its ``kv_index`` row)."""
 
     @classmethod
     def from_slots(cls, cached_slots: list[torch.Tensor], multiple: int = 16) -> DecodeContext:
@@ -47,10 +53,10 @@ class DecodeContext(NamedTuple):
             row[: len(slots)] = slots
         visible = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         kv_mask = additive_mask(visible, torch.float32)
-        return cls(kv_index, kv_mask)
+        return cls(kv_index, kv_mask, torch.tensor(lengths, dtype=torch.int64))
 
     def to(self, device: torch.device) -> DecodeContext:
-        return DecodeContext(self.kv_index.to(device, non_blocking=True), self.kv_mask.to(device, non_blocking=True))
+        return DecodeContext(*(t.to(device, non_blocking=True) for t in self))
 
 
 def decode_attention(
@@ -81,6 +87,21 @@ def decode_attention(
         >>> torch.allclose(out[1], ref.reshape(-1), atol=1e-5)
         True
     """
+    if q.device.type == "cpu" and paged_decode.is_loaded():
+        return paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, scaling)
+    return decode_attention_gathered(q, k, v, k_cache, v_cache, cached, scaling)
+
+
+def decode_attention_gathered(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cached: DecodeContext,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`decode_attention` in torch operators: the cached rows gathered into a padded copy."""
     batch_size, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     width = cached.kv_index.shape[1]
