@@ -76,7 +76,7 @@ class CompiledDecode:
         # freezing: weights are graph constants (prepacked); max_autotune: time the GEMM kernels per shape.
         # Inductor reads `freezing` from its config at compile time, not from torch.compile(options=...),
         # so each call patches the config (~20 us; it only matters when a bucket compiles).
-        cpu = model.device.type == "cpu"
+        self.cpu = cpu = model.device.type == "cpu"
         self._inductor_config = {
             "freezing": True,
             "max_autotune": True,
@@ -86,8 +86,6 @@ class CompiledDecode:
         # dynamic=False: the batch (matmul rows) stays static per bucket even after recompiles; only
         # the context width is marked dynamic, per call
         self._step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
-        if cpu:
-            paged_decode.load()  # the C++ decode attention (read in place from the pool), when it builds
         self.steps = 0
         """Decode steps run through the compiled graph (a counter for tests and stats)."""
         self.buckets_used: set[int] = set()
@@ -100,6 +98,8 @@ class CompiledDecode:
         longest = max(batch.prefix_lens)
         if self.window is not None and longest + 1 > self.window:
             return False
+        if self.cpu and paged_decode.is_loaded():
+            return True  # the C++ kernel reads each row's own keys: padding kv_index costs nothing
         # Every row is padded to the longest context; the eager path's groups avoid that when it doubles the work.
         return batch.batch_size * longest <= 2 * sum(batch.prefix_lens) + batch.batch_size * MIN_KV_BUCKET
 

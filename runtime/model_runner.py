@@ -83,6 +83,10 @@ class ModelRunner:
         self.num_threads = num_threads
         default_threads = torch.get_num_threads()
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
+        if self.device.type == "cpu":
+            from sglite.runtime.models import paged_decode
+
+            paged_decode.load()  # decode attention read in place from the pool (falls back when it cannot build)
         self.compiled_decode = None
         if enable_torch_compile:
             from sglite.runtime.compiled_decode import CompiledDecode

@@ -12,6 +12,7 @@ from sglite.runtime.compiled_decode import CompiledDecode
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.model_loader import load_model
+from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext
 
 CONTEXTS = [5, 17, 40, 3]
@@ -53,14 +54,17 @@ def test_pool_read_only_decode_step_equals_the_paged_forward(tiny_model_factory,
     torch.testing.assert_close(new_kv, written, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_decode_accepts_only_decode_batches_it_can_serve(llama_path):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_compiled_decode_accepts_only_decode_batches_it_can_serve(llama_path, monkeypatch, kernel):
+    monkeypatch.setattr(paged_decode, "is_loaded", lambda: kernel)
     model, _ = load_model(llama_path)
     step = CompiledDecode(model, max_batch_size=4)  # compiles lazily: nothing is built here
     assert step.accepts(decode_batch([5, 17, 40, 3]))
     assert not step.accepts(decode_batch([5] * 5))  # past max_batch_size
     prefill = ForwardBatch(torch.arange(4), torch.arange(4), torch.arange(4), [0], [4], [torch.arange(4)])
     assert not step.accepts(prefill)
-    assert not step.accepts(decode_batch([20, 20, 20, 3000], width=4096))  # padding to 3000 would triple the keys read
+    # padding to 3000 keys would triple the keys the gathered attention reads; the C++ kernel reads each row's own
+    assert step.accepts(decode_batch([20, 20, 20, 3000], width=4096)) == kernel
     assert step.steps == 0
 
 

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime.models import paged_decode
 from sglite.runtime.models.masks import additive_mask, visible_keys
 from sglite.runtime.models.prefill_attention import QueryBlock, extend_attention, query_blocks
 
@@ -67,6 +68,10 @@ class AttentionGroup:
     """Cached tokens of each sequence, in the group's order."""
     extend_lens: tuple[int, ...] = ()
     """New tokens of each sequence; the group's query rows hold them sequence after sequence."""
+    cached_lens: torch.Tensor | None = None
+    """Decode groups: ``[B]`` int64 cached keys of each sequence (its ``kv_index`` row before the new token)."""
+    new_slots: torch.Tensor | None = None
+    """Decode groups: ``[B]`` pool slot of each sequence's new token (its last key)."""
     _masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
     _query_blocks: dict[tuple[int | None, torch.dtype, int], list[list[QueryBlock]]] = field(
         default_factory=dict, repr=False
@@ -144,9 +149,11 @@ def _build_group(
             token_rows = starts[seq_of_token] + offset_in_seq
     fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
     equal_kv = max_extend == 1 and len({batch.prefix_lens[i] for i in seqs}) == 1
+    new_slots = kv_index.gather(1, prefix_lens[:, None]).squeeze(1) if max_extend == 1 else None
     return AttentionGroup(
         token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv,
         prefix_lens=tuple(batch.prefix_lens[i] for i in seqs), extend_lens=tuple(extend),
+        cached_lens=prefix_lens if max_extend == 1 else None, new_slots=new_slots,
     )
 
 
@@ -225,6 +232,13 @@ def _attend_group(
     returns ``[T_g, heads * head_dim]``."""
     if group.max_extend > 1 and q.device.type in BLOCKED_EXTEND_DEVICES:
         return _attend_extend_blocked(q, k, v, k_cache, v_cache, group, scaling, sliding_window)
+    if group.max_extend == 1 and q.device.type == "cpu" and paged_decode.is_loaded():
+        if sliding_window is None or max(group.prefix_lens) < sliding_window:  # the kernel has no window
+            # the new tokens' K/V are in the pool already; the kernel takes them as each row's last key
+            k_new, v_new = k_cache.index_select(0, group.new_slots), v_cache.index_select(0, group.new_slots)
+            return paged_decode.paged_decode_attention(
+                q, k_new, v_new, k_cache, v_cache, group.kv_index, group.cached_lens, scaling
+            )
     num_heads, head_dim = q.shape[1], q.shape[2]
     batch_size, max_extend = group.batch_size, group.max_extend
     layout = (batch_size, group.kv_index.shape[1], k_cache.shape[1], head_dim)

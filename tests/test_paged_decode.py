@@ -1,0 +1,96 @@
+"""The C++ decode-attention kernel (``runtime/models/paged_decode.py``): equal to the torch
+formulation it replaces for every head size, GQA group, dtype and context length; callable inside
+a ``torch.compile`` graph; a bad slot is an error, not a stray read; and the engine's decode steps
+run through it with greedy output unchanged."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import sglite
+from sglite.runtime.models import paged_decode
+from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel with")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert paged_decode.load(), "the kernel failed to build (see the warning logged by paged_decode.load)"
+
+
+def problem(batch, heads, kv_heads, dim, lengths, dtype, slots=512, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    q, k, v = rand(batch, heads, dim), rand(batch, kv_heads, dim), rand(batch, kv_heads, dim)
+    k_cache, v_cache = rand(slots, kv_heads, dim), rand(slots, kv_heads, dim)
+    cached = DecodeContext.from_slots([torch.randperm(slots, generator=gen)[:n] for n in lengths])
+    return q, k, v, k_cache, v_cache, cached
+
+
+@pytest.mark.parametrize("dim", [64, 128, 24])  # 64/128: the register paths; 24: any other head size
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_gathered_torch_attention(dim, heads, kv_heads, dtype):
+    lengths = [0, 1, 17, 100, 33]  # 0: a first decode step attends only to its own key
+    q, k, v, k_cache, v_cache, cached = problem(len(lengths), heads, kv_heads, dim, lengths, dtype)
+    scaling = dim**-0.5
+    got = paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, scaling)
+    want = decode_attention_gathered(q, k, v, k_cache, v_cache, cached, scaling)
+    assert got.shape == want.shape == (len(lengths), heads * dim) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the reference rounds probabilities to bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_kernel_matches_a_written_out_softmax_in_float64():
+    q, k, v, k_cache, v_cache, cached = problem(2, 6, 2, 64, [9, 4], torch.float32)
+    got = paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, 0.125)
+    for b, n in enumerate([9, 4]):
+        slots = cached.kv_index[b, :n]
+        keys = torch.cat((k_cache[slots], k[b : b + 1])).double()  # [n + 1, kv_heads, d]
+        values = torch.cat((v_cache[slots], v[b : b + 1])).double()
+        for head in range(6):
+            kv = head // 3
+            weights = torch.softmax(keys[:, kv] @ q[b, head].double() * 0.125, 0)
+            torch.testing.assert_close(got[b, head * 64 : (head + 1) * 64].double(), weights @ values[:, kv], rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_runs_inside_a_compiled_graph():
+    q, k, v, k_cache, v_cache, cached = problem(3, 9, 3, 64, [5, 40, 12], torch.float32)
+
+    def step(q, k, v, k_cache, v_cache, kv_index, kv_lens):
+        return paged_decode.paged_decode_attention(q * 2, k, v, k_cache, v_cache, kv_index, kv_lens, 0.125) + 1
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    got = compiled(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens)
+    torch.testing.assert_close(got, step(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens))
+
+
+def test_a_slot_outside_the_pool_is_an_error():
+    q, k, v, k_cache, v_cache, cached = problem(2, 4, 2, 64, [3, 3], torch.float32, slots=64)
+    kv_index = cached.kv_index.clone()
+    kv_index[1, 2] = 64
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, kv_index, cached.kv_lens, 0.125)
+
+
+def test_engine_decode_runs_through_the_kernel_with_unchanged_greedy_output(llama_path, monkeypatch):
+    prompts = [[5, 9, 40, 7] * (1 + i) for i in range(4)]
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    calls = []
+    real = paged_decode.paged_decode_attention
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    with sglite.Engine(str(llama_path), dtype="float32", max_total_tokens=1024) as engine:
+        monkeypatch.setattr(paged_decode, "paged_decode_attention", counted)
+        with_kernel = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+        monkeypatch.setattr(paged_decode, "_library", [])  # is_loaded() is False: the torch formulation
+        without = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+    assert calls and max(calls) == len(prompts)  # batched decode steps went through the kernel
+    assert with_kernel == without
