@@ -23,7 +23,7 @@ from sglite.runtime.detokenizer import match_stop
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.request import Request, RequestStatus
 from sglite.runtime.sampler import token_logprobs
-from sglite.runtime.token_selection import select_tokens
+from sglite.runtime.token_selection import select_tokens, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Scheduler:
             except Exception as exc:
                 self._fail(req, exc)
         if to_sample:
-            self._sample_and_append(to_sample, logits[[sample_rows[r.rid] for r in to_sample]])
+            self._sample_and_append(to_sample, take_rows(logits, [sample_rows[r.rid] for r in to_sample]))
 
     def _forward_segments(
         self, segments: list[tuple[Request, int]]
@@ -362,7 +362,8 @@ class Scheduler:
                 req.input_token_logprobs.append((lp, tok, None))
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        selection = select_tokens(reqs, logits, self.eos_token_ids)
+        with torch.inference_mode():  # logits may be the forward's own (inference) tensor, edited in place
+            selection = select_tokens(reqs, logits, self.eos_token_ids)
         self.stats["isolation_retries"] += selection.retried_per_row
         for row, error in selection.failures.items():
             self._fail(reqs[row], error)
