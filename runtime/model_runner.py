@@ -125,11 +125,11 @@ class ModelRunner:
         threads = self.threads_for(num_tokens)
         start = time.perf_counter()
         with intra_op_threads(threads):
-            hidden = self.model.forward(batch, pool)
+            hidden = self.model.forward(batch, pool, logit_rows.to(dev))
             if logit_rows.numel() == 0:
                 logits = torch.empty(0, self.model.vocab_size)
             else:
-                logits = self.model.compute_logits(hidden[logit_rows.to(dev)]).float()
+                logits = self.model.compute_logits(hidden).float()
         if threads is not None and self.num_threads is None and self.thread_tuner is not None:
             self.thread_tuner.record(num_tokens, threads, time.perf_counter() - start)
         return logits

@@ -145,3 +145,31 @@ def test_engine_threads_are_tuned_on_its_own_thread(llama_path):
         assert torch.get_num_threads() == before
     if before > 1:  # both candidates were timed on the engine's step thread
         assert {1, before} <= set(seen)
+
+
+@torch.inference_mode()
+def test_forward_keep_rows_runs_the_last_layer_only_where_logits_are_taken(llama_path):
+    model, _ = load_model(llama_path)
+    model.fuse_projections()
+    lengths = [9, 14, 5]  # three fresh prefills in one ragged batch
+    slots = [torch.arange(64 * i, 64 * i + n) for i, n in enumerate(lengths)]
+    batch = ForwardBatch(
+        input_ids=torch.randint(3, 100, (sum(lengths),), generator=torch.Generator().manual_seed(0)),
+        positions=torch.cat([torch.arange(n) for n in lengths]),
+        out_slots=torch.cat(slots),
+        prefix_lens=[0] * 3,
+        extend_lens=lengths,
+        kv_slots=slots,
+    )
+    last_rows = torch.tensor([8, 22, 27])  # each sequence's last token
+    full_pool, kept_pool = (KVSlotPool(192, model.num_layers, model.num_kv_heads, model.head_dim) for _ in range(2))
+    rows_seen = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        full = model(batch, full_pool)
+        kept = model(batch, kept_pool, last_rows)
+    finally:
+        hook.remove()
+    assert rows_seen == [sum(lengths), 3]  # the last layer's MLP ran on the three kept rows only
+    torch.testing.assert_close(kept, full[last_rows], rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept_pool.kv, full_pool.kv)  # every token's K/V stored, in every layer

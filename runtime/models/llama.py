@@ -99,10 +99,12 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
         pool: KVSlotPool,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output of every new token, or of the rows ``keep_rows`` only (K/V of all are stored)."""
         q, k, v = self.project(hidden, cos, sin)
         out = paged_attention(q, k, v, pool, self.layer_id, meta, self.scaling, self.sliding_window)
-        return self.o_proj(out)
+        return self.o_proj(out if keep_rows is None else out.index_select(0, keep_rows))
 
     def forward_decode(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
@@ -131,9 +133,14 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
         pool: KVSlotPool,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Hidden states of every new token, or of ``keep_rows`` only (their K/V are stored either way)."""
+        attn = self.self_attn(self.input_layernorm(hidden), cos, sin, meta, pool, keep_rows)
+        if keep_rows is not None:
+            hidden = hidden.index_select(0, keep_rows)
         # Unfused residual adds, in the reference's order, keep float32 results bit-comparable.
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, meta, pool)
+        hidden = hidden + attn
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
     def forward_decode(
@@ -153,7 +160,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, batch: ForwardBatch, pool: KVSlotPool) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, pool: KVSlotPool, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         if pool.kv.dtype != hidden.dtype:
             raise ValueError(
@@ -161,9 +168,10 @@ class LlamaModel(nn.Module):
             )
         meta = AttentionMetadata.from_batch(batch, device=hidden.device)
         cos, sin = self.rotary_emb(batch.positions, dtype=hidden.dtype)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             hidden = layer(hidden, cos, sin, meta, pool)
-        return self.norm(hidden)
+        # The last layer's output only matters where logits are taken: past its K/V, other rows stop.
+        return self.norm(self.layers[-1](hidden, cos, sin, meta, pool, keep_rows))
 
     def forward_decode(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
@@ -234,12 +242,14 @@ class LlamaForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def forward(self, batch: ForwardBatch, pool: KVSlotPool) -> torch.Tensor:
-        """Final-norm hidden states ``[T, hidden_size]`` of every new token in ``batch``.
+    def forward(self, batch: ForwardBatch, pool: KVSlotPool, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden_size]`` of every new token in ``batch``, or
+        ``[len(keep_rows), hidden_size]`` of those rows only (a prefill needs just its last token's:
+        the last layer then skips its output projection and MLP for the rest).
 
         Writes each new token's K (after RoPE) and V into ``pool.kv[layer, 0|1, batch.out_slots]``.
         """
-        return self.model(batch, pool)
+        return self.model(batch, pool, keep_rows)
 
     def decode_step(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
