@@ -94,3 +94,23 @@ def test_engine_decode_runs_through_the_kernel_with_unchanged_greedy_output(llam
         without = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert calls and max(calls) == len(prompts)  # batched decode steps went through the kernel
     assert with_kernel == without
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(paged_decode, "_library", [])
+    with caplog.at_level("WARNING", logger="sglite.runtime.models.paged_decode"):
+        assert paged_decode.load.__wrapped__() is False  # the uncached body: a fresh attempt
+    assert not paged_decode.is_loaded()
+    assert "did not build" in caplog.text and "Ninja is required" in caplog.text
+
+
+def test_sglite_native_kernels_0_keeps_the_torch_formulation(monkeypatch):
+    monkeypatch.setenv("SGLITE_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(paged_decode, "_library", [])
+    assert paged_decode.load.__wrapped__() is False and not paged_decode.is_loaded()

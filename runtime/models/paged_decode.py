@@ -6,8 +6,10 @@ row into a padded copy, a transpose into another copy, two small batched matmuls
 between them: measured on SmolLM2 (batch 32, 96 keys, bfloat16, one thread) ~0.75 ms a layer,
 ~10x the time to read those rows once, and it grows to seconds a step over 1000-token contexts.
 ``paged_decode_attention.cpp`` walks each sequence's pool rows through its slot list instead,
-scores the query heads of a KV head against each key row while it is in registers, and reads each
-value row once (float32 softmax and accumulation): 3-5x faster at every context length there.
+scores the query heads of a KV head against each key row while it is in registers, prefetches rows
+ahead of use (slots are scattered) and reads each value row once (float32 softmax and
+accumulation): 3x faster than the compiled torch form at 96-1024 keys on hot rows, and in the
+engine's batch-32 SmolLM2 decode step attention fell from ~18 ms to ~8 ms a step.
 
 The kernel is compiled on first use with torch's C++ extension builder (``torch.utils.cpp_extension``;
 about 30 s, then cached on disk under ``TORCH_EXTENSIONS_DIR`` for later processes) and registered
