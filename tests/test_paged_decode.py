@@ -14,7 +14,11 @@ import sglite
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel with")
+from torch.utils.cpp_extension import is_ninja_available
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None or not is_ninja_available(), reason="no C++ compiler or ninja to build the kernel with"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -87,6 +87,18 @@ inline const T* row_of(const Problem& p, const int64_t* rows, int64_t s, int64_t
   return cache + slot * p.kv_heads * p.dim;
 }
 
+// visit(s, row) for each of sequence b's cached pool rows, then for its new token's row (s == cached),
+// with the pool rows prefetched kPrefetchAhead keys ahead.
+template <typename T, typename Visit>
+inline void for_each_row(const Problem& p, const int64_t* rows, int64_t cached, const T* cache, const T* fresh,
+                         int64_t b, Visit&& visit) {
+  for (int64_t s = 0; s < std::min(kPrefetchAhead, cached); ++s) prefetch_row(p, rows, s, cached, cache);
+  for (int64_t s = 0; s <= cached; ++s) {
+    prefetch_row(p, rows, s + kPrefetchAhead, cached, cache);
+    visit(s, row_of(p, rows, s, cached, cache, fresh, b));
+  }
+}
+
 // Head sizes known at compile time: a head's row lives in registers. Query head `h * group + g`
 // reads KV head `h`; scores are [heads, keys].
 template <typename T, int64_t kDim>
@@ -101,10 +113,7 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
   }
   scores.resize(heads * keys);
   Vec row[kVecs];
-  for (int64_t s = 0; s < std::min(kPrefetchAhead, cached); ++s) prefetch_row(p, rows, s, cached, kc);
-  for (int64_t s = 0; s < keys; ++s) {
-    prefetch_row(p, rows, s + kPrefetchAhead, cached, kc);
-    const T* key = row_of(p, rows, s, cached, kc, kn, b);
+  for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       load_row<T, kDim>(key + h * kDim, row);
       for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
@@ -114,13 +123,10 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
         scores[qh * keys + s] = hsum(dot);
       }
     }
-  }
+  });
   std::vector<float> totals(heads);
   softmax_rows(scores.data(), heads, keys, totals.data());
-  for (int64_t s = 0; s < std::min(kPrefetchAhead, cached); ++s) prefetch_row(p, rows, s, cached, vc);
-  for (int64_t s = 0; s < keys; ++s) {
-    prefetch_row(p, rows, s + kPrefetchAhead, cached, vc);
-    const T* value = row_of(p, rows, s, cached, vc, vn, b);
+  for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       load_row<T, kDim>(value + h * kDim, row);
       for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
@@ -129,7 +135,7 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
         for (int64_t i = 0; i < kVecs; ++i) a[i] = at::vec::fmadd(weight, row[i], a[i]);
       }
     }
-  }
+  });
   for (int64_t qh = 0; qh < heads; ++qh) {
     float values[kDim];
     const Vec inv(1.f / totals[qh]);
@@ -147,23 +153,21 @@ void attend_sequence_any(const Problem& p, const T* q, const T* kn, const T* vn,
   std::vector<float> query(heads * dim), acc(heads * dim, 0.f), totals(heads);
   for (int64_t i = 0; i < heads * dim; ++i) query[i] = static_cast<float>(q[b * heads * dim + i]) * p.scale;
   scores.resize(heads * keys);
-  for (int64_t s = 0; s < keys; ++s) {
-    const T* key = row_of(p, rows, s, cached, kc, kn, b);
+  for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* k = key + (qh / group) * dim;
       float dot = 0.f;
       for (int64_t d = 0; d < dim; ++d) dot += query[qh * dim + d] * static_cast<float>(k[d]);
       scores[qh * keys + s] = dot;
     }
-  }
+  });
   softmax_rows(scores.data(), heads, keys, totals.data());
-  for (int64_t s = 0; s < keys; ++s) {
-    const T* value = row_of(p, rows, s, cached, vc, vn, b);
+  for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* v = value + (qh / group) * dim;
       for (int64_t d = 0; d < dim; ++d) acc[qh * dim + d] += scores[qh * keys + s] * static_cast<float>(v[d]);
     }
-  }
+  });
   for (int64_t qh = 0; qh < heads; ++qh)
     for (int64_t d = 0; d < dim; ++d)
       out[(b * heads + qh) * dim + d] = static_cast<T>(acc[qh * dim + d] / totals[qh]);
