@@ -118,3 +118,10 @@ def test_sglite_native_kernels_0_keeps_the_torch_formulation(monkeypatch):
     monkeypatch.setenv("SGLITE_NATIVE_KERNELS", "0")
     monkeypatch.setattr(paged_decode, "_library", [])
     assert paged_decode.load.__wrapped__() is False and not paged_decode.is_loaded()
+
+
+def test_the_build_is_named_for_the_cpu_capability_and_not_tuned_to_this_machine():
+    name, flags = paged_decode._build_options()
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert name.endswith(capability.lower() if capability in paged_decode.CAPABILITY_FLAGS else "default")
+    assert not any(flag.startswith(("-march", "-mtune")) for flag in flags)  # a shared cache may serve other CPUs

@@ -38,13 +38,20 @@ SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
 _library: list = []  # the loaded extension module, once built (a process-wide cache, like torch.ops itself)
 
 
-def _capability_flags() -> list[str]:
-    """Compile flags selecting ATen's vector width for this CPU (what inductor passes for its kernels)."""
+CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+"""Compile flags per ATen CPU capability: ATen's vector width (what inductor passes for its kernels) and the
+instruction sets it needs, never ``-march=native``, so a build cached in a shared home directory runs on every
+machine of that capability (the capability is in the extension's name)."""
+
+
+def _build_options() -> tuple[str, list[str]]:
+    """The extension's name and compile flags for this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3"]
-    if capability in ("AVX512", "AVX2"):
-        flags += [f"-DCPU_CAPABILITY_{capability}", "-march=native"]
-    return flags
+    flags = CAPABILITY_FLAGS.get(capability, [])
+    return f"sglite_paged_decode_{capability.lower() if flags else 'default'}", ["-O3", *flags]
 
 
 @functools.cache
@@ -56,12 +63,8 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(
-            "sglite_paged_decode",
-            cpp_sources=[SOURCE.read_text()],
-            functions=["paged_decode_attention"],
-            extra_cflags=_capability_flags(),
-        )
+        name, flags = _build_options()
+        module = load_inline(name, cpp_sources=[SOURCE.read_text()], functions=["paged_decode_attention"], extra_cflags=flags)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: fall back, loudly once
         logger.warning("the C++ decode-attention kernel did not build (%s); decode attention uses torch operators", exc)
         return False
