@@ -137,19 +137,20 @@ class LlamaDecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """Hidden states of every new token, or of ``keep_rows`` only (their K/V are stored either way)."""
         attn = self.self_attn(self.input_layernorm(hidden), cos, sin, meta, pool, keep_rows)
-        if keep_rows is not None:
-            hidden = hidden.index_select(0, keep_rows)
-        # Unfused residual adds, in the reference's order, keep float32 results bit-comparable.
-        hidden = hidden + attn
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return self._add_attention_then_mlp(hidden if keep_rows is None else hidden.index_select(0, keep_rows), attn)
 
     def forward_decode(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cached: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward` for one decode token per sequence, leaving the pool untouched: ``(hidden, k, v)``."""
         attn, k, v = self.self_attn.forward_decode(self.input_layernorm(hidden), cos, sin, kv, cached)
+        return self._add_attention_then_mlp(hidden, attn), k, v
+
+    def _add_attention_then_mlp(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's two residual branches after attention; unfused adds, in the reference's order, keep
+        float32 results bit-comparable."""
         hidden = hidden + attn
-        return hidden + self.mlp(self.post_attention_layernorm(hidden)), k, v
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class LlamaModel(nn.Module):
