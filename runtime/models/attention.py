@@ -20,6 +20,7 @@ causal triangle is computed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -68,10 +69,6 @@ class AttentionGroup:
     """Cached tokens of each sequence, in the group's order."""
     extend_lens: tuple[int, ...] = ()
     """New tokens of each sequence; the group's query rows hold them sequence after sequence."""
-    cached_lens: torch.Tensor | None = None
-    """Decode groups: ``[B]`` int64 cached keys of each sequence (its ``kv_index`` row before the new token)."""
-    new_slots: torch.Tensor | None = None
-    """Decode groups: ``[B]`` pool slot of each sequence's new token (its last key)."""
     _masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
     _query_blocks: dict[tuple[int | None, torch.dtype, int], list[list[QueryBlock]]] = field(
         default_factory=dict, repr=False
@@ -85,6 +82,16 @@ class AttentionGroup:
     def padded_kv_positions(self) -> int:
         """Keys each layer reads for this group, padding included (``B x max_kv``)."""
         return self.kv_index.numel()
+
+    @functools.cached_property
+    def cached_lens(self) -> torch.Tensor:
+        """Decode groups: ``[B]`` int64 cached keys of each sequence (its keys before the one new token)."""
+        return self.kv_lens - 1
+
+    @functools.cached_property
+    def new_slots(self) -> torch.Tensor:
+        """Decode groups: ``[B]`` pool slot of each sequence's new token (its last key)."""
+        return self.kv_index.gather(1, self.cached_lens[:, None]).squeeze(1)
 
     def mask(self, sliding_window: int | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """``[B, 1, max_extend, max_kv]``: where a query may attend to a key.
@@ -149,11 +156,9 @@ def _build_group(
             token_rows = starts[seq_of_token] + offset_in_seq
     fresh = max_extend > 1 and padded_rows is None and not any(batch.prefix_lens[i] for i in seqs)
     equal_kv = max_extend == 1 and len({batch.prefix_lens[i] for i in seqs}) == 1
-    new_slots = kv_index.gather(1, prefix_lens[:, None]).squeeze(1) if max_extend == 1 else None
     return AttentionGroup(
         token_rows, kv_index, query_positions, kv_lens, padded_rows, max_extend, fresh, equal_kv,
         prefix_lens=tuple(batch.prefix_lens[i] for i in seqs), extend_lens=tuple(extend),
-        cached_lens=prefix_lens if max_extend == 1 else None, new_slots=new_slots,
     )
 
 
