@@ -15,9 +15,10 @@ padded with dummy rows up to the next of :data:`BATCH_BUCKETS` (the CPU analogue
 batch sizes) and each bucket compiles once, on its first use, for about 1-2 minutes on a 2-core CPU.
 The context width is dynamic (one graph serves every context length of a bucket).
 
-Prefill chunks, mixed prefill/decode batches, batches past ``max_batch_size``, contexts longer than
-a sliding window and batches whose contexts differ so much that padding them to the longest would
-more than double the keys read all run the eager path, which groups sequences by context length.
+Prefill chunks, mixed prefill/decode batches, batches past ``max_batch_size`` and contexts longer
+than a sliding window run the eager path. So do batches whose contexts differ so much that padding
+them to the longest would more than double the keys read, unless the C++ decode attention
+(:mod:`~sglite.runtime.models.paged_decode`) is loaded: it reads each row's own keys.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.models.attention import MIN_KV_BUCKET
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext
+from sglite.runtime.token_selection import take_rows
 
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,4 @@ class CompiledDecode:
         pool.kv.index_copy_(2, batch.out_slots, new_kv[:, :, :size])
         self.steps += 1
         self.buckets_used.add(bucket)
-        if len(logit_rows) == size and bool((logit_rows == torch.arange(size, device=logit_rows.device)).all()):
-            return logits[:size]  # every row, in order (the usual decode batch): no copy of [B, vocab]
-        return logits.index_select(0, logit_rows)
+        return take_rows(logits[:size], logit_rows.tolist())  # usually every row, in order: no copy of [B, vocab]
