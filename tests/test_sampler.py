@@ -129,3 +129,14 @@ def test_any_accepted_parameters_yield_an_allowed_token(row, temperature, top_p,
         return
     token = int(sample(logits, [sp], [torch.Generator().manual_seed(0)])[0])
     assert allowed[token]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_pick_argmax_with_ties_to_the_lowest_id(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000).to(dtype)
+    logits[2, [17, 400, 999]] = 50.0  # a three-way tie for the maximum
+    logits[4, 3] = float("nan")  # a non-finite row takes the sanitizing path: nan is never chosen
+    want = logits.float().nan_to_num(nan=float("-inf")).argmax(-1)
+    got = sample(logits.clone(), [SamplingParams(temperature=0.0)] * 6, [None] * 6)
+    assert got.tolist() == want.tolist() and int(got[2]) == 17

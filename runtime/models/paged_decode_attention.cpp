@@ -4,12 +4,16 @@
 // cached key row the pool holds for the sequence (rows are found through kv_index, never gathered
 // into a copy), plus the new token's own key; softmax in float32; each value row is read once and
 // accumulated in float32. Rows of head_dim 64 and 128 are held in registers (a template per size).
-#include <torch/extension.h>
+// Registered with the dispatcher as the CPU kernel of sglite::paged_decode_attention (its schema and
+// fake kernel are defined in paged_decode.py), so calls skip Python entirely.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -41,24 +45,22 @@ struct Problem {
   float scale;
 };
 
-// Softmax over each query head's `keys` scores in place; returns the sums of the exponentials.
-inline void softmax_rows(float* scores, int64_t group, int64_t keys, float* totals) {
+// Softmax over each query head's `keys` scores in place, whole vectors only: rows are `stride` apart (a
+// multiple of the vector width) and the tail past `keys` is overwritten. totals[g]: head g's sum of exponentials.
+inline void softmax_rows(float* scores, int64_t group, int64_t keys, int64_t stride, float* totals) {
   for (int64_t g = 0; g < group; ++g) {
-    float* x = scores + g * keys;
-    const float top = *std::max_element(x, x + keys);
+    float* x = scores + g * stride;
+    std::fill(x + keys, x + stride, -std::numeric_limits<float>::infinity());  // exp(-inf - top) = 0
+    Vec top_v(-std::numeric_limits<float>::infinity());
+    for (int64_t s = 0; s < stride; s += kLanes) top_v = at::vec::maximum(top_v, Vec::loadu(x + s));
+    const Vec top(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, top_v));
     Vec sum(0.f);
-    int64_t s = 0;
-    for (; s + kLanes <= keys; s += kLanes) {
-      Vec e = (Vec::loadu(x + s) - Vec(top)).exp();
+    for (int64_t s = 0; s < stride; s += kLanes) {
+      Vec e = (Vec::loadu(x + s) - top).exp();
       e.store(x + s);
       sum = sum + e;
     }
-    float total = hsum(sum);
-    for (; s < keys; ++s) {
-      x[s] = std::exp(x[s] - top);
-      total += x[s];
-    }
-    totals[g] = total;
+    totals[g] = hsum(sum);
   }
 }
 
@@ -111,7 +113,8 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
     load_row<T, kDim>(q + (b * heads + qh) * kDim, query.data() + qh * kVecs);
     for (int64_t i = 0; i < kVecs; ++i) query[qh * kVecs + i] = query[qh * kVecs + i] * Vec(p.scale);
   }
-  scores.resize(heads * keys);
+  const int64_t stride = (keys + kLanes - 1) / kLanes * kLanes;
+  scores.resize(heads * stride);
   Vec row[kVecs];
   for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
@@ -120,17 +123,17 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
         const Vec* qv = query.data() + qh * kVecs;
         Vec dot = qv[0] * row[0];
         for (int64_t i = 1; i < kVecs; ++i) dot = at::vec::fmadd(qv[i], row[i], dot);
-        scores[qh * keys + s] = hsum(dot);
+        scores[qh * stride + s] = hsum(dot);
       }
     }
   });
   std::vector<float> totals(heads);
-  softmax_rows(scores.data(), heads, keys, totals.data());
+  softmax_rows(scores.data(), heads, keys, stride, totals.data());
   for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       load_row<T, kDim>(value + h * kDim, row);
       for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
-        const Vec weight(scores[qh * keys + s]);
+        const Vec weight(scores[qh * stride + s]);
         Vec* a = acc.data() + qh * kVecs;
         for (int64_t i = 0; i < kVecs; ++i) a[i] = at::vec::fmadd(weight, row[i], a[i]);
       }
@@ -152,20 +155,21 @@ void attend_sequence_any(const Problem& p, const T* q, const T* kn, const T* vn,
   const int64_t heads = p.heads, group = p.group, dim = p.dim, keys = cached + 1;
   std::vector<float> query(heads * dim), acc(heads * dim, 0.f), totals(heads);
   for (int64_t i = 0; i < heads * dim; ++i) query[i] = static_cast<float>(q[b * heads * dim + i]) * p.scale;
-  scores.resize(heads * keys);
+  const int64_t stride = (keys + kLanes - 1) / kLanes * kLanes;
+  scores.resize(heads * stride);
   for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* k = key + (qh / group) * dim;
       float dot = 0.f;
       for (int64_t d = 0; d < dim; ++d) dot += query[qh * dim + d] * static_cast<float>(k[d]);
-      scores[qh * keys + s] = dot;
+      scores[qh * stride + s] = dot;
     }
   });
-  softmax_rows(scores.data(), heads, keys, totals.data());
+  softmax_rows(scores.data(), heads, keys, stride, totals.data());
   for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* v = value + (qh / group) * dim;
-      for (int64_t d = 0; d < dim; ++d) acc[qh * dim + d] += scores[qh * keys + s] * static_cast<float>(v[d]);
+      for (int64_t d = 0; d < dim; ++d) acc[qh * dim + d] += scores[qh * stride + s] * static_cast<float>(v[d]);
     }
   });
   for (int64_t qh = 0; qh < heads; ++qh)
@@ -231,3 +235,5 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_new, at::Tensor v_n
   });
   return out;
 }
+
+TORCH_LIBRARY_IMPL(sglite, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
