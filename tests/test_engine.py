@@ -317,3 +317,81 @@ def test_an_empty_prompt_list_is_an_empty_batch_everywhere(engine):
         engine.generate([], {"max_new_tokens": 1})
     with pytest.raises(ValueError, match="list of prompts is empty"):
         engine.generate(input_ids=[], sampling_params={"max_new_tokens": 1})
+
+
+
+def test_decoding_requests_take_their_slots_in_runs_with_unchanged_output(llama_path, monkeypatch):
+    from sglite.runtime import scheduler as scheduler_module
+
+    prompts = [[5, 9, 40, 7] * (2 + i) for i in range(6)]  # decoded together, step by step
+    params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    steps: list[torch.Tensor] = []  # every decode row's slot list, in order
+
+    def decoded_slots() -> list[torch.Tensor]:
+        final = {s.numel(): s for s in steps}  # the last list of each length: a sequence's final step
+        steps.clear()
+        return [final[len(p) + 39][len(p) :] for p in prompts]  # the KV of its 39 computed output tokens
+
+    def adjacency(runs: list[torch.Tensor]) -> float:  # neighbouring positions in neighbouring slots
+        return float(torch.cat([(r.diff() == 1).float() for r in runs]).mean())
+
+    with sglite.Engine(str(llama_path), dtype="float32", max_total_tokens=4096) as engine:
+        forward = engine.scheduler.forward
+
+        def recording(batch, rows):
+            steps.extend(s.clone() for s, n in zip(batch.kv_slots, batch.extend_lens) if n == 1)
+            return forward(batch, rows)
+
+        monkeypatch.setattr(engine.scheduler, "forward", recording)
+        in_runs = engine.generate(input_ids=prompts, sampling_params=params)
+        engine.check_invariant()  # spare slots of a run went back to the pool with the request
+        runs = adjacency(decoded_slots())
+        monkeypatch.setattr(scheduler_module, "DECODE_SLOT_RUN", 1)
+        one_by_one = engine.generate(input_ids=prompts, sampling_params=params)
+        engine.check_invariant()
+        single = adjacency(decoded_slots())
+    assert [o["output_ids"] for o in in_runs] == [o["output_ids"] for o in one_by_one]
+    assert runs > 0.9 and single < 0.2  # one slot a step interleaves the six sequences
+
+
+def test_a_request_held_back_for_memory_gets_the_slots_decoders_took_ahead(llama_path):
+    import threading
+
+    from sglite.runtime.input_processor import GenerateInput
+    from sglite.runtime.scheduler import DECODE_HEADROOM
+
+    params = {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+    with sglite.Engine(str(llama_path), dtype="float32", max_total_tokens=320, disable_radix_cache=True) as engine:
+        sched = engine.scheduler
+
+        def admit_while_a_run_is_held():  # runs between two steps, on the engine's loop
+            if "admitted" in outcome or len(sched.running) != 1:
+                return
+            decoder = sched.running[0]
+            spare = decoder.slot_indices.numel() - decoder.kv_len
+            if spare < 8:
+                return
+            free = sched.pool.num_free + sched.tree.evictable_size
+            # needs more slots than are free, and no more than free + the decoder's spares
+            length = free - 2 * DECODE_HEADROOM + spare // 2
+            (waiting,), _ = engine._make_requests(GenerateInput(input_ids=[7] * length, sampling_params={"max_new_tokens": 1}))
+            sched.add(waiting)
+            sched._admit()
+            outcome.update(admitted=waiting in sched.running, spare_left=decoder.slot_indices.numel() - decoder.kv_len)
+
+        def poke():
+            while "admitted" not in outcome and not done.is_set():
+                engine._call(admit_while_a_run_is_held)
+
+        poker = threading.Thread(target=poke)
+        poker.start()
+        try:
+            out = engine.generate(input_ids=[5, 9, 40, 7] * 2, sampling_params=params)
+        finally:
+            done.set()
+            poker.join()
+        engine.check_invariant()
+    assert len(out["output_ids"]) == 200
+    assert outcome == {"admitted": True, "spare_left": 0}
