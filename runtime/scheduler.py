@@ -32,11 +32,11 @@ DECODE_HEADROOM = 8
 """Free slots kept per running request at admission, so decoding rarely needs to preempt."""
 IN_BATCH_PREFIX_MIN = 32
 """A waiting request that shares this many uncached tokens with one being prefilled waits for it."""
-DECODE_SLOT_RUN = 32
-"""Slots a decoding request takes at once (while the pool has them to spare) and fills over its next steps.
+DECODE_SLOT_RUN = 64
+"""Slots a decoding request takes at once (while the pool can spare them) and fills over its next steps.
 Taken one a step, the slots of a batch's sequences interleave in the pool (each step hands out one per
-sequence), and attention reads every sequence's keys ``batch`` rows apart; in runs they sit together,
-which the decode-attention kernel reads 1.3-2x faster (cold caches, batch 32-8, 46-1000 keys)."""
+sequence), and attention reads every sequence's keys ``batch`` rows apart; in runs of 64 they sit together,
+which the decode-attention kernel reads 1.5-2x faster with cold caches (``benchmarks/decode_attention.py``)."""
 LPM_QUEUE_LIMIT = 128
 """Longest-prefix ordering costs a tree walk per waiting request; past this many, use arrival order."""
 
