@@ -242,9 +242,10 @@ class Scheduler:
             slots = self._alloc(need)
         while slots is None and not in_prefill and self._preempt(keep=req):
             slots = self._alloc(need)
-        if slots is None and in_prefill:
-            n = need = min(need, self.pool.num_free + self.tree.evictable_size)
-            slots = self._alloc(need) if need > 0 else None
+        if slots is None and in_prefill:  # a shorter chunk: what the pool can give (plus any slots held)
+            need = min(need, self.pool.num_free + self.tree.evictable_size)
+            n = held + need
+            slots = self._alloc(need) if need > 0 else (torch.empty(0, dtype=torch.int64) if held else None)
         if slots is None:
             if not in_prefill:  # nothing left to preempt: it cannot grow in this pool
                 self._finish(req, "length", None)
