@@ -230,29 +230,27 @@ class Scheduler:
         pending = req.fill_len - req.kv_len
         in_prefill = req.kv_len < len(req.prompt_ids) or pending > 1 + len(req.pending_forced)
         n = min(pending, budget) if in_prefill else pending
-        if n <= 0:
-            return budget
         held = req.slot_indices.numel() - req.kv_len  # slots taken ahead by an earlier decode step
-        if held >= n:
-            segments.append((req, n))
-            return budget
-        need = n - held
-        slots = None if in_prefill else self._decode_run(req, need)
-        if slots is None:
-            slots = self._alloc(need)
-        while slots is None and not in_prefill and self._preempt(keep=req):
-            slots = self._alloc(need)
-        if slots is None and in_prefill:  # a shorter chunk: what the pool can give (plus any slots held)
-            need = min(need, self.pool.num_free + self.tree.evictable_size)
-            n = held + need
-            slots = self._alloc(need) if need > 0 else (torch.empty(0, dtype=torch.int64) if held else None)
-        if slots is None:
-            if not in_prefill:  # nothing left to preempt: it cannot grow in this pool
+        if n > held:
+            need = n - held
+            slots = None if in_prefill else self._decode_run(req, need)
+            if slots is None:
+                slots = self._alloc(need)
+            while slots is None and not in_prefill and self._preempt(keep=req):
+                slots = self._alloc(need)
+            if slots is None and not in_prefill:  # nothing left to preempt: it cannot grow in this pool
                 self._finish(req, "length", None)
+                return budget
+            if slots is None:  # a shorter prefill chunk: the slots held plus what the pool can give
+                need = min(need, self.pool.num_free + self.tree.evictable_size)
+                slots = self._alloc(need) if need > 0 else None
+                n = held + (need if slots is not None else 0)
+            if slots is not None:
+                req.slot_indices = torch.cat([req.slot_indices, slots])
+        if n <= 0:
             return budget
         if in_prefill:
             budget -= n
-        req.slot_indices = torch.cat([req.slot_indices, slots])
         segments.append((req, n))
         return budget
 
