@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, min_median  # noqa: E402
 
+from sglite.runtime import native_kernels  # noqa: E402
 from sglite.runtime.models import paged_decode  # noqa: E402
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small case, 2 repetitions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not paged_decode.load():
+    if not native_kernels.load():
         raise SystemExit("the C++ kernel did not build here (see the warning above): nothing to compare")
     cases = [(32, 46), (32, 200), (8, 1000)] if not args.quick else [(8, 40)]
     repeat = 2 if args.quick else args.repeat

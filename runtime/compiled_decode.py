@@ -32,7 +32,7 @@ from torch import nn
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.models.attention import MIN_KV_BUCKET
-from sglite.runtime.models import paged_decode
+from sglite.runtime import native_kernels
 from sglite.runtime.models.decode_attention import DecodeContext
 from sglite.runtime.token_selection import take_rows
 
@@ -100,7 +100,7 @@ class CompiledDecode:
         longest = max(batch.prefix_lens)
         if self.window is not None and longest + 1 > self.window:
             return False
-        if self.cpu and paged_decode.is_loaded():
+        if self.cpu and native_kernels.is_loaded():
             return True  # the C++ kernel reads each row's own keys: padding kv_index costs nothing
         # Every row is padded to the longest context; the eager path's groups avoid that when it doubles the work.
         return batch.batch_size * longest <= 2 * sum(batch.prefix_lens) + batch.batch_size * MIN_KV_BUCKET

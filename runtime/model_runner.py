@@ -84,9 +84,9 @@ class ModelRunner:
         default_threads = torch.get_num_threads()
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
         if self.device.type == "cpu":
-            from sglite.runtime.models import paged_decode
+            from sglite.runtime import native_kernels
 
-            paged_decode.load()  # decode attention read in place from the pool (falls back when it cannot build)
+            native_kernels.load()  # decode attention in place, greedy picks in one pass (falls back when it cannot build)
         self.compiled_decode = None
         if enable_torch_compile:
             from sglite.runtime.compiled_decode import CompiledDecode

@@ -12,7 +12,7 @@ from sglite.runtime.compiled_decode import CompiledDecode
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.model_loader import load_model
-from sglite.runtime.models import paged_decode
+from sglite.runtime import native_kernels
 from sglite.runtime.models.decode_attention import DecodeContext
 
 CONTEXTS = [5, 17, 40, 3]
@@ -56,7 +56,7 @@ def test_pool_read_only_decode_step_equals_the_paged_forward(tiny_model_factory,
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_compiled_decode_accepts_only_decode_batches_it_can_serve(llama_path, monkeypatch, kernel):
-    monkeypatch.setattr(paged_decode, "is_loaded", lambda: kernel)
+    monkeypatch.setattr(native_kernels, "is_loaded", lambda: kernel)
     model, _ = load_model(llama_path)
     step = CompiledDecode(model, max_batch_size=4)  # compiles lazily: nothing is built here
     assert step.accepts(decode_batch([5, 17, 40, 3]))

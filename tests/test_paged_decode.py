@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sglite
+from sglite.runtime import native_kernels
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert paged_decode.load(), "the kernel failed to build (see the warning logged by paged_decode.load)"
+    assert native_kernels.load(), "the kernels failed to build (see the warning logged by native_kernels.load)"
 
 
 def problem(batch, heads, kv_heads, dim, lengths, dtype, slots=512, seed=0):
@@ -102,7 +103,7 @@ def test_engine_decode_runs_through_the_kernel_with_unchanged_greedy_output(llam
     with sglite.Engine(str(llama_path), dtype="float32", max_total_tokens=1024) as engine:
         monkeypatch.setattr(paged_decode, "paged_decode_attention", counted)
         with_kernel = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-        monkeypatch.setattr(paged_decode, "_library", [])  # is_loaded() is False: the torch formulation
+        monkeypatch.setattr(native_kernels, "_library", [])  # is_loaded() is False: the torch formulation
         without = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert calls and max(calls) == len(prompts)  # batched decode steps went through the kernel
     assert with_kernel == without
@@ -114,22 +115,22 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    monkeypatch.setattr(paged_decode, "_library", [])
-    with caplog.at_level("WARNING", logger="sglite.runtime.models.paged_decode"):
-        assert paged_decode.load.__wrapped__() is False  # the uncached body: a fresh attempt
-    assert not paged_decode.is_loaded()
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native_kernels, "_library", [])
+    with caplog.at_level("WARNING", logger="sglite.runtime.native_kernels"):
+        assert native_kernels.load.__wrapped__() is False  # the uncached body: a fresh attempt
+    assert not native_kernels.is_loaded()
     assert "did not build" in caplog.text and "Ninja is required" in caplog.text
 
 
 def test_sglite_native_kernels_0_keeps_the_torch_formulation(monkeypatch):
     monkeypatch.setenv("SGLITE_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(paged_decode, "_library", [])
-    assert paged_decode.load.__wrapped__() is False and not paged_decode.is_loaded()
+    monkeypatch.setattr(native_kernels, "_library", [])
+    assert native_kernels.load.__wrapped__() is False and not native_kernels.is_loaded()
 
 
 def test_the_build_is_named_for_the_cpu_capability_and_not_tuned_to_this_machine():
-    name, flags = paged_decode._build_options()
+    name, flags = native_kernels._build_options()
     capability = torch.backends.cpu.get_cpu_capability()
-    assert name.endswith(capability.lower() if capability in paged_decode.CAPABILITY_FLAGS else "default")
+    assert name.endswith(capability.lower() if capability in native_kernels.CAPABILITY_FLAGS else "default")
     assert not any(flag.startswith(("-march", "-mtune")) for flag in flags)  # a shared cache may serve other CPUs

@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
+from sglite.runtime import native_kernels
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.masks import additive_mask, visible_keys
 from sglite.runtime.models.prefill_attention import QueryBlock, extend_attention, query_blocks
@@ -237,7 +238,7 @@ def _attend_group(
     returns ``[T_g, heads * head_dim]``."""
     if group.max_extend > 1 and q.device.type in BLOCKED_EXTEND_DEVICES:
         return _attend_extend_blocked(q, k, v, k_cache, v_cache, group, scaling, sliding_window)
-    if group.max_extend == 1 and q.device.type == "cpu" and paged_decode.is_loaded():
+    if group.max_extend == 1 and q.device.type == "cpu" and native_kernels.is_loaded():
         if sliding_window is None or max(group.prefix_lens) < sliding_window:  # the kernel has no window
             # the new tokens' K/V are in the pool already; the kernel takes them as each row's last key
             k_new, v_new = k_cache.index_select(0, group.new_slots), v_cache.index_select(0, group.new_slots)

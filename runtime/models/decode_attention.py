@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from sglite.runtime import native_kernels
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.masks import additive_mask
 
@@ -87,7 +88,7 @@ def decode_attention(
         >>> torch.allclose(out[1], ref.reshape(-1), atol=1e-5)
         True
     """
-    if q.device.type == "cpu" and paged_decode.is_loaded():
+    if q.device.type == "cpu" and native_kernels.is_loaded():
         return paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, scaling)
     return decode_attention_gathered(q, k, v, k_cache, v_cache, cached, scaling)
 

@@ -11,74 +11,19 @@ ahead of use (slots are scattered) and reads each value row once (float32 softma
 accumulation): 3x faster than the compiled torch form at 96-1024 keys on hot rows, and in the
 engine's batch-32 SmolLM2 decode step attention fell from ~18 ms to ~8 ms a step.
 
-The kernel is compiled on first use with torch's C++ extension builder (``torch.utils.cpp_extension``;
-about 30 s, then cached on disk under ``TORCH_EXTENSIONS_DIR`` for later processes) as a plain shared
-library that registers itself as the CPU kernel of the op ``sglite::paged_decode_attention`` (schema and
-fake kernel defined below), so a ``torch.compile``'d decode step calls it, and every call goes from the
-dispatcher straight into C++: ~7 us a call at batch 1 where a Python-bodied custom op took ~24 us
-(30 layers: ~0.5 ms a decode step).
-Without a C++ toolchain (or with ``SGLITE_NATIVE_KERNELS=0``) :func:`load` says so once and the
-models keep their torch formulation; nothing else changes.
+The kernel is part of sglite's C++ library (:mod:`~sglite.runtime.native_kernels`, built on first use),
+which registers it as the CPU kernel of the op ``sglite::paged_decode_attention`` (schema and fake kernel
+defined below), so a ``torch.compile``'d decode step calls it, and every call goes from the dispatcher
+straight into C++: ~7 us a call at batch 1 where a Python-bodied custom op took ~24 us (30 layers:
+~0.5 ms a decode step). Where the library is not built the models keep their torch formulation.
 
-    >>> if load():                                                           # doctest: +SKIP
+    >>> if native_kernels.load():                                            # doctest: +SKIP
     ...     out = paged_decode_attention(q, k, v, k_cache, v_cache, kv_index, kv_lens, 0.125)
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
-
 import torch
-
-
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
-
-_library: list[str] = []  # the loaded library's name, once built (process-wide, like the op registry itself)
-
-
-CAPABILITY_FLAGS = {
-    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-}
-"""Compile flags per ATen CPU capability: ATen's vector width (what inductor passes for its kernels) and the
-instruction sets it needs, never ``-march=native``, so a build cached in a shared home directory runs on every
-machine of that capability (the capability is in the extension's name)."""
-
-
-def _build_options() -> tuple[str, list[str]]:
-    """The extension's name and compile flags for this CPU."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = CAPABILITY_FLAGS.get(capability, [])
-    return f"sglite_paged_decode_{capability.lower() if flags else 'default'}", ["-O3", *flags]
-
-
-@functools.cache
-def load() -> bool:
-    """Build (or load the cached build of) the kernel; ``False``, logged once, where it cannot be built."""
-    if os.environ.get("SGLITE_NATIVE_KERNELS", "1") == "0":
-        logger.info("SGLITE_NATIVE_KERNELS=0: decode attention uses torch operators")
-        return False
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        name, flags = _build_options()
-        # a plain shared library (no Python module): loading it registers the op's CPU kernel
-        load_inline(name, cpp_sources=[SOURCE.read_text()], extra_cflags=flags, is_python_module=False)
-    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: fall back, loudly once
-        logger.warning("the C++ decode-attention kernel did not build (%s); decode attention uses torch operators", exc)
-        return False
-    _library.append(name)
-    return True
-
-
-def is_loaded() -> bool:
-    """Whether :func:`load` has built the kernel in this process (never builds: safe in a hot path)."""
-    return bool(_library)
 
 
 torch.library.define(
@@ -108,8 +53,8 @@ def paged_decode_attention(
     ``q`` ``[B, heads, d]``; ``k_new``/``v_new`` ``[B, kv_heads, d]`` (the new token's, after RoPE);
     ``k_cache``/``v_cache`` ``[slots, kv_heads, d]`` (contiguous, read only); ``kv_index`` ``[B, S]``
     int64 pool slots of each sequence's cached keys, of which the first ``kv_lens[b]`` are real.
-    Returns ``[B, heads * d]`` in ``q``'s dtype. Call :func:`load` first: the op
-    ``sglite::paged_decode_attention`` has its CPU kernel (C++, called by the dispatcher without
+    Returns ``[B, heads * d]`` in ``q``'s dtype. Call :func:`sglite.runtime.native_kernels.load` first:
+    the op ``sglite::paged_decode_attention`` has its CPU kernel (C++, called by the dispatcher without
     Python, inside compiled graphs too) once the library is loaded.
     """
     return torch.ops.sglite.paged_decode_attention(q, k_new, v_new, k_cache, v_cache, kv_index, kv_lens, scaling)

@@ -1,0 +1,79 @@
+"""sglite's C++ kernels for CPUs, built once into one shared library that registers them with torch's dispatcher.
+
+=====================================================  ==============================================
+``runtime/models/paged_decode_attention.cpp``          decode attention read in place from the KV pool
+                                                       (:mod:`~sglite.runtime.models.paged_decode`)
+``runtime/greedy_pick.cpp``                            each logits row's first maximum
+                                                       (:mod:`~sglite.runtime.greedy_pick`)
+=====================================================  ==============================================
+
+Each kernel's op schema, fake kernel and Python wrapper live beside its source; the library only adds the
+CPU kernels, so calls (inside ``torch.compile`` graphs too) go from the dispatcher straight into C++.
+:func:`load` builds it with torch's C++ extension builder on first use (about 30-40 s, then cached on disk
+under ``TORCH_EXTENSIONS_DIR`` for later processes; a changed source rebuilds). Without a C++ toolchain
+(or with ``SGLITE_NATIVE_KERNELS=0``) it says so once and every caller keeps its torch formulation.
+
+    >>> if load():                                                           # doctest: +SKIP
+    ...     assert is_loaded()
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "models" / "paged_decode_attention.cpp", HERE / "greedy_pick.cpp")
+
+_library: list[str] = []  # the loaded library's name, once built (process-wide, like the op registry itself)
+
+
+CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+"""Compile flags per ATen CPU capability: ATen's vector width (what inductor passes for its kernels) and the
+instruction sets it needs, never ``-march=native``, so a build cached in a shared home directory runs on every
+machine of that capability (the capability is in the library's name)."""
+
+
+def _build_options() -> tuple[str, list[str]]:
+    """The library's name and compile flags for this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = CAPABILITY_FLAGS.get(capability, [])
+    return f"sglite_native_{capability.lower() if flags else 'default'}", ["-O3", *flags]
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or load the cached build of) the kernels; ``False``, logged once, where they cannot be built."""
+    if os.environ.get("SGLITE_NATIVE_KERNELS", "1") == "0":
+        logger.info("SGLITE_NATIVE_KERNELS=0: the C++ kernels stay off (torch formulations run)")
+        return False
+    # the op schemas the library implements (defined in Python, beside each kernel's wrapper)
+    from sglite.runtime import greedy_pick  # noqa: F401
+    from sglite.runtime.models import paged_decode  # noqa: F401
+
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        name, flags = _build_options()
+        # a plain shared library (no Python module): loading it registers the ops' CPU kernels
+        build(name, sources=[str(s) for s in SOURCES], extra_cflags=flags, is_python_module=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: fall back, loudly once
+        logger.warning("the C++ kernels did not build (%s); decode attention and greedy picks use torch operators", exc)
+        return False
+    _library.append(name)
+    return True
+
+
+def is_loaded() -> bool:
+    """Whether :func:`load` has built the kernels in this process (never builds: safe in a hot path)."""
+    return bool(_library)
