@@ -14,6 +14,7 @@ from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import held_back_len
 from sglite.runtime.input_processor import GenerateInput, InputProcessor, eos_token_ids
 from sglite.runtime.model_runner import ModelRunner
+from sglite.runtime.openmp_workers import release_idle_workers
 from sglite.runtime.request import Request
 from sglite.runtime.scheduler import Scheduler
 
@@ -265,9 +266,13 @@ class Engine:
 
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:
-        """Queue ``req``; its id must not belong to a request still in flight (abort goes by id)."""
+        """Queue ``req``; its id must not belong to a request still in flight (abort goes by id).
+
+        The calling thread is about to wait on the step loop, so its idle OpenMP workers are given back first
+        (:mod:`~sglite.runtime.openmp_workers`): kept, they would slow every parallel region of the step loop."""
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
+        release_idle_workers()
         with self._live_lock:
             if req.rid in self._live_rids:
                 raise ValueError(f"rid: {req.rid!r} is already used by a request in flight")
@@ -392,9 +397,13 @@ class Engine:
     # ---- the step loop --------------------------------------------------------------------
     def _loop(self) -> None:
         sched = self.scheduler
+        stepped = False
         while True:
             try:
                 block = not sched.has_work()
+                if block and stepped:  # out of work: no idle OpenMP team of ours slows the caller's threads
+                    release_idle_workers()
+                    stepped = False
                 while True:
                     try:
                         msg = self._inbox.get(block=block, timeout=0.5 if block else None)
@@ -408,6 +417,7 @@ class Engine:
                     self._handle(msg)
                 if sched.has_work():
                     sched.step()
+                    stepped = True
             except Exception as exc:  # a bug in a step must not hang callers or kill the loop
                 logger.exception("engine step failed")
                 sched.fail_all(exc)
