@@ -266,7 +266,12 @@ class Engine:
 
     # ---- delivery --------------------------------------------------------------------
     def _submit(self, req: Request) -> None:
-        """Queue ``req``; its id must not belong to a request still in flight (abort goes by id).
+        """Queue ``req``; its id must not belong to a request still in flight (abort goes by id)."""
+        self._submit_all([req])
+
+    def _submit_all(self, reqs: list[Request]) -> None:
+        """Queue every request as one message, or none: the step loop sees a batch whole, so how it is
+        scheduled (and which compiled batch sizes it uses) does not depend on how fast the caller queued it.
 
         The calling thread is about to wait on the step loop, so its idle OpenMP workers are given back first
         (:mod:`~sglite.runtime.openmp_workers`): kept, they would slow every parallel region of the step loop."""
@@ -274,10 +279,22 @@ class Engine:
             raise EngineShutdownError("the engine has been shut down")
         release_idle_workers()
         with self._live_lock:
-            if req.rid in self._live_rids:
-                raise ValueError(f"rid: {req.rid!r} is already used by a request in flight")
-            self._live_rids.add(req.rid)
-        deliver = req.on_update
+            ids = [req.rid for req in reqs]
+            taken = next((rid for i, rid in enumerate(ids) if rid in self._live_rids or rid in ids[:i]), None)
+            if taken is not None:
+                raise ValueError(f"rid: {taken!r} is already used by a request in flight")
+            self._live_rids.update(ids)
+        for req in reqs:
+            req.on_update = self._releasing_id(req.on_update)
+        if not self._put(("add", reqs)):
+            with self._idle:
+                self._live_rids.difference_update(ids)
+                if not self._live_rids:
+                    self._idle.notify_all()
+            raise EngineShutdownError("the engine has been shut down")
+
+    def _releasing_id(self, deliver):
+        """``deliver`` wrapped to release the request's id before its last delivery."""
 
         def on_update(r: Request, finished: bool) -> None:
             if finished:  # released before delivery: a caller may reuse the id as soon as it has the result
@@ -288,23 +305,7 @@ class Engine:
             if deliver is not None:
                 deliver(r, finished)
 
-        req.on_update = on_update
-        if not self._put(("add", req)):
-            with self._idle:
-                self._live_rids.discard(req.rid)
-                if not self._live_rids:
-                    self._idle.notify_all()
-            raise EngineShutdownError("the engine has been shut down")
-
-    def _submit_all(self, reqs: list[Request]) -> None:
-        """Submit every request or none: if one is refused, those already queued are aborted."""
-        for i, req in enumerate(reqs):
-            try:
-                self._submit(req)
-            except BaseException:
-                for queued in reqs[:i]:
-                    self._abort_request(queued)
-                raise
+        return on_update
 
     def _drain(self, out: queue.Queue) -> list[dict]:
         """Chunks from ``out`` until the finished one; never waits on a step loop that has died."""
@@ -425,7 +426,8 @@ class Engine:
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            self.scheduler.add(msg[1])
+            for req in msg[1]:
+                self.scheduler.add(req)
         elif kind == "abort":
             self.scheduler.abort(msg[1])
         elif kind == "abort_request":

@@ -395,3 +395,37 @@ def test_a_request_held_back_for_memory_gets_the_slots_decoders_took_ahead(llama
         engine.check_invariant()
     assert len(out["output_ids"]) == 200
     assert outcome == {"admitted": True, "spare_left": 0}
+
+
+def test_a_batch_reaches_the_step_loop_whole(llama_path, monkeypatch):
+    """generate(list) queues its requests as one message: the first step sees all of them, however the
+    caller's and the loop's threads interleave (else a partial first batch changes the schedule, and with
+    enable_torch_compile which batch sizes compile)."""
+    import threading
+
+    from sglite.runtime.scheduler import Scheduler
+
+    seen: list[int] = []
+    stepped = threading.Event()
+    real_step = Scheduler.step
+
+    def step(self):
+        if self.waiting or self.running:
+            seen.append(len(self.waiting) + len(self.running))
+            stepped.set()
+        real_step(self)
+
+    monkeypatch.setattr(Scheduler, "step", step)
+    with sglite.Engine(str(llama_path)) as engine:
+        real_put = engine._inbox.put
+
+        def put(msg, *args, **kwargs):
+            real_put(msg, *args, **kwargs)
+            if msg[0] == "add":
+                stepped.wait(5)  # a loop that would step on part of the batch has done so by now
+
+        monkeypatch.setattr(engine._inbox, "put", put)
+        prompts = [[1 + i, 2, 3, 4 + i] for i in range(6)]
+        outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 2, "temperature": 0})
+    assert [len(o["output_ids"]) for o in outs] == [2] * 6
+    assert seen[0] == 6
