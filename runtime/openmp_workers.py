@@ -41,7 +41,7 @@ def _pause_all():
     for library in (None, "libgomp.so.1", "libiomp5.so", "libomp.so"):
         try:
             pause = ctypes.CDLL(library).omp_pause_resource_all
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: no process handle from CDLL(None) on Windows
             continue
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
         return pause
