@@ -278,30 +278,33 @@ class Engine:
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
         release_idle_workers()
+        ids = [req.rid for req in reqs]
         with self._live_lock:
-            ids = [req.rid for req in reqs]
-            taken = next((rid for i, rid in enumerate(ids) if rid in self._live_rids or rid in ids[:i]), None)
-            if taken is not None:
-                raise ValueError(f"rid: {taken!r} is already used by a request in flight")
-            self._live_rids.update(ids)
+            batch: set[str] = set()
+            for rid in ids:
+                if rid in self._live_rids or rid in batch:
+                    raise ValueError(f"rid: {rid!r} is already used by a request in flight")
+                batch.add(rid)
+            self._live_rids.update(batch)
         for req in reqs:
             req.on_update = self._releasing_id(req.on_update)
         if not self._put(("add", reqs)):
-            with self._idle:
-                self._live_rids.difference_update(ids)
-                if not self._live_rids:
-                    self._idle.notify_all()
+            self._release_ids(ids)
             raise EngineShutdownError("the engine has been shut down")
+
+    def _release_ids(self, ids: list[str]) -> None:
+        """Ids no longer in flight; wakes ``wait_idle`` once none is."""
+        with self._idle:
+            self._live_rids.difference_update(ids)
+            if not self._live_rids:
+                self._idle.notify_all()
 
     def _releasing_id(self, deliver):
         """``deliver`` wrapped to release the request's id before its last delivery."""
 
         def on_update(r: Request, finished: bool) -> None:
             if finished:  # released before delivery: a caller may reuse the id as soon as it has the result
-                with self._idle:
-                    self._live_rids.discard(r.rid)
-                    if not self._live_rids:
-                        self._idle.notify_all()
+                self._release_ids([r.rid])
             if deliver is not None:
                 deliver(r, finished)
 

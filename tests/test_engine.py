@@ -319,7 +319,6 @@ def test_an_empty_prompt_list_is_an_empty_batch_everywhere(engine):
         engine.generate(input_ids=[], sampling_params={"max_new_tokens": 1})
 
 
-
 def test_decoding_requests_take_their_slots_in_runs_with_unchanged_output(llama_path, monkeypatch):
     from sglite.runtime import scheduler as scheduler_module
 
