@@ -81,11 +81,12 @@ def sglite_runner(model: str, name: str, threads: int, **options) -> tuple[Runne
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one batch-1 decode step reads: every linear layer (the output head included,
     tied or not) and the norms; of the embedding, one row (ignored)."""
+    from sglite.runtime.packed_linear import PackedLinear
     from sglite.runtime.quantization import QuantizedLinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, PackedLinear)):
             total += module.kernel_bytes()
         elif not isinstance(module, torch.nn.Embedding):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))

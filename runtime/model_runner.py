@@ -85,7 +85,10 @@ class ModelRunner:
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
         if self.device.type == "cpu":
             from sglite.runtime import native_kernels
+            from sglite.runtime.packed_linear import pack_linears
 
+            # weights in oneDNN's layout once, not per call; a compiled step traces the plain ones
+            pack_linears(self.model, keep_dense=enable_torch_compile)
             native_kernels.load()  # decode attention in place, greedy picks in one pass (falls back when it cannot build)
         self.compiled_decode = None
         if enable_torch_compile:
