@@ -5,6 +5,8 @@
                                                        (:mod:`~sglite.runtime.models.paged_decode`)
 ``runtime/greedy_pick.cpp``                            each logits row's first maximum
                                                        (:mod:`~sglite.runtime.greedy_pick`)
+``runtime/models/fused_elementwise.cpp``               SwiGLU's product and the rotary embedding in
+                                                       one pass (:mod:`~sglite.runtime.models.fused_elementwise`)
 =====================================================  ==============================================
 
 Each kernel's op schema, fake kernel and Python wrapper live beside its source; the library only adds the
@@ -30,7 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "models" / "paged_decode_attention.cpp", HERE / "greedy_pick.cpp")
+SOURCES = (HERE / "models" / "paged_decode_attention.cpp", HERE / "greedy_pick.cpp", HERE / "models" / "fused_elementwise.cpp")
 
 _library: list[str] = []  # the loaded library's name, once built (process-wide, like the op registry itself)
 
@@ -48,7 +50,8 @@ def _build_options() -> tuple[str, list[str]]:
     """The library's name and compile flags for this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = CAPABILITY_FLAGS.get(capability, [])
-    return f"sglite_native_{capability.lower() if flags else 'default'}", ["-O3", *flags]
+    # no fused multiply-adds the source does not ask for: a multiply then an add round twice, as torch's ops do
+    return f"sglite_native_{capability.lower() if flags else 'default'}", ["-O3", "-ffp-contract=off", *flags]
 
 
 @functools.cache
@@ -59,7 +62,7 @@ def load() -> bool:
         return False
     # the op schemas the library implements (defined in Python, beside each kernel's wrapper)
     from sglite.runtime import greedy_pick  # noqa: F401
-    from sglite.runtime.models import paged_decode  # noqa: F401
+    from sglite.runtime.models import fused_elementwise, paged_decode  # noqa: F401
 
     try:
         from torch.utils.cpp_extension import load as build

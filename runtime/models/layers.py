@@ -12,6 +12,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from sglite.runtime.models.fused_elementwise import silu_and_mul
+
 # RoPE variants whose frequencies depend on the current batch's length (HF recomputes them per
 # call). With a KV cache that would rotate old keys and new queries differently, so we refuse them.
 LENGTH_DEPENDENT_ROPE_TYPES = frozenset({"dynamic", "longrope"})
@@ -115,14 +117,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, head_dim]`` by ``cos``/``sin`` ``[T, head_dim]`` (half-split layout)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` — SwiGLU when the activation is SiLU."""
 
@@ -132,6 +126,7 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
+        self.silu = hidden_act == "silu"  # SwiGLU: the product runs fused (fused_elementwise)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
@@ -143,7 +138,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.silu:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 

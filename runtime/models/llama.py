@@ -18,7 +18,8 @@ from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.models.attention import AttentionMetadata, paged_attention
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention
-from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears, head_dim_of
+from sglite.runtime.models.fused_elementwise import apply_rotary
+from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears, head_dim_of
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ class LlamaAttention(nn.Module):
             v = self.v_proj(hidden).view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # q and k rotate in one pass over their concatenated heads
-        qk = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+        # q and k rotate in one pass over their heads side by side (in a fused qkv output they already are)
+        qk = qkv[:, : heads + kv_heads] if self.qkv_proj is not None and self.q_norm is None else torch.cat((q, k), dim=1)
+        qk = apply_rotary(qk, cos, sin)
         return qk[:, :heads], qk[:, heads:], v
 
     def forward(
