@@ -16,9 +16,14 @@ from sglite.runtime import native_kernels
 from sglite.runtime.model_runner import ModelRunner
 from sglite.runtime.models.fused_elementwise import apply_rotary, silu_and_mul
 
-kernel_builds = pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or not is_ninja_available(), reason="no C++ compiler or ninja to build the kernels with"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built_kernels():
+    assert native_kernels.load()
 
 
 def torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -26,11 +31,9 @@ def torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
 
 
-@kernel_builds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [1, 7, 16, 33, 1536])
 def test_silu_and_mul_equals_the_torch_form(dtype, width):
-    assert native_kernels.load()
     torch.manual_seed(width)
     gate_up = (torch.randn(2, 3, 2 * width) * 4).to(dtype)
     got = torch.ops.sglite.silu_and_mul(gate_up)
@@ -38,11 +41,9 @@ def test_silu_and_mul_equals_the_torch_form(dtype, width):
     assert torch.equal(got, F.silu(gate_up[..., :width]) * gate_up[..., width:])
 
 
-@kernel_builds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [2, 6, 64, 96, 128])
 def test_rotary_equals_the_torch_form_on_a_view_of_qkv(dtype, head_dim):
-    assert native_kernels.load()
     torch.manual_seed(head_dim)
     tokens, heads, kv_heads = 11, 6, 2
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim).to(dtype)
@@ -54,9 +55,7 @@ def test_rotary_equals_the_torch_form_on_a_view_of_qkv(dtype, head_dim):
     assert torch.equal(got, torch_rotary(qk, cos, sin))
 
 
-@kernel_builds
 def test_the_wrappers_keep_the_torch_form_inside_a_compiled_graph():
-    assert native_kernels.load()
     seen: list[str] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
@@ -73,7 +72,6 @@ def test_the_wrappers_keep_the_torch_form_inside_a_compiled_graph():
     assert seen and not any("sglite" in target for target in seen)  # inductor fuses the torch form itself
 
 
-@kernel_builds
 def test_an_eager_forward_runs_both_ops_once_a_layer(llama_path):
     runner = ModelRunner(str(llama_path), "cpu", "float32")
     assert native_kernels.is_loaded()

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 namespace sglite_fused {
 
@@ -53,6 +55,17 @@ void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t n) {
   }
 }
 
+// The float32 and bfloat16 instantiation of `body` (a generic lambda taking a T* tag); other dtypes are refused.
+template <typename Body>
+void dispatch_float_or_bfloat16(at::ScalarType dtype, const char* op, const Body& body) {
+  if (dtype == at::kFloat) {
+    body(static_cast<float*>(nullptr));
+  } else {
+    TORCH_CHECK(dtype == at::kBFloat16, op, ": float32 or bfloat16, got ", dtype);
+    body(static_cast<at::BFloat16*>(nullptr));
+  }
+}
+
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.size(-1) % 2 == 0, "silu_and_mul: the last dimension holds gate then up (even size)");
   const at::Tensor x = gate_up.contiguous();
@@ -60,21 +73,14 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = width;
   at::Tensor out = at::empty(shape, x.options());
-  AT_DISPATCH_SWITCH(x.scalar_type(), "silu_and_mul",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const scalar_t* src = x.data_ptr<scalar_t>();
-      scalar_t* dst = out.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) silu_and_mul_row(src + 2 * r * width, src + (2 * r + 1) * width, dst + r * width, width);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const scalar_t* src = x.data_ptr<scalar_t>();
-      scalar_t* dst = out.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) silu_and_mul_row(src + 2 * r * width, src + (2 * r + 1) * width, dst + r * width, width);
-      });
-    }));
+  dispatch_float_or_bfloat16(x.scalar_type(), "silu_and_mul", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* src = x.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) silu_and_mul_row(src + 2 * r * width, src + (2 * r + 1) * width, dst + r * width, width);
+    });
+  });
   return out;
 }
 
@@ -86,7 +92,7 @@ void rotate_head(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
     int64_t i = 0;
     for (; i + Vec::size() <= half; i += Vec::size()) {
       const Vec x1 = Vec::loadu(x + i), x2 = Vec::loadu(x + half + i);
-      (Vec::loadu(x + i) * Vec::loadu(cos + i) + x2.neg() * Vec::loadu(sin + i)).store(out + i);
+      (x1 * Vec::loadu(cos + i) + x2.neg() * Vec::loadu(sin + i)).store(out + i);
       (x2 * Vec::loadu(cos + half + i) + x1 * Vec::loadu(sin + half + i)).store(out + half + i);
     }
     for (; i < half; ++i) {
@@ -130,25 +136,16 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos_t, const at::Tensor
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rotary: cos/sin in x's dtype");
   at::Tensor out = at::empty({tokens, heads, dim}, x.options());
   const int64_t row_stride = x.stride(0);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rotary",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const scalar_t *src = x.data_ptr<scalar_t>(), *c = cos.data_ptr<scalar_t>(), *s = sin.data_ptr<scalar_t>();
-      scalar_t* dst = out.data_ptr<scalar_t>();
-      at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          for (int64_t h = 0; h < heads; ++h)
-            rotate_head(src + t * row_stride + h * dim, c + t * dim, s + t * dim, dst + (t * heads + h) * dim, dim);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const scalar_t *src = x.data_ptr<scalar_t>(), *c = cos.data_ptr<scalar_t>(), *s = sin.data_ptr<scalar_t>();
-      scalar_t* dst = out.data_ptr<scalar_t>();
-      at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          for (int64_t h = 0; h < heads; ++h)
-            rotate_head(src + t * row_stride + h * dim, c + t * dim, s + t * dim, dst + (t * heads + h) * dim, dim);
-      });
-    }));
+  dispatch_float_or_bfloat16(x.scalar_type(), "rotary", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *src = x.data_ptr<T>(), *c = cos.data_ptr<T>(), *s = sin.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h)
+          rotate_head(src + t * row_stride + h * dim, c + t * dim, s + t * dim, dst + (t * heads + h) * dim, dim);
+    });
+  });
   return out;
 }
 
