@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,6 +53,13 @@ def _build_options() -> tuple[str, list[str]]:
     flags = CAPABILITY_FLAGS.get(capability, [])
     # no fused multiply-adds the source does not ask for: a multiply then an add round twice, as torch's ops do
     return f"sglite_native_{capability.lower() if flags else 'default'}", ["-O3", "-ffp-contract=off", *flags]
+
+
+def toolchain_found() -> bool:
+    """Whether this machine has what :func:`load` builds with: a C++ compiler and ninja (never builds)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which("c++") is not None and is_ninja_available()
 
 
 @functools.cache

@@ -4,20 +4,18 @@ output, run in an eager model forward, and stay out of compiled graphs."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
-from torch.utils.cpp_extension import is_ninja_available
 
 from sglite.runtime import native_kernels
 from sglite.runtime.model_runner import ModelRunner
 from sglite.runtime.models.fused_elementwise import apply_rotary, silu_and_mul
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None or not is_ninja_available(), reason="no C++ compiler or ninja to build the kernels with"
+    not native_kernels.toolchain_found(), reason="no C++ compiler or ninja to build the kernels with"
 )
 
 

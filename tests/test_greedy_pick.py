@@ -3,11 +3,9 @@ ties to the lowest id, and -1 for every kind of non-finite row, at any vocabular
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available
 
 from sglite.runtime import native_kernels
 from sglite.runtime.greedy_pick import greedy_pick
@@ -32,7 +30,7 @@ def expected(logits: torch.Tensor) -> list[int]:
 
 
 kernel_builds = pytest.mark.skipif(
-    shutil.which("c++") is None or not is_ninja_available(), reason="no C++ compiler or ninja to build the kernel with"
+    not native_kernels.toolchain_found(), reason="no C++ compiler or ninja to build the kernel with"
 )
 
 

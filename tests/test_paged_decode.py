@@ -5,7 +5,6 @@ run through it with greedy output unchanged."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from sglite.runtime import native_kernels
 from sglite.runtime.models import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered
 
-from torch.utils.cpp_extension import is_ninja_available
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None or not is_ninja_available(), reason="no C++ compiler or ninja to build the kernel with"
+    not native_kernels.toolchain_found(), reason="no C++ compiler or ninja to build the kernel with"
 )
 
 
