@@ -183,3 +183,19 @@ def test_each_app_has_its_own_metrics_registry():
     assert 'sglite_radix_cache_hit_rate{model="a"} 0.4' in body
     assert "sglite_time_to_first_token_seconds_count 1.0" in body
     assert "sglite_time_to_first_token_seconds_count 0.0" in second.render()[0].decode()
+
+
+def test_a_streamed_event_stays_one_line_for_clients_that_split_on_unicode_line_breaks():
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from sglite.runtime.server.streaming import sse
+
+    content = "a\x85b\u2028c\u2029d\x1ce\nf"  # what a token may decode to; pydantic leaves the first three raw
+    event = sse(ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": content}]}).model_dump_json())
+    decoder = LineDecoder()  # httpx's aiter_lines: str.splitlines, which ends lines at \x85, \u2028, \u2029 too
+    lines = [line for line in decoder.decode(event) + decoder.flush() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][len("data: "):])["messages"][0]["content"] == content

@@ -207,9 +207,16 @@ async def merge_streams(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterato
             task.cancel()
 
 
+LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+"""JSON escapes for the characters Python's ``str.splitlines`` takes for line ends and JSON leaves raw
+(pydantic and ``json.dumps`` escape the ASCII ones, not these). SSE ends lines at CR/LF only, but
+clients that split with ``splitlines`` (httpx's ``aiter_lines``) would cut an event holding one in two."""
+
+
 def sse(payload: str) -> str:
-    """One server-sent event carrying ``payload`` (OpenAI's framing: ``data: ...`` and a blank line)."""
-    return f"data: {payload}\n\n"
+    """One server-sent event carrying ``payload`` (a JSON text or ``[DONE]``; OpenAI's framing: ``data: ...``
+    and a blank line). Inside JSON those characters can only sit in strings, where the escape means the same."""
+    return f"data: {payload.translate(LINE_BREAKS_ESCAPED)}\n\n"
 
 
 SSE_DONE = sse("[DONE]")
