@@ -84,6 +84,7 @@ class CompiledDecode:
             "max_autotune": True,
             "autotune_num_choices_displayed": 0,  # the engine logs its own line per compile, not inductor's tables
             "max_autotune_report_choices_stats": False,
+            "cpp_wrapper": True,
         } if cpu else {}
         # dynamic=False: the batch (matmul rows) stays static per bucket even after recompiles; only
         # the context width is marked dynamic, per call

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sglite.radix.slot_pool import SlotAllocator
+from sglite.runtime.huge_page_arena import HugePageArena
 
 
 class KVSlotPool(SlotAllocator):
@@ -30,7 +33,13 @@ class KVSlotPool(SlotAllocator):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(size, device)
-        self.kv = torch.zeros(num_layers, 2, size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        shape = (num_layers, 2, size, num_kv_heads, head_dim)
+        if self.device.type == "cpu":
+            # in huge pages, like the weights: decode reads every cached row of every layer each step
+            # (anonymous memory starts zeroed, as torch.zeros would)
+            self.kv = HugePageArena(HugePageArena.bytes_for([dtype.itemsize * math.prod(shape)])).take(shape, dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=self.device)
 
     def k(self, layer: int) -> torch.Tensor:
         """Keys of ``layer``: ``[slots, kv_heads, head_dim]`` (a view; writes land in the pool)."""

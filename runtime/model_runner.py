@@ -87,9 +87,9 @@ class ModelRunner:
             from sglite.runtime import native_kernels
             from sglite.runtime.packed_linear import pack_linears
 
-            # weights in oneDNN's layout once, not per call; a compiled step traces the plain ones
+            native_kernels.load()  # decode attention in place, greedy picks, panel matmuls (falls back when it cannot build)
+            # weights packed once, not per call; a compiled step traces the plain ones of oneDNN layers
             pack_linears(self.model, keep_dense=enable_torch_compile)
-            native_kernels.load()  # decode attention in place, greedy picks in one pass (falls back when it cannot build)
         self.compiled_decode = None
         if enable_torch_compile:
             from sglite.runtime.compiled_decode import CompiledDecode

@@ -7,6 +7,8 @@
                                                        (:mod:`~sglite.runtime.greedy_pick`)
 ``runtime/models/fused_elementwise.cpp``               SwiGLU's product and the rotary embedding in
                                                        one pass (:mod:`~sglite.runtime.models.fused_elementwise`)
+``runtime/panel_gemm.cpp``                             bfloat16 linear layers over 32-column weight panels
+                                                       (:mod:`~sglite.runtime.panel_gemm`)
 =====================================================  ==============================================
 
 Each kernel's op schema, fake kernel and Python wrapper live beside its source; the library only adds the
@@ -33,7 +35,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "models" / "paged_decode_attention.cpp", HERE / "greedy_pick.cpp", HERE / "models" / "fused_elementwise.cpp")
+SOURCES = (
+    HERE / "models" / "paged_decode_attention.cpp",
+    HERE / "greedy_pick.cpp",
+    HERE / "models" / "fused_elementwise.cpp",
+    HERE / "panel_gemm.cpp",
+)
 
 _library: list[str] = []  # the loaded library's name, once built (process-wide, like the op registry itself)
 
@@ -69,7 +76,7 @@ def load() -> bool:
         logger.info("SGLITE_NATIVE_KERNELS=0: the C++ kernels stay off (torch formulations run)")
         return False
     # the op schemas the library implements (defined in Python, beside each kernel's wrapper)
-    from sglite.runtime import greedy_pick  # noqa: F401
+    from sglite.runtime import greedy_pick, panel_gemm  # noqa: F401
     from sglite.runtime.models import fused_elementwise, paged_decode  # noqa: F401
 
     try:

@@ -1,16 +1,23 @@
-"""Linear layers whose weights are laid out once, at load, for oneDNN's CPU matmul.
+"""Linear layers whose weights are laid out once, at load, for a CPU matmul kernel.
 
 ``F.linear`` on a CPU tensor hands a plain ``[out, in]`` matrix to MKL (float32) or oneDNN
 (bfloat16), which copy it into their blocked layout inside every call; for the small activation
-blocks of decode and chunked prefill that copy is a large part of the call. Reordered once
-(``mkldnn::_reorder_linear_weight``, the layout inductor's freezing pass gives its constants), the
-same products run 1.1-1.3x faster for float32 prefill rows and up to 2x for bfloat16 decode rows
-(SmolLM2-135M's shapes, one thread; README "Speed").
+blocks of decode and chunked prefill that copy is a large part of the call. Each CPU linear layer is
+therefore packed once, for one of two kernels:
 
-The reordered weight is opaque (torch's ``_mkldnn`` layout: no strides, no views), so it is held
-outside the module's parameters. The plain weight is kept only where something else still reads
-it: a captured decode step (``torch.compile`` traces :func:`F.linear` over the plain weight and
-prepacks its own copy) or a head tied to the input embedding (the embedding holds it anyway).
+- ``"panels"`` (bfloat16 where the CPU has AVX512-BF16 and sglite's C++ library is built): 32-column
+  panels in huge pages, run by :mod:`~sglite.runtime.panel_gemm`, which streams the weights while it
+  computes. On SmolLM2-135M's layers at one thread: ~1.2x oneDNN over packed weights at 32 rows,
+  ~1.8-2.2x at 1-8 rows, even at 128 (README "Speed").
+- ``"onednn"`` (float32, and bfloat16 elsewhere): reordered by ``mkldnn::_reorder_linear_weight`` (the
+  layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``; 1.1-1.3x
+  ``F.linear`` for float32 prefill rows, up to 2x for bfloat16 decode rows.
+
+The packed weight is held outside the module's parameters (oneDNN's is opaque: no strides, no views).
+The plain weight is kept only where something else still reads it: a captured decode step over oneDNN
+layers (``torch.compile`` traces :func:`F.linear` over the plain weight and prepacks its own copy;
+panel layers are traced as the ``sglite::panel_linear`` op itself) or a head tied to the input
+embedding (the embedding holds it anyway).
 
     >>> layer = nn.Linear(64, 32)
     >>> packed = PackedLinear.from_linear(layer, keep_dense=False)
@@ -21,14 +28,18 @@ prepacks its own copy) or a head tied to the input embedding (the embedding hold
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglite.runtime import panel_gemm
+from sglite.runtime.huge_page_arena import HugePageArena
+
 DISABLE_ENV = "SGLITE_PACKED_LINEAR"
-"""Set to ``0`` to keep every linear layer on ``F.linear`` (for comparisons)."""
+"""``0`` keeps every linear layer on ``F.linear``; ``onednn`` packs for oneDNN only, never panels (for comparisons)."""
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
@@ -47,22 +58,36 @@ def packing_supported(dtype: torch.dtype) -> bool:
     return False
 
 
-class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` in oneDNN's layout; ``weight`` is the plain one where kept, else None."""
+def panels_supported(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` runs as panels here (see :func:`sglite.runtime.panel_gemm.supports`), unless switched off."""
+    return os.environ.get(DISABLE_ENV, "1") not in ("0", "onednn") and panel_gemm.supports(weight)
 
-    def __init__(self, packed: torch.Tensor, bias: nn.Parameter | None, weight: nn.Parameter | None) -> None:
+
+class PackedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` packed for ``kernel`` (``"panels"`` or ``"onednn"``); ``weight`` is the
+    plain one where kept, else None."""
+
+    def __init__(
+        self, packed: torch.Tensor, bias: nn.Parameter | None, weight: nn.Parameter | None, kernel: str, shape: tuple[int, int]
+    ) -> None:
         super().__init__()
-        self.out_features, self.in_features = packed.shape
-        self._packed = (packed,)  # a tuple: not a buffer, so state_dict, .to() and compile never see the opaque layout
+        self.kernel = kernel
+        self.out_features, self.in_features = shape
+        self._packed = (packed,)  # a tuple: not a buffer, so state_dict and .to() never see the packed layout
         self.bias = bias
         self.weight = weight
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep_dense: bool) -> PackedLinear:
-        """Reorder ``linear``'s weight; keep the plain one too when ``keep_dense``."""
+    def from_linear(cls, linear: nn.Linear, keep_dense: bool, arena: HugePageArena | None = None) -> PackedLinear:
+        """Pack ``linear``'s weight: as panels in ``arena`` where given, else for oneDNN (keeping the plain
+        weight too when ``keep_dense``)."""
         weight = linear.weight.detach()
+        if arena is not None:
+            panels = arena.take(panel_gemm.panels_shape(*weight.shape), weight.dtype)
+            panel_gemm.pack_panels(weight, panels)
+            return cls(panels, linear.bias, None, "panels", tuple(weight.shape))
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # None: any number of rows
-        return cls(packed, linear.bias, linear.weight if keep_dense else None)
+        return cls(packed, linear.bias, linear.weight if keep_dense else None, "onednn", tuple(weight.shape))
 
     def kernel_bytes(self) -> int:
         """Bytes of weight (and bias) one call reads."""
@@ -71,30 +96,45 @@ class PackedLinear(nn.Module):
         return packed.numel() * packed.element_size() + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "panels":  # traced as the op itself under torch.compile
+            return torch.ops.sglite.panel_linear(x, self._packed[0], self.out_features, self.bias)
         if self.weight is not None and (torch.compiler.is_compiling() or x.device.type != "cpu"):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[0], self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         kept = "plain weight kept" if self.weight is not None else "packed only"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kept}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel}, {kept}"
 
 
 def pack_linears(model: nn.Module, keep_dense: bool) -> int:
-    """Replace every CPU ``nn.Linear`` of ``model`` whose dtype oneDNN runs natively by a
-    :class:`PackedLinear`, in place; returns how many. ``keep_dense`` keeps each plain weight
-    beside its packed copy (for a compiled decode step); a weight shared with another module (a tied
-    output head) is kept regardless, since the other module holds it."""
+    """Replace every CPU ``nn.Linear`` of ``model`` that a packed kernel runs natively by a
+    :class:`PackedLinear`, in place; returns how many. Panel layers share one :class:`HugePageArena`.
+    ``keep_dense`` keeps each oneDNN layer's plain weight beside its packed copy (for a compiled decode
+    step); a weight shared with another module (a tied output head) is kept regardless, since the other
+    module holds it."""
     shared = _shared_weights(model)
-    replaced = 0
+    layers = []  # (parent, name, linear, runs as panels)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             weight = getattr(child, "weight", None)
-            if type(child) is not nn.Linear or weight.device.type != "cpu" or not packing_supported(weight.dtype):
+            if type(child) is not nn.Linear or weight.device.type != "cpu":
                 continue
-            setattr(parent, name, PackedLinear.from_linear(child, keep_dense or id(weight) in shared))
-            replaced += 1
-    return replaced
+            if panels_supported(weight):
+                layers.append((parent, name, child, True))
+            elif packing_supported(weight.dtype):
+                layers.append((parent, name, child, False))
+    sizes = [
+        weight.dtype.itemsize * math.prod(panel_gemm.panels_shape(*weight.shape))
+        for weight in (child.weight for _, _, child, panels in layers if panels)
+    ]
+    arena = HugePageArena(HugePageArena.bytes_for(sizes)) if sizes else None
+    for parent, name, child, panels in layers:
+        packed = PackedLinear.from_linear(child, keep_dense, arena if panels else None)
+        if id(child.weight) in shared:
+            packed.weight = child.weight
+        setattr(parent, name, packed)
+    return len(layers)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

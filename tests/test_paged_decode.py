@@ -48,6 +48,20 @@ def test_kernel_equals_the_gathered_torch_attention(dim, heads, kv_heads, dtype)
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_k_and_v_may_be_views_of_wider_rows(dtype):
+    """A compiled step hands q, k and v as views of the fused qkv output (rows wider than their heads)."""
+    lengths = [3, 40, 0, 12]
+    q, k, v, k_cache, v_cache, cached = problem(len(lengths), 9, 3, 64, lengths, dtype)
+    qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1), torch.zeros(len(lengths), 8, dtype=dtype)), dim=1)
+    q_view = qkv[:, :576].view(-1, 9, 64)
+    k_view, v_view = qkv[:, 576:768].view(-1, 3, 64), qkv[:, 768:960].view(-1, 3, 64)
+    assert not q_view.is_contiguous() and q_view.stride(0) == 968
+    args = (cached.kv_index, cached.kv_lens, 0.125)
+    got = paged_decode.paged_decode_attention(q_view, k_view, v_view, k_cache, v_cache, *args)
+    assert torch.equal(got, paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, *args))
+
+
 def test_kernel_matches_a_written_out_softmax_in_float64():
     q, k, v, k_cache, v_cache, cached = problem(2, 6, 2, 64, [9, 4], torch.float32)
     got = paged_decode.paged_decode_attention(q, k, v, k_cache, v_cache, cached.kv_index, cached.kv_lens, 0.125)

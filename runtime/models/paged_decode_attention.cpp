@@ -43,6 +43,7 @@ inline void load_row(const T* src, Vec* dst) {
 struct Problem {
   int64_t batch, heads, kv_heads, group, dim, width, slots;
   float scale;
+  int64_t q_stride, k_new_stride, v_new_stride;  // between sequences (heads are `dim` apart in every row)
 };
 
 // Softmax over each query head's `keys` scores in place, whole vectors only: rows are `stride` apart (a
@@ -82,8 +83,8 @@ inline void prefetch_row(const Problem& p, const int64_t* rows, int64_t s, int64
 // Key (or value) row `s` of sequence `b`: a pool row, or past the cached ones the new token's own.
 template <typename T>
 inline const T* row_of(const Problem& p, const int64_t* rows, int64_t s, int64_t cached, const T* cache,
-                       const T* fresh, int64_t b) {
-  if (s == cached) return fresh + b * p.kv_heads * p.dim;
+                       const T* fresh, int64_t fresh_stride, int64_t b) {
+  if (s == cached) return fresh + b * fresh_stride;
   const int64_t slot = rows[s];
   TORCH_CHECK(slot >= 0 && slot < p.slots, "kv_index holds slot ", slot, " outside the pool of ", p.slots);
   return cache + slot * p.kv_heads * p.dim;
@@ -93,11 +94,11 @@ inline const T* row_of(const Problem& p, const int64_t* rows, int64_t s, int64_t
 // with the pool rows prefetched kPrefetchAhead keys ahead.
 template <typename T, typename Visit>
 inline void for_each_row(const Problem& p, const int64_t* rows, int64_t cached, const T* cache, const T* fresh,
-                         int64_t b, Visit&& visit) {
+                         int64_t fresh_stride, int64_t b, Visit&& visit) {
   for (int64_t s = 0; s < std::min(kPrefetchAhead, cached); ++s) prefetch_row(p, rows, s, cached, cache);
   for (int64_t s = 0; s <= cached; ++s) {
     prefetch_row(p, rows, s + kPrefetchAhead, cached, cache);
-    visit(s, row_of(p, rows, s, cached, cache, fresh, b));
+    visit(s, row_of(p, rows, s, cached, cache, fresh, fresh_stride, b));
   }
 }
 
@@ -110,13 +111,13 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
   const int64_t heads = p.heads, group = p.group, keys = cached + 1;
   std::vector<Vec> query(heads * kVecs), acc(heads * kVecs, Vec(0.f));
   for (int64_t qh = 0; qh < heads; ++qh) {
-    load_row<T, kDim>(q + (b * heads + qh) * kDim, query.data() + qh * kVecs);
+    load_row<T, kDim>(q + b * p.q_stride + qh * kDim, query.data() + qh * kVecs);
     for (int64_t i = 0; i < kVecs; ++i) query[qh * kVecs + i] = query[qh * kVecs + i] * Vec(p.scale);
   }
   const int64_t stride = (keys + kLanes - 1) / kLanes * kLanes;
   scores.resize(heads * stride);
   Vec row[kVecs];
-  for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
+  for_each_row(p, rows, cached, kc, kn, p.k_new_stride, b, [&](int64_t s, const T* key) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       load_row<T, kDim>(key + h * kDim, row);
       for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
@@ -129,7 +130,7 @@ void attend_sequence(const Problem& p, const T* q, const T* kn, const T* vn, con
   });
   std::vector<float> totals(heads);
   softmax_rows(scores.data(), heads, keys, stride, totals.data());
-  for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
+  for_each_row(p, rows, cached, vc, vn, p.v_new_stride, b, [&](int64_t s, const T* value) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       load_row<T, kDim>(value + h * kDim, row);
       for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
@@ -154,10 +155,10 @@ void attend_sequence_any(const Problem& p, const T* q, const T* kn, const T* vn,
                          const int64_t* rows, int64_t cached, int64_t b, T* out, std::vector<float>& scores) {
   const int64_t heads = p.heads, group = p.group, dim = p.dim, keys = cached + 1;
   std::vector<float> query(heads * dim), acc(heads * dim, 0.f), totals(heads);
-  for (int64_t i = 0; i < heads * dim; ++i) query[i] = static_cast<float>(q[b * heads * dim + i]) * p.scale;
+  for (int64_t i = 0; i < heads * dim; ++i) query[i] = static_cast<float>(q[b * p.q_stride + i]) * p.scale;
   const int64_t stride = (keys + kLanes - 1) / kLanes * kLanes;
   scores.resize(heads * stride);
-  for_each_row(p, rows, cached, kc, kn, b, [&](int64_t s, const T* key) {
+  for_each_row(p, rows, cached, kc, kn, p.k_new_stride, b, [&](int64_t s, const T* key) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* k = key + (qh / group) * dim;
       float dot = 0.f;
@@ -166,7 +167,7 @@ void attend_sequence_any(const Problem& p, const T* q, const T* kn, const T* vn,
     }
   });
   softmax_rows(scores.data(), heads, keys, stride, totals.data());
-  for_each_row(p, rows, cached, vc, vn, b, [&](int64_t s, const T* value) {
+  for_each_row(p, rows, cached, vc, vn, p.v_new_stride, b, [&](int64_t s, const T* value) {
     for (int64_t qh = 0; qh < heads; ++qh) {
       const T* v = value + (qh / group) * dim;
       for (int64_t d = 0; d < dim; ++d) acc[qh * dim + d] += scores[qh * stride + s] * static_cast<float>(v[d]);
@@ -222,13 +223,19 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_new, at::Tensor v_n
               "one kv_index row and one length per sequence");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q and the caches must share one dtype");
-  q = q.contiguous();
-  k_new = k_new.contiguous().to(q.scalar_type());
-  v_new = v_new.contiguous().to(q.scalar_type());
+  // rows may sit inside wider ones (q, k and v are views of the fused qkv output): only each row's heads
+  // must be contiguous
+  const auto rows_readable = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == t.size(2); };
+  if (!rows_readable(q)) q = q.contiguous();
+  k_new = k_new.to(q.scalar_type());
+  v_new = v_new.to(q.scalar_type());
+  if (!rows_readable(k_new)) k_new = k_new.contiguous();
+  if (!rows_readable(v_new)) v_new = v_new.contiguous();
   kv_index = kv_index.contiguous();
   kv_lens = kv_lens.contiguous();
-  const Problem p{q.size(0), q.size(1), k_new.size(1), q.size(1) / k_new.size(1), q.size(2), kv_index.size(1),
-                  k_cache.size(0), static_cast<float>(scaling)};
+  const Problem p{q.size(0),        q.size(1),       k_new.size(1),       q.size(1) / k_new.size(1),
+                  q.size(2),        kv_index.size(1), k_cache.size(0),     static_cast<float>(scaling),
+                  q.stride(0),      k_new.stride(0), v_new.stride(0)};
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     attend<scalar_t>(p, q, k_new, v_new, k_cache, v_cache, kv_index, kv_lens, out);
