@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -54,12 +55,16 @@ instruction sets it needs, never ``-march=native``, so a build cached in a share
 machine of that capability (the capability is in the library's name)."""
 
 
-def _build_options() -> tuple[str, list[str]]:
-    """The library's name and compile flags for this CPU."""
+def _build_options() -> tuple[str, list[str], list[str]]:
+    """The library's name, compile flags and link flags for this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = CAPABILITY_FLAGS.get(capability, [])
+    # at::parallel_for is an inline OpenMP region in the kernels' own code: without -fopenmp it runs on one
+    # thread whatever torch's thread count. Linked by soname, the region runs on the libgomp torch already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
     # no fused multiply-adds the source does not ask for: a multiply then an add round twice, as torch's ops do
-    return f"sglite_native_{capability.lower() if flags else 'default'}", ["-O3", "-ffp-contract=off", *flags]
+    name = f"sglite_native_{capability.lower() if flags else 'default'}"
+    return name, ["-O3", "-ffp-contract=off", *flags, *openmp], openmp
 
 
 def toolchain_found() -> bool:
@@ -82,9 +87,9 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load as build
 
-        name, flags = _build_options()
+        name, flags, link_flags = _build_options()
         # a plain shared library (no Python module): loading it registers the ops' CPU kernels
-        build(name, sources=[str(s) for s in SOURCES], extra_cflags=flags, is_python_module=False)
+        build(name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=link_flags, is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: fall back, loudly once
         logger.warning("the C++ kernels did not build (%s); decode attention and greedy picks use torch operators", exc)
         return False

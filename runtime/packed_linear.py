@@ -7,8 +7,8 @@ therefore packed once, for one of two kernels:
 
 - ``"panels"`` (bfloat16 where the CPU has AVX512-BF16 and sglite's C++ library is built): 32-column
   panels in huge pages, run by :mod:`~sglite.runtime.panel_gemm`, which streams the weights while it
-  computes. On SmolLM2-135M's layers at one thread: ~1.2x oneDNN over packed weights at 32 rows,
-  ~1.8-2.2x at 1-8 rows, even at 128 (README "Speed").
+  computes. On SmolLM2-135M's layers at one thread: 2.4-2.7x oneDNN over packed weights at 1-8 rows,
+  ~1.2x at 32 rows, even from 128 rows up (README "Speed").
 - ``"onednn"`` (float32, and bfloat16 elsewhere): reordered by ``mkldnn::_reorder_linear_weight`` (the
   layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``; 1.1-1.3x
   ``F.linear`` for float32 prefill rows, up to 2x for bfloat16 decode rows.

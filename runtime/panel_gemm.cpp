@@ -9,13 +9,24 @@
 // instead of arriving in bursts (what oneDNN's blocking does for decode-sized row counts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
+// x86-64 compilers with the AVX512-BF16 intrinsics (GCC 10, clang 11 and later); elsewhere the op exists, says
+// it is unavailable, and every layer stays on oneDNN.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define SGLITE_PANELS 1
+#include <immintrin.h>
+#else
+#define SGLITE_PANELS 0
+#endif
+
+#if SGLITE_PANELS
 namespace {
 
 constexpr int64_t kPanelColumns = 32;  // two float32 vectors of sums per row
@@ -98,13 +109,13 @@ constexpr std::array<Tile, sizeof...(Index)> tiles_by_rows(std::integer_sequence
 
 const std::array<Tile, kMaxRows> kTiles = tiles_by_rows(std::make_integer_sequence<int, kMaxRows>{});
 
-bool cpu_has_bf16_dot() {
+}  // namespace
+
+static bool cpu_has_bf16_dot() {
   static const bool found = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                             __builtin_cpu_supports("avx512vl");
   return found;
 }
-
-}  // namespace
 
 at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_t out_features,
                         const c10::optional<at::Tensor>& bias_in) {
@@ -114,6 +125,7 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanelColumns && panels.size(3) == 2 && panels.is_contiguous(),
               "panels must be a contiguous [panels, in/2, 32, 2] tensor");
   const int64_t pairs = panels.size(1), in_features = 2 * pairs;
+  TORCH_CHECK(pairs > 0, "panels hold no inputs");
   TORCH_CHECK(x_in.size(-1) == in_features, "x has ", x_in.size(-1), " features, the panels ", in_features);
   TORCH_CHECK(out_features > 0 && out_features <= panels.size(0) * kPanelColumns &&
                   out_features > (panels.size(0) - 1) * kPanelColumns,
@@ -173,6 +185,17 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   }
   return out;
 }
+
+#else  // no AVX512-BF16 intrinsics for this target
+
+static bool cpu_has_bf16_dot() { return false; }
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "panel_linear needs an x86-64 build with AVX512-BF16 intrinsics");
+  return x;
+}
+
+#endif
 
 bool panel_linear_available() { return cpu_has_bf16_dot(); }
 

@@ -5,6 +5,8 @@ run through it with greedy output unchanged."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +144,20 @@ def test_sglite_native_kernels_0_keeps_the_torch_formulation(monkeypatch):
 
 
 def test_the_build_is_named_for_the_cpu_capability_and_not_tuned_to_this_machine():
-    name, flags = native_kernels._build_options()
+    name, flags, _ = native_kernels._build_options()
     capability = torch.backends.cpu.get_cpu_capability()
     assert name.endswith(capability.lower() if capability in native_kernels.CAPABILITY_FLAGS else "default")
     assert not any(flag.startswith(("-march", "-mtune")) for flag in flags)  # a shared cache may serve other CPUs
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not torch.backends.openmp.is_available(), reason="torch on OpenMP, Linux"
+)
+def test_the_kernels_parallel_regions_run_on_torchs_own_openmp_runtime():
+    """at::parallel_for is an OpenMP region compiled into the library: built without -fopenmp it would run on
+    one thread whatever torch's thread count; linked by soname, it must not load a second libgomp."""
+    maps = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line]
+    library = {path for path in maps if "sglite_native" in Path(path).name}
+    assert len(library) == 1
+    assert b"GOMP_parallel" in Path(library.pop()).read_bytes()  # the regions call into libgomp
+    assert len({path for path in maps if Path(path).name.startswith("libgomp")}) == 1

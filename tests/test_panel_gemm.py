@@ -37,7 +37,7 @@ def bf16_reference(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 32, 300])  # tiles of 12 rows: whole, partial, several
-@pytest.mark.parametrize("out_features,in_features", [(96, 576), (80, 64), (33, 2), (7, 130)])  # partial panels
+@pytest.mark.parametrize("out_features,in_features", [(96, 576), (80, 64), (33, 2), (7, 130), (1000, 576)])  # partial panels; (1000, 576): groups
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_are_one_rounding_from_exact(rows, out_features, in_features, bias):
     torch.manual_seed(rows * 1000 + out_features)
