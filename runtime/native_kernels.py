@@ -91,7 +91,7 @@ def load() -> bool:
         # a plain shared library (no Python module): loading it registers the ops' CPU kernels
         build(name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=link_flags, is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: fall back, loudly once
-        logger.warning("the C++ kernels did not build (%s); decode attention and greedy picks use torch operators", exc)
+        logger.warning("the C++ kernels did not build (%s); decode attention and greedy picks use torch operators, linear layers oneDNN", exc)
         return False
     _library.append(name)
     return True
