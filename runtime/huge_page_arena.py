@@ -28,11 +28,17 @@ HUGE_PAGE = 2 * 2**20
 ALIGNMENT = 4096  # each tensor on its own page boundary (cache lines and vector loads aligned)
 
 
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to :data:`ALIGNMENT`: the room one tensor takes in the arena."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
 class HugePageArena:
     """``take`` carves tensors out of one private anonymous mapping advised for huge pages.
 
-    The tensors keep the mapping alive (they view it through :func:`torch.frombuffer`); it is unmapped
-    when the last of them goes. ``huge_pages_advised`` says whether the advice was accepted."""
+    The memory starts zeroed (the KV pool relies on it). The tensors keep the mapping alive (they view it
+    through :func:`torch.frombuffer`); it is unmapped when the last of them goes. ``huge_pages_advised``
+    says whether the advice was accepted."""
 
     def __init__(self, nbytes: int) -> None:
         self.huge_pages_advised = False
@@ -46,21 +52,21 @@ class HugePageArena:
                 except OSError:  # a kernel without transparent huge pages
                     pass
             self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)
-        else:  # no anonymous private mappings (Windows): torch's own memory
-            self._bytes = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+        else:  # no anonymous private mappings (Windows): torch's own memory, zeroed as a fresh mapping is
+            self._bytes = torch.zeros(nbytes + HUGE_PAGE, dtype=torch.uint8)
         self._offset = -self._bytes.data_ptr() % HUGE_PAGE  # start on a huge page boundary
         self._end = self._offset + nbytes
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A new uninitialized tensor of ``shape`` and ``dtype`` in the arena; ``MemoryError`` when full."""
+        """A new tensor of ``shape`` and ``dtype`` in the arena, as yet unwritten (zero); ``MemoryError`` when full."""
         nbytes = dtype.itemsize * int(torch.Size(shape).numel())
         start = self._offset
         if start + nbytes > self._end:
-            raise MemoryError(f"the weight arena has {self._end - start} bytes left, {nbytes} asked")
-        self._offset = start + -(-nbytes // ALIGNMENT) * ALIGNMENT
+            raise MemoryError(f"the arena has {self._end - start} bytes left, {nbytes} asked")
+        self._offset = start + _aligned(nbytes)
         return self._bytes[start : start + nbytes].view(dtype).view(shape)
 
     @staticmethod
     def bytes_for(sizes: list[int]) -> int:
         """Arena bytes that hold tensors of these byte sizes, each aligned as :meth:`take` aligns it."""
-        return sum(-(-size // ALIGNMENT) * ALIGNMENT for size in sizes)
+        return sum(_aligned(size) for size in sizes)

@@ -38,6 +38,7 @@ def test_tensors_are_aligned_views_of_one_mapping_until_it_is_full():
     assert a.data_ptr() % HUGE_PAGE == 0  # the first starts on a huge page
     assert b.data_ptr() - a.data_ptr() == 4096 and c.data_ptr() - b.data_ptr() == 4096
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert not a.any() and not b.any() and not c.any()  # zeroed, as the KV pool expects
     a.fill_(1.5), b.fill_(-2), c.fill_(3)  # writable and disjoint
     assert (a == 1.5).all() and (b == -2).all() and (c == 3).all()
     with pytest.raises(MemoryError, match="0 bytes left"):
