@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_run(rest)
     if command == "estimate":
-        from sglite.runtime.memory import main_estimate
+        from sglite.runtime.loading.memory import main_estimate
 
         return main_estimate(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 
 def default_model() -> str:
     """``$SGLITE_MODEL`` if set, else the embedded default model (SmolLM2-135M-Instruct), as ``sgl.Runtime()``."""
-    from sglite.runtime.default_model import default_model_path
+    from sglite.runtime.loading.default_model import default_model_path
 
     return default_model_path()
 
@@ -71,7 +71,7 @@ def setup(args) -> tuple[str, str, str]:
     """``(model_dir, device, dtype)``: one Hugging Face folder both sides load (a GGUF is converted once),
     the device and the canonical dtype name. Sets the process's torch threads when ``--threads`` is given."""
     from sglite.runtime.dtypes import dtype_name
-    from sglite.runtime.model_loader import resolve_model_path
+    from sglite.runtime.loading.model_loader import resolve_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

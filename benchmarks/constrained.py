@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import sglite
 from sglite.constraints import BACKENDS, ConstraintError, backend_processor, make_backend
-from sglite.runtime.tiny_model import build_tiny_model
+from sglite.runtime.loading.tiny_model import build_tiny_model
 
 EXTRACTION = {
     "type": "object",

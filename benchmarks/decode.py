@@ -41,14 +41,14 @@ QUESTIONS = [
 def default_model() -> str:
     if os.environ.get("SGLITE_REAL_MODEL"):
         return os.environ["SGLITE_REAL_MODEL"]
-    from sglite.runtime.default_model import default_gguf_path
+    from sglite.runtime.loading.default_model import default_gguf_path
 
     return str(default_gguf_path())
 
 
 def default_gguf() -> str | None:
     try:
-        from sglite.runtime.default_model import default_gguf_path
+        from sglite.runtime.loading.default_model import default_gguf_path
 
         return str(default_gguf_path())
     except Exception:  # noqa: BLE001 - the llama.cpp column is optional
@@ -81,8 +81,8 @@ def sglite_runner(model: str, name: str, threads: int, **options) -> tuple[Runne
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one batch-1 decode step reads: every linear layer (the output head included,
     tied or not) and the norms; of the embedding, one row (ignored)."""
-    from sglite.runtime.packed_linear import PackedLinear
-    from sglite.runtime.quantization import QuantizedLinear
+    from sglite.runtime.kernels.packed_linear import PackedLinear
+    from sglite.runtime.loading.quantization import QuantizedLinear
 
     total = 0
     for module in model.modules():

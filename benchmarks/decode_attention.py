@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, min_median  # noqa: E402
 
-from sglite.runtime import native_kernels  # noqa: E402
-from sglite.runtime.models import paged_decode  # noqa: E402
+from sglite.runtime.kernels import library as native_kernels  # noqa: E402
+from sglite.runtime.kernels import paged_decode  # noqa: E402
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, SLOTS, POOLS = 9, 3, 64, 65536, 4

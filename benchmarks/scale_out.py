@@ -21,7 +21,7 @@ import ray
 
 from sglite.runtime.cluster.pool import LOCAL_SYSTEM_CONFIG, PoolConfig, ReplicaPool, routing_key
 from sglite.runtime.cluster.router import RouterConfig
-from sglite.runtime.tiny_model import build_tiny_model
+from sglite.runtime.loading.tiny_model import build_tiny_model
 
 
 def workload(tokenizer, n_prefixes: int, n_questions: int, prefix_tokens: int, seed: int = 0) -> list[str]:

@@ -358,7 +358,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the summary (and failures) here")
     args = parser.parse_args()
     if args.model is None:
-        from sglite.runtime.tiny_model import build_tiny_model
+        from sglite.runtime.loading.tiny_model import build_tiny_model
 
         model = str(build_tiny_model("llama"))
     else:

@@ -14,7 +14,7 @@ from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import held_back_len
 from sglite.runtime.input_processor import GenerateInput, InputProcessor, eos_token_ids
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.openmp_workers import release_idle_workers
+from sglite.runtime.kernels.openmp_workers import release_idle_workers
 from sglite.runtime.request import Request
 from sglite.runtime.scheduler import Scheduler
 
@@ -55,8 +55,8 @@ class Engine:
     def __init__(self, model_path: str, **options: Any) -> None:
         from transformers import AutoTokenizer
 
-        from sglite.runtime.memory import pool_size_for
-        from sglite.runtime.model_loader import resolve_model_path
+        from sglite.runtime.loading.memory import pool_size_for
+        from sglite.runtime.loading.model_loader import resolve_model_path
 
         self.config = EngineConfig.from_options(**options)
         self.model_path = str(resolve_model_path(str(model_path)))
@@ -274,7 +274,7 @@ class Engine:
         scheduled (and which compiled batch sizes it uses) does not depend on how fast the caller queued it.
 
         The calling thread is about to wait on the step loop, so its idle OpenMP workers are given back first
-        (:mod:`~sglite.runtime.openmp_workers`): kept, they would slow every parallel region of the step loop."""
+        (:mod:`~sglite.runtime.kernels.openmp_workers`): kept, they would slow every parallel region of the step loop."""
         if self._closed:
             raise EngineShutdownError("the engine has been shut down")
         release_idle_workers()

@@ -7,7 +7,7 @@ import math
 import torch
 
 from sglite.radix.slot_pool import SlotAllocator
-from sglite.runtime.huge_page_arena import HugePageArena
+from sglite.runtime.kernels.huge_page_arena import HugePageArena
 
 
 class KVSlotPool(SlotAllocator):

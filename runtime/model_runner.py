@@ -10,7 +10,7 @@ import torch
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
-from sglite.runtime.thread_tuner import ThreadTuner
+from sglite.runtime.kernels.thread_tuner import ThreadTuner
 
 def pick_device(device: str | None) -> torch.device:
     if device is None:
@@ -47,8 +47,8 @@ class ModelRunner:
     """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for.
 
     ``quantization`` (``int8`` | ``int4``, CPU only) stores the linear weights quantized (see
-    :mod:`sglite.runtime.quantization`). ``num_threads`` fixes the CPU threads of every forward;
-    None lets a :class:`~sglite.runtime.thread_tuner.ThreadTuner` choose per forward size between
+    :mod:`sglite.runtime.loading.quantization`). ``num_threads`` fixes the CPU threads of every forward;
+    None lets a :class:`~sglite.runtime.kernels.thread_tuner.ThreadTuner` choose per forward size between
     one thread and the caller's count, by timing both. Either way the count applies to the calling
     thread for the forward only.
 
@@ -67,8 +67,8 @@ class ModelRunner:
         enable_torch_compile: bool = False,
         torch_compile_max_bs: int = 32,
     ) -> None:
-        from sglite.runtime.model_loader import load_model, resolve_dtype
-        from sglite.runtime.quantization import QuantizationError, check_method, quantize_model
+        from sglite.runtime.loading.model_loader import load_model, resolve_dtype
+        from sglite.runtime.loading.quantization import QuantizationError, check_method, quantize_model
 
         check_method(quantization)
         self.device = pick_device(device)
@@ -84,8 +84,8 @@ class ModelRunner:
         default_threads = torch.get_num_threads()
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
         if self.device.type == "cpu":
-            from sglite.runtime import native_kernels
-            from sglite.runtime.packed_linear import pack_linears
+            from sglite.runtime.kernels import library as native_kernels
+            from sglite.runtime.kernels.packed_linear import pack_linears
 
             native_kernels.load()  # decode attention in place, greedy picks, panel matmuls (falls back when it cannot build)
             # weights packed once, not per call; a compiled step traces the plain ones of oneDNN layers

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sglite.runtime.greedy_pick import greedy_pick
+from sglite.runtime.kernels.greedy_pick import greedy_pick
 from sglite.runtime.sampling_params import SamplingParams
 
 

@@ -10,7 +10,7 @@ import pytest
 # Tests never reach a model hub: a mistyped model id must fail fast, not try a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sglite.runtime.tiny_model import build_tiny_model
+from sglite.runtime.loading.tiny_model import build_tiny_model
 
 from sglite.runtime.models import MODEL_REGISTRY
 
@@ -66,7 +66,7 @@ def real_model_path() -> str:
     """The real default model (SmolLM2-135M-Instruct): ``$SGLITE_REAL_MODEL`` if set, else the packaged GGUF."""
     if os.environ.get("SGLITE_REAL_MODEL"):
         return os.environ["SGLITE_REAL_MODEL"]
-    from sglite.runtime.default_model import default_gguf_path
+    from sglite.runtime.loading.default_model import default_gguf_path
 
     return str(default_gguf_path())
 

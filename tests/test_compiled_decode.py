@@ -11,8 +11,8 @@ import sglite
 from sglite.runtime.compiled_decode import CompiledDecode
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
-from sglite.runtime.model_loader import load_model
-from sglite.runtime import native_kernels
+from sglite.runtime.loading.model_loader import load_model
+from sglite.runtime.kernels import library as native_kernels
 from sglite.runtime.models.decode_attention import DecodeContext
 
 CONTEXTS = [5, 17, 40, 3]

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 import sglite
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
-from sglite.runtime.model_loader import load_model
+from sglite.runtime.loading.model_loader import load_model
 from sglite.runtime.models.attention import MIN_KV_BUCKET, AttentionMetadata
-from sglite.runtime.thread_tuner import ThreadTuner
+from sglite.runtime.kernels.thread_tuner import ThreadTuner
 
 SHORT, LONG = 12, 700  # prompt lengths in tokens
 STEPS = 12

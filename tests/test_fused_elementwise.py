@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from sglite.runtime import native_kernels
+from sglite.runtime.kernels import library as native_kernels
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.models.fused_elementwise import apply_rotary, silu_and_mul
+from sglite.runtime.kernels.fused_elementwise import apply_rotary, silu_and_mul
 
 pytestmark = pytest.mark.skipif(
     not native_kernels.toolchain_found(), reason="no C++ compiler or ninja to build the kernels with"

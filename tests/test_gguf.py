@@ -20,9 +20,9 @@ from gguf import GGUFWriter, quants
 from safetensors.torch import load_file
 
 import sglite
-from sglite.runtime import gguf_loader
-from sglite.runtime.gguf_loader import GGUFNotFoundError, find_gguf, gguf_model_dir
-from sglite.runtime.gguf_metadata import (
+from sglite.runtime.loading import gguf_loader
+from sglite.runtime.loading.gguf_loader import GGUFNotFoundError, find_gguf, gguf_model_dir
+from sglite.runtime.loading.gguf_metadata import (
     UnsupportedGGUFArchitectureError,
     UnsupportedGGUFError,
     UnsupportedGGUFQuantizationError,
@@ -312,7 +312,7 @@ def test_a_directory_must_hold_exactly_one_gguf(llama_path, tmp_path, cache):
 
 
 def test_estimate_reads_gguf_metadata(llama_path, tmp_path, cache, capsys):
-    from sglite.runtime.memory import main_estimate
+    from sglite.runtime.loading.memory import main_estimate
 
     write_gguf(llama_path, tmp_path / "tiny.gguf")
     assert main_estimate([str(tmp_path / "tiny.gguf"), "--context", "1024"]) == 0
@@ -323,7 +323,7 @@ def test_estimate_reads_gguf_metadata(llama_path, tmp_path, cache, capsys):
 
 
 def test_serve_and_runtime_default_to_sglite_model_then_the_packaged_gguf(tmp_path, monkeypatch, capsys):
-    from sglite.runtime.default_model import DEFAULT_GGUF_NAME, default_model_path
+    from sglite.runtime.loading.default_model import DEFAULT_GGUF_NAME, default_model_path
     from sglite.runtime.server.cli import main_serve
 
     missing = tmp_path / "nowhere.gguf"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglite.runtime import native_kernels
-from sglite.runtime.greedy_pick import greedy_pick
+from sglite.runtime.kernels import library as native_kernels
+from sglite.runtime.kernels.greedy_pick import greedy_pick
 
 
 def rows_of_every_kind(vocab: int) -> torch.Tensor:

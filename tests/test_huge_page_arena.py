@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglite.runtime.kv_pool import KVSlotPool
-from sglite.runtime.huge_page_arena import HUGE_PAGE, HugePageArena
+from sglite.runtime.kernels.huge_page_arena import HUGE_PAGE, HugePageArena
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

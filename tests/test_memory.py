@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from sglite.runtime import memory
-from sglite.runtime.memory import (
+from sglite.runtime.loading import memory
+from sglite.runtime.loading.memory import (
     MemoryEstimate,
     dtype_size,
     estimate,
@@ -171,8 +171,8 @@ def test_cli_names_a_missing_model(monkeypatch, capsys):
 def test_one_dtype_vocabulary_for_config_loader_and_estimate(llama_path):
     from sglite.runtime.config import EngineConfig
     from sglite.runtime.dtypes import dtype_name
-    from sglite.runtime.memory import dtype_size
-    from sglite.runtime.model_loader import resolve_dtype
+    from sglite.runtime.loading.memory import dtype_size
+    from sglite.runtime.loading.model_loader import resolve_dtype
 
     for alias, name in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("half", "float16")]:
         assert EngineConfig(dtype=alias).dtype == name == dtype_name(alias)

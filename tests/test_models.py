@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
-from sglite.runtime.model_loader import (
+from sglite.runtime.loading.model_loader import (
     ModelNotFoundError,
     WeightMismatchError,
     load_model,
@@ -299,7 +299,7 @@ def test_decode_steps_share_a_forward_with_prefill_chunks(checkpoints, case):
 
 
 def test_building_a_checkpoint_leaves_the_global_rng_alone(tmp_path):
-    from sglite.runtime.tiny_model import build_tiny_model
+    from sglite.runtime.loading.tiny_model import build_tiny_model
 
     torch.manual_seed(1234)
     expected = torch.rand(3)

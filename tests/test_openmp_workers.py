@@ -14,7 +14,7 @@ import torch
 
 import sglite
 from sglite.runtime import engine as engine_module
-from sglite.runtime.openmp_workers import release_idle_workers
+from sglite.runtime.kernels.openmp_workers import release_idle_workers
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info() or (os.cpu_count() or 1) < 2,

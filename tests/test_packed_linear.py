@@ -11,7 +11,7 @@ from torch import nn
 
 import sglite
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.packed_linear import DISABLE_ENV, PackedLinear, pack_linears, packing_supported
+from sglite.runtime.kernels.packed_linear import DISABLE_ENV, PackedLinear, pack_linears, packing_supported
 
 needs_onednn = pytest.mark.skipif(not packing_supported(torch.float32), reason="torch built without oneDNN")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sglite
-from sglite.runtime import native_kernels
-from sglite.runtime.models import paged_decode
+from sglite.runtime.kernels import library as native_kernels
+from sglite.runtime.kernels import paged_decode
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention_gathered
 
 
@@ -131,7 +131,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setattr(native_kernels, "_library", [])
-    with caplog.at_level("WARNING", logger="sglite.runtime.native_kernels"):
+    with caplog.at_level("WARNING", logger="sglite.runtime.kernels.library"):
         assert native_kernels.load.__wrapped__() is False  # the uncached body: a fresh attempt
     assert not native_kernels.is_loaded()
     assert "did not build" in caplog.text and "Ninja is required" in caplog.text

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sglite
-from sglite.runtime import native_kernels, panel_gemm
+from sglite.runtime.kernels import library as native_kernels, panel_gemm
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.packed_linear import DISABLE_ENV, PackedLinear, pack_linears
-from sglite.runtime.huge_page_arena import HugePageArena
+from sglite.runtime.kernels.packed_linear import DISABLE_ENV, PackedLinear, pack_linears
+from sglite.runtime.kernels.huge_page_arena import HugePageArena
 
 
 def _available() -> bool:

@@ -9,9 +9,9 @@ from torch import nn
 
 import sglite
 from sglite.runtime.forward_batch import ForwardBatch
-from sglite.runtime.model_loader import load_model
+from sglite.runtime.loading.model_loader import load_model
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.quantization import (
+from sglite.runtime.loading.quantization import (
     KERNEL_MAX_ROWS,
     QuantizationError,
     QuantizedLinear,

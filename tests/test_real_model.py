@@ -21,7 +21,7 @@ from sglite.demo import (
     load_labelled,
     parse_answer,
 )
-from sglite.runtime.gguf_loader import find_gguf, is_gguf
+from sglite.runtime.loading.gguf_loader import find_gguf, is_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sglite.lang.backends.native import NativeBackend
 from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
-from sglite.runtime.default_model import MODEL_ENV, default_model_path  # noqa: F401 - re-exported for programs
+from sglite.runtime.loading.default_model import MODEL_ENV, default_model_path  # noqa: F401 - re-exported for programs
 from sglite.runtime.prompts import is_text_prompt
 from sglite.runtime.native_stream import StreamState
 

@@ -116,7 +116,7 @@ def pool_tokens_for_fraction(model_path: str, fraction: float, dtype: str | None
     in ``fraction`` of the device's total memory (the GPU's, or the host's RAM on CPU)."""
     import torch
 
-    from sglite.runtime.memory import load_config, max_kv_tokens
+    from sglite.runtime.loading.memory import load_config, max_kv_tokens
 
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise UnsupportedServerArgError(f"mem_fraction_static={fraction!r}: give a fraction in (0, 1)")

@@ -29,8 +29,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
-from sglite.runtime import native_kernels
-from sglite.runtime.models import paged_decode
+from sglite.runtime.kernels import library as native_kernels
+from sglite.runtime.kernels import paged_decode
 from sglite.runtime.models.masks import additive_mask, visible_keys
 from sglite.runtime.models.prefill_attention import QueryBlock, extend_attention, query_blocks
 

@@ -11,7 +11,7 @@ Every sequence's cached keys are padded to the batch's longest context (``kv_ind
 at slot 0 past a sequence's end, ``kv_mask`` hides them), so the caller should group sequences
 whose contexts are alike (:class:`~sglite.runtime.compiled_decode.CompiledDecode` does).
 Sliding windows are not applied: use this only where every context fits in the layer's window.
-On a CPU where the C++ kernel of :mod:`~sglite.runtime.models.paged_decode` is loaded, the pool
+On a CPU where the C++ kernel of :mod:`~sglite.runtime.kernels.paged_decode` is loaded, the pool
 rows are read in place through ``kv_index`` instead of being gathered (same arithmetic, float32
 softmax); elsewhere the torch formulation below runs.
 """
@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from sglite.runtime import native_kernels
-from sglite.runtime.models import paged_decode
+from sglite.runtime.kernels import library as native_kernels
+from sglite.runtime.kernels import paged_decode
 from sglite.runtime.models.masks import additive_mask
 
 

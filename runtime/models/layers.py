@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from sglite.runtime.models.fused_elementwise import silu_and_mul
+from sglite.runtime.kernels.fused_elementwise import silu_and_mul
 
 # RoPE variants whose frequencies depend on the current batch's length (HF recomputes them per
 # call). With a KV cache that would rotate old keys and new queries differently, so we refuse them.

@@ -18,7 +18,7 @@ from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.models.attention import AttentionMetadata, paged_attention
 from sglite.runtime.models.decode_attention import DecodeContext, decode_attention
-from sglite.runtime.models.fused_elementwise import apply_rotary
+from sglite.runtime.kernels.fused_elementwise import apply_rotary
 from sglite.runtime.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears, head_dim_of
 
 

@@ -83,7 +83,7 @@ def main_serve(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=server_config.log_level.upper() if server_config.log_level != "trace" else "DEBUG")
     try:
         if args.model is None:
-            from sglite.runtime.default_model import default_model_path
+            from sglite.runtime.loading.default_model import default_model_path
 
             args.model = default_model_path()
         engine = sglite.Engine(args.model, **engine_options) if args.replicas is None else _replicated(args, engine_options)

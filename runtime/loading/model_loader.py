@@ -62,7 +62,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         >>> resolve_model_path("/models/llama")                 # doctest: +SKIP
         PosixPath('/models/llama')
     """
-    from sglite.runtime.gguf_loader import gguf_model_dir, is_gguf
+    from sglite.runtime.loading.gguf_loader import gguf_model_dir, is_gguf
 
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)

@@ -3,7 +3,7 @@
 They exercise every line of the loader and the engine without a model hub, and they
 are the embedded default model of ``python -m sglite demo``.
 
-    >>> from sglite.runtime.tiny_model import build_tiny_model
+    >>> from sglite.runtime.loading.tiny_model import build_tiny_model
     >>> path = build_tiny_model("llama")          # cached under ~/.cache/sglite
 """
 

@@ -4,7 +4,7 @@ offers them.
 Decode streams every weight from memory once a step, and attention reads every cached key and value.
 In 4 KiB pages SmolLM2-135M's 257 MB of bfloat16 weights span ~63,000 pages, and the CPU's hardware
 prefetchers stop at each page boundary. Measured at one thread: the model's 121 panel layers
-(:mod:`~sglite.runtime.panel_gemm`) at 32 rows took ~47 ms a step in ordinary pages and ~44 ms in
+(:mod:`~sglite.runtime.kernels.panel_gemm`) at 32 rows took ~47 ms a step in ordinary pages and ~44 ms in
 2 MiB ones, and a whole batch-32 decode step took ~1 ms less with the KV pool in huge pages as well.
 Linux hands out huge pages to memory advised with ``MADV_HUGEPAGE`` when
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise`` (the usual default) or ``always``;

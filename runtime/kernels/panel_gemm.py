@@ -3,10 +3,10 @@
 oneDNN's bfloat16 matmul, handed a decode-sized block of rows (1-32), reads each block of weights
 from memory in a burst and then reuses it from cache, so the weight stream (the whole model, every
 step) is not overlapped with the arithmetic. ``panel_gemm.cpp`` (part of sglite's C++ library,
-:mod:`~sglite.runtime.native_kernels`) keeps up to 12 rows x 32 columns of float32 sums in registers,
+:mod:`~sglite.runtime.kernels.library`) keeps up to 12 rows x 32 columns of float32 sums in registers,
 walks each weight panel once per 12 rows with ``vdpbf16ps``, and from 6 rows up prefetches the next
 panel a line or two per step (below that the hardware prefetchers alone keep up). SmolLM2-135M's 121
-linear layers in a row, weights in huge pages (:mod:`~sglite.runtime.huge_page_arena`), one thread:
+linear layers in a row, weights in huge pages (:mod:`~sglite.runtime.kernels.huge_page_arena`), one thread:
 
 ======  ===========================  ===========================
 rows    oneDNN, reordered weights    panels
@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from sglite.runtime import native_kernels
+from sglite.runtime.kernels import ops  # noqa: F401 - the op schemas this wrapper calls
+
+from sglite.runtime.kernels import library as native_kernels
 
 PANEL_COLUMNS = 32
-
-torch.library.define("sglite::panel_linear", "(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor")
-
-
-@torch.library.register_fake("sglite::panel_linear")
-def _(x, panels, out_features, bias):
-    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def available() -> bool:

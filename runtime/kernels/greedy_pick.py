@@ -2,7 +2,7 @@
 
 ``torch.max(dim=-1)`` over float32 logits runs a scalar loop: ~2.4 ms for a batch-32 step over
 SmolLM2's 49152-token vocabulary, where reading those 6 MiB once takes ~0.1 ms. ``greedy_pick.cpp``
-(built with the other C++ kernels, :mod:`~sglite.runtime.native_kernels`) takes each row's maximum in
+(built with the other C++ kernels, :mod:`~sglite.runtime.kernels.library`) takes each row's maximum in
 vector registers and then scans for its first position, so ties go to the lowest id as with ``argmax``.
 A row whose maximum is not finite (a NaN, a +inf, nothing but -inf) gets -1, and the sampler gives it
 its sanitizing path. Where the kernels are not built, or off the CPU, the same contract holds through torch.
@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from sglite.runtime import native_kernels
+from sglite.runtime.kernels import ops  # noqa: F401 - the op schemas this wrapper calls
 
-
-torch.library.define("sglite::greedy_pick", "(Tensor logits) -> Tensor")
-
-
-@torch.library.register_fake("sglite::greedy_pick")
-def _(logits):
-    return logits.new_empty(logits.shape[0], dtype=torch.long)
+from sglite.runtime.kernels import library as native_kernels
 
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:

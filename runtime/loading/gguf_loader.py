@@ -5,7 +5,7 @@ The folder (config, safetensors, tokenizer, chat template, generation config) li
 start only hashes a few MiB of the file. Conversions are written to a temporary directory and
 renamed into place, so processes converting the same file at once never see a half-written folder.
 
-    >>> from sglite.runtime.gguf_loader import gguf_model_dir
+    >>> from sglite.runtime.loading.gguf_loader import gguf_model_dir
     >>> folder = gguf_model_dir("SmolLM2-135M-Instruct.Q4_1.gguf")     # doctest: +SKIP
     >>> sorted(p.name for p in folder.iterdir())                       # doctest: +SKIP
     ['chat_template.jinja', 'config.json', 'generation_config.json', 'model.safetensors', ...]
@@ -20,9 +20,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from sglite.runtime.gguf_metadata import architecture_of, hf_config_from_gguf, open_gguf
-from sglite.runtime.gguf_tensors import hf_tensors
-from sglite.runtime.gguf_tokenizer import save_gguf_tokenizer
+from sglite.runtime.loading.gguf_metadata import architecture_of, hf_config_from_gguf, open_gguf
+from sglite.runtime.loading.gguf_tensors import hf_tensors
+from sglite.runtime.loading.gguf_tokenizer import save_gguf_tokenizer
 
 CONVERTER_VERSION = 2
 """Bumped when the conversion changes, so stale cached folders are not reused."""

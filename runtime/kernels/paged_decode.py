@@ -11,7 +11,7 @@ ahead of use (slots are scattered) and reads each value row once (float32 softma
 accumulation): 3x faster than the compiled torch form at 96-1024 keys on hot rows, and in the
 engine's batch-32 SmolLM2 decode step attention fell from ~18 ms to ~8 ms a step.
 
-The kernel is part of sglite's C++ library (:mod:`~sglite.runtime.native_kernels`, built on first use),
+The kernel is part of sglite's C++ library (:mod:`~sglite.runtime.kernels.library`, built on first use),
 which registers it as the CPU kernel of the op ``sglite::paged_decode_attention`` (schema and fake kernel
 defined below), so a ``torch.compile``'d decode step calls it, and every call goes from the dispatcher
 straight into C++: ~7 us a call at batch 1 where a Python-bodied custom op took ~24 us (30 layers:
@@ -25,17 +25,7 @@ from __future__ import annotations
 
 import torch
 
-
-torch.library.define(
-    "sglite::paged_decode_attention",
-    "(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache, Tensor kv_index, Tensor kv_lens, "
-    "float scaling) -> Tensor",
-)
-
-
-@torch.library.register_fake("sglite::paged_decode_attention")
-def _(q, k_new, v_new, k_cache, v_cache, kv_index, kv_lens, scaling):
-    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+from sglite.runtime.kernels import ops  # noqa: F401 - the op schemas this wrapper calls
 
 
 def paged_decode_attention(
@@ -53,7 +43,7 @@ def paged_decode_attention(
     ``q`` ``[B, heads, d]``; ``k_new``/``v_new`` ``[B, kv_heads, d]`` (the new token's, after RoPE);
     ``k_cache``/``v_cache`` ``[slots, kv_heads, d]`` (contiguous, read only); ``kv_index`` ``[B, S]``
     int64 pool slots of each sequence's cached keys, of which the first ``kv_lens[b]`` are real.
-    Returns ``[B, heads * d]`` in ``q``'s dtype. Call :func:`sglite.runtime.native_kernels.load` first:
+    Returns ``[B, heads * d]`` in ``q``'s dtype. Call :func:`sglite.runtime.kernels.library.load` first:
     the op ``sglite::paged_decode_attention`` has its CPU kernel (C++, called by the dispatcher without
     Python, inside compiled graphs too) once the library is loaded.
     """

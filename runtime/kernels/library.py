@@ -1,17 +1,16 @@
 """sglite's C++ kernels for CPUs, built once into one shared library that registers them with torch's dispatcher.
 
-=====================================================  ==============================================
-``runtime/models/paged_decode_attention.cpp``          decode attention read in place from the KV pool
-                                                       (:mod:`~sglite.runtime.models.paged_decode`)
-``runtime/greedy_pick.cpp``                            each logits row's first maximum
-                                                       (:mod:`~sglite.runtime.greedy_pick`)
-``runtime/models/fused_elementwise.cpp``               SwiGLU's product and the rotary embedding in
-                                                       one pass (:mod:`~sglite.runtime.models.fused_elementwise`)
-``runtime/panel_gemm.cpp``                             bfloat16 linear layers over 32-column weight panels
-                                                       (:mod:`~sglite.runtime.panel_gemm`)
-=====================================================  ==============================================
+======================================  ==============================================================
+``paged_decode_attention.cpp``          decode attention read in place from the KV pool
+                                        (:mod:`~sglite.runtime.kernels.paged_decode`)
+``greedy_pick.cpp``                     each logits row's first maximum (:mod:`~sglite.runtime.kernels.greedy_pick`)
+``fused_elementwise.cpp``               SwiGLU's product and the rotary embedding in one pass
+                                        (:mod:`~sglite.runtime.kernels.fused_elementwise`)
+``panel_gemm.cpp``                      bfloat16 linear layers over 32-column weight panels
+                                        (:mod:`~sglite.runtime.kernels.panel_gemm`)
+======================================  ==============================================================
 
-Each kernel's op schema, fake kernel and Python wrapper live beside its source; the library only adds the
+Each kernel's op schema and fake kernel are in :mod:`~sglite.runtime.kernels.ops`, its Python wrapper beside its source; the library only adds the
 CPU kernels, so calls (inside ``torch.compile`` graphs too) go from the dispatcher straight into C++.
 :func:`load` builds it with torch's C++ extension builder on first use (about 30-40 s, then cached on disk
 under ``TORCH_EXTENSIONS_DIR`` for later processes; a changed source rebuilds). Without a C++ toolchain
@@ -32,14 +31,16 @@ from pathlib import Path
 
 import torch
 
+from sglite.runtime.kernels import ops  # noqa: F401 - the op schemas the library implements
+
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (
-    HERE / "models" / "paged_decode_attention.cpp",
+    HERE / "paged_decode_attention.cpp",
     HERE / "greedy_pick.cpp",
-    HERE / "models" / "fused_elementwise.cpp",
+    HERE / "fused_elementwise.cpp",
     HERE / "panel_gemm.cpp",
 )
 
@@ -80,9 +81,6 @@ def load() -> bool:
     if os.environ.get("SGLITE_NATIVE_KERNELS", "1") == "0":
         logger.info("SGLITE_NATIVE_KERNELS=0: the C++ kernels stay off (torch formulations run)")
         return False
-    # the op schemas the library implements (defined in Python, beside each kernel's wrapper)
-    from sglite.runtime import greedy_pick, panel_gemm  # noqa: F401
-    from sglite.runtime.models import fused_elementwise, paged_decode  # noqa: F401
 
     try:
         from torch.utils.cpp_extension import load as build

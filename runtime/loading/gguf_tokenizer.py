@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sglite.runtime.gguf_metadata import UnsupportedGGUFError, field, open_gguf
+from sglite.runtime.loading.gguf_metadata import UnsupportedGGUFError, field, open_gguf
 
 if TYPE_CHECKING:
     from gguf import GGUFReader

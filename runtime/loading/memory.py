@@ -240,10 +240,10 @@ def load_config(model: str) -> PretrainedConfig:
     """The text config of ``model``: a local directory (or config.json) or a Hugging Face id in the local cache."""
     from transformers import AutoConfig
 
-    from sglite.runtime.gguf_loader import find_gguf, is_gguf
+    from sglite.runtime.loading.gguf_loader import find_gguf, is_gguf
 
     if is_gguf(model):  # read from the file's metadata; no conversion just to estimate
-        from sglite.runtime.gguf_metadata import hf_config_from_gguf
+        from sglite.runtime.loading.gguf_metadata import hf_config_from_gguf
 
         return hf_config_from_gguf(find_gguf(model))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

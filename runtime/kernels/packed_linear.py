@@ -6,7 +6,7 @@ blocks of decode and chunked prefill that copy is a large part of the call. Each
 therefore packed once, for one of two kernels:
 
 - ``"panels"`` (bfloat16 where the CPU has AVX512-BF16 and sglite's C++ library is built): 32-column
-  panels in huge pages, run by :mod:`~sglite.runtime.panel_gemm`, which streams the weights while it
+  panels in huge pages, run by :mod:`~sglite.runtime.kernels.panel_gemm`, which streams the weights while it
   computes. On SmolLM2-135M's layers at one thread: 2.4-2.7x oneDNN over packed weights at 1-8 rows,
   ~1.2x at 32 rows, even from 128 rows up (README "Speed").
 - ``"onednn"`` (float32, and bfloat16 elsewhere): reordered by ``mkldnn::_reorder_linear_weight`` (the
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglite.runtime import panel_gemm
-from sglite.runtime.huge_page_arena import HugePageArena
+from sglite.runtime.kernels import panel_gemm
+from sglite.runtime.kernels.huge_page_arena import HugePageArena
 
 DISABLE_ENV = "SGLITE_PACKED_LINEAR"
 """``0`` keeps every linear layer on ``F.linear``; ``onednn`` packs for oneDNN only, never panels (for comparisons)."""
@@ -59,7 +59,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
 
 
 def panels_supported(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` runs as panels here (see :func:`sglite.runtime.panel_gemm.supports`), unless switched off."""
+    """Whether ``weight`` runs as panels here (see :func:`sglite.runtime.kernels.panel_gemm.supports`), unless switched off."""
     return os.environ.get(DISABLE_ENV, "1") not in ("0", "onednn") and panel_gemm.supports(weight)
 
 

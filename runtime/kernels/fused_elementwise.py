@@ -4,7 +4,7 @@ rotary embedding of q and k.
 Written with torch operators, each is several passes over ``[tokens, width]`` with a temporary per
 pass: the rotation alone slices, negates, concatenates, multiplies twice and adds. In an eager
 float32 prefill of a ~1218-token prompt on SmolLM2-135M (one thread) those passes took ~0.15 s of
-~3.9 s. ``fused_elementwise.cpp`` (part of sglite's C++ library, :mod:`~sglite.runtime.native_kernels`)
+~3.9 s. ``fused_elementwise.cpp`` (part of sglite's C++ library, :mod:`~sglite.runtime.kernels.library`)
 reads each input once and writes the result once, rounding where the torch form rounds (ATen's own
 vector ``exp`` for SiLU; for bfloat16 every stored intermediate is rounded to bfloat16), so outputs
 equal the torch form's. Inside a ``torch.compile`` graph, off the CPU, for other dtypes, or where the
@@ -18,22 +18,11 @@ library is not built, the torch form runs (inductor fuses it on its own).
 from __future__ import annotations
 
 import torch
+
+from sglite.runtime.kernels import ops  # noqa: F401 - the op schemas this wrapper calls
 import torch.nn.functional as F
 
-from sglite.runtime import native_kernels
-
-torch.library.define("sglite::silu_and_mul", "(Tensor gate_up) -> Tensor")
-torch.library.define("sglite::rotary", "(Tensor x, Tensor cos, Tensor sin) -> Tensor")
-
-
-@torch.library.register_fake("sglite::silu_and_mul")
-def _(gate_up):
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-@torch.library.register_fake("sglite::rotary")
-def _(x, cos, sin):
-    return x.new_empty(x.shape)
+from sglite.runtime.kernels import library as native_kernels
 
 
 def _runs_native(x: torch.Tensor) -> bool:

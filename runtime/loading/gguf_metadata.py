@@ -4,7 +4,7 @@ GGUF stores hyper-parameters as ``{arch}.key`` fields (``llama.block_count``,
 ``llama.attention.head_count_kv``, ...); each supported architecture maps them onto the config
 class its native model reads.
 
-    >>> from sglite.runtime.gguf_metadata import hf_config_from_gguf
+    >>> from sglite.runtime.loading.gguf_metadata import hf_config_from_gguf
     >>> config = hf_config_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")      # doctest: +SKIP
     >>> config.model_type, config.num_hidden_layers, config.num_key_value_heads  # doctest: +SKIP
     ('llama', 30, 3)

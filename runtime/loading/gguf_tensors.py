@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sglite.runtime.gguf_metadata import GGUFArchitecture, UnsupportedGGUFError, UnsupportedGGUFQuantizationError
+from sglite.runtime.loading.gguf_metadata import GGUFArchitecture, UnsupportedGGUFError, UnsupportedGGUFQuantizationError
 
 if TYPE_CHECKING:
     import torch
