@@ -5,7 +5,7 @@ adds, attention over a few keys) between its matmuls, each paying Python and dis
 its matmuls are matrix-vector products that torch's unpacked kernels run far below memory bandwidth.
 Inductor turns the step into a few fused C++ loops around the matmuls, called from a generated C++
 wrapper (no Python between kernels: ~1 ms less a step of SmolLM2 at one thread, 1 row or 32). bfloat16 layers on
-CPUs with AVX512-BF16 stay calls of sglite's panel kernel (:mod:`~sglite.runtime.panel_gemm`, weights
+CPUs with AVX512-BF16 stay calls of sglite's panel kernel (:mod:`~sglite.runtime.kernels.panel_gemm`, weights
 packed once at load); for other linear layers *freezing* makes the weights constants and
 *max-autotune* picks, per matmul shape, between oneDNN/MKL and inductor's own C++ GEMM templates over
 prepacked weights, timing each (README, "Speed"). On CUDA the same graph compiles to Triton kernels
@@ -22,7 +22,7 @@ The context width is dynamic (one graph serves every context length of a bucket)
 Prefill chunks, mixed prefill/decode batches, batches past ``max_batch_size`` and contexts longer
 than a sliding window run the eager path. So do batches whose contexts differ so much that padding
 them to the longest would more than double the keys read, unless the C++ decode attention
-(:mod:`~sglite.runtime.models.paged_decode`) is loaded: it reads each row's own keys.
+(:mod:`~sglite.runtime.kernels.paged_decode`) is loaded: it reads each row's own keys.
 """
 
 from __future__ import annotations
@@ -36,34 +36,16 @@ from torch import nn
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.kv_pool import KVSlotPool
 from sglite.runtime.models.attention import MIN_KV_BUCKET
-from sglite.runtime import native_kernels
+from sglite.runtime.kernels import library as native_kernels
+from sglite.runtime.config import BATCH_BUCKETS, batch_bucket, check_max_batch_size  # noqa: F401 - re-exported
 from sglite.runtime.models.decode_attention import DecodeContext
 from sglite.runtime.token_selection import take_rows
 
 
 logger = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-"""Batch sizes compiled for; a batch runs in the smallest bucket that holds it."""
-
-
 RECOMPILE_LIMIT = 256
 """Graphs of ``decode_step`` kept per process (buckets x engines x models)."""
-
-
-def batch_bucket(batch_size: int) -> int:
-    """The compiled batch size that serves ``batch_size`` sequences.
-
-        >>> [batch_bucket(n) for n in (1, 3, 8, 9, 100)]
-        [1, 4, 8, 16, 128]
-    """
-    return next(b for b in BATCH_BUCKETS if b >= batch_size)
-
-
-def check_max_batch_size(max_batch_size: int) -> None:
-    """Raise ``ValueError`` naming ``torch_compile_max_bs`` unless it is 1 .. the largest bucket."""
-    if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= BATCH_BUCKETS[-1]:
-        raise ValueError(f"torch_compile_max_bs must be an integer from 1 to {BATCH_BUCKETS[-1]}, got {max_batch_size!r}")
 
 
 class CompiledDecode:

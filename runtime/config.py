@@ -5,8 +5,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sglite.runtime.compiled_decode import check_max_batch_size
 from sglite.runtime.dtypes import dtype_name
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Batch sizes compiled for; a batch runs in the smallest bucket that holds it."""
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The compiled batch size that serves ``batch_size`` sequences.
+
+        >>> [batch_bucket(n) for n in (1, 3, 8, 9, 100)]
+        [1, 4, 8, 16, 128]
+    """
+    return next(b for b in BATCH_BUCKETS if b >= batch_size)
+
+
+def check_max_batch_size(max_batch_size: int) -> None:
+    """Raise ``ValueError`` naming ``torch_compile_max_bs`` unless it is 1 .. the largest bucket."""
+    if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= BATCH_BUCKETS[-1]:
+        raise ValueError(f"torch_compile_max_bs must be an integer from 1 to {BATCH_BUCKETS[-1]}, got {max_batch_size!r}")
 
 
 @dataclass(frozen=True)
