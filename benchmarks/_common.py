@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import shlex
 import statistics
@@ -35,10 +36,23 @@ def min_median(times: list[float], scale: float = 1.0) -> str:
     return f"{min(times) * scale:.3f} / {statistics.median(times) * scale:.3f}"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector ISA flags that pick kernels (from /proc/cpuinfo where it exists)."""
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+    return f"{model} ({' '.join(f for f in wanted if f in flags) or 'no AVX'})"
+
+
 def header(title: str, device: str, dtype: str, repeat: int, extra: str = "") -> str:
     """The lines every table starts with: the command, and what it ran on."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_description()
     lines = [
         f"{title}",
         f"command: {command}",

@@ -8,7 +8,9 @@ Every runner gets the same threads, the same token ids, and the same stopping ru
 repetitions (min and median printed). Decode tok/s is measured as ``B * (N - 1) / (t(N) - t(1))``
 (generating N tokens minus generating one, so prompt processing cancels out); prefill tok/s as
 ``prompt tokens / t(1)`` on a ``--prompt-tokens`` prompt, with sglite's radix cache off so each
-repetition computes the whole prompt. llama.cpp runs one sequence at a time through
+repetition computes the whole prompt. The ``llama-bench`` column is llama.cpp built natively for this CPU
+(``../shared/tools/build_llama_cpp.sh``, or ``--llama-bench PATH``) timing its own decode (``-p 0 -n N``) and
+prefill (``-p P -n 0``) with the same threads and repetitions. The llama.cpp column runs one sequence at a time through
 llama-cpp-python's ``eval``/``sample``; its batched rows are left empty, and the whole column is
 skipped with a message when the package (the ``bench`` extra) is absent.
 
@@ -135,6 +137,38 @@ def llama_cpp_runner(gguf: str | None, threads: int) -> Runner | None:
     return Runner(f"llama.cpp {Path(gguf).stem.split('.')[-1]}", generate, Path(gguf).stat().st_size, max_batch=1)
 
 
+def llama_bench_binary(path: str | None) -> Path | None:
+    """``llama-bench`` built natively for this CPU: ``--llama-bench PATH``, else the shared build script's (cached) build."""
+    if path:
+        return Path(path)
+    script = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "build_llama_cpp.sh"
+    if not script.exists():
+        return None
+    import subprocess
+
+    folder = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
+    return Path(folder) / "llama-bench"
+
+
+def llama_bench_runner(binary: Path | None, gguf: str | None, threads: int, args) -> Runner | None:
+    """The native llama.cpp column: ``llama-bench`` runs its own repetitions (``tg`` = decode, ``pp`` = prefill)."""
+    if binary is None or not binary.exists() or gguf is None:
+        print(f"llama-bench column skipped: no binary ({binary}) or no GGUF ({gguf})")
+        return None
+    import json
+    import subprocess
+
+    def bench(prompt: int, new: int) -> list[float]:
+        command = [str(binary), "-m", gguf, "-t", str(threads), "-p", str(prompt), "-n", str(new), "-r", str(args.reps), "-o", "json"]
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
+        return [float(v) for v in json.loads(run.stdout)[0]["samples_ts"]]
+
+    runner = Runner(f"llama-bench {Path(gguf).stem.split('.')[-1]}", lambda prompts, n: None, Path(gguf).stat().st_size, max_batch=0)
+    runner.times["decode, batch 1"] = bench(0, args.new_tokens)
+    runner.times[f"prefill, {args.prompt_tokens}-token prompt"] = bench(args.prompt_tokens, 0)
+    return runner
+
+
 def read_bandwidth(nbytes: int = 512 * 2**20) -> float:
     """Bytes/s of a streaming read (a sum over a buffer far larger than the caches), best of 5."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -170,13 +204,14 @@ def speed_table(runners: list[Runner], tokenizer, args) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     long = long_prompt(tokenizer, args.prompt_tokens)
     cases = {f"decode, batch {b}": prompts_of(tokenizer, b) for b in batches}
-    for r in runners:  # warm-up: every shape once
+    live = [r for r in runners if r.max_batch > 0]  # llama-bench rows come measured
+    for r in live:  # warm-up: every shape once
         for prompts in cases.values():
             if len(prompts) <= r.max_batch:
                 r.generate(prompts, 2)
         r.generate([long], 1)
     for _ in range(args.reps):
-        for r in runners:
+        for r in live:
             for case, prompts in cases.items():
                 if len(prompts) > r.max_batch:
                     continue
@@ -186,7 +221,10 @@ def speed_table(runners: list[Runner], tokenizer, args) -> None:
 
     bandwidth = read_bandwidth()
     width = max(len(r.name) for r in runners) + 2
-    print(f"\ntok/s, median (best) of {args.reps}; {args.new_tokens} new tokens; torch threads {args.threads}; "
+    from _common import cpu_description
+
+    print(f"\nCPU: {cpu_description()}")
+    print(f"tok/s, median (best) of {args.reps}; {args.new_tokens} new tokens; torch threads {args.threads}; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("| case".ljust(32) + "".join(f"| {r.name}".ljust(width + 2) for r in runners) + "|")
     print("|" + "-" * 31 + ("|" + "-" * (width + 1)) * len(runners) + "|")
@@ -201,7 +239,8 @@ def speed_table(runners: list[Runner], tokenizer, args) -> None:
             for r in runners) + "|")
     base = next((r for r in runners if r.name.startswith("transformers")), None)
     cpp = next((r for r in runners if r.name.startswith("llama.cpp")), None)
-    for ref in (base, cpp):
+    native = next((r for r in runners if r.name.startswith("llama-bench")), None)
+    for ref in (base, cpp, native):
         if ref is None:
             continue
         print(f"\nratios of medians against {ref.name} (>1: faster)")
@@ -263,6 +302,8 @@ def main() -> None:
         help="sglite columns: bfloat16, float32, int8, int4, each optionally +compile (enable_torch_compile)",
     )
     parser.add_argument("--no-quality", action="store_true", help="skip the quality table")
+    parser.add_argument("--llama-bench", default=None, help="llama-bench binary (default: ../shared/tools/build_llama_cpp.sh's build)")
+    parser.add_argument("--no-llama-bench", action="store_true", help="skip the native llama-bench column")
     args = parser.parse_args()
     model = args.model or default_model()
     torch.set_num_threads(args.threads)  # this script's own thread (transformers); engines get num_threads
@@ -279,6 +320,10 @@ def main() -> None:
     cpp = llama_cpp_runner(args.gguf or default_gguf(), args.threads)
     if cpp is not None:
         runners.append(cpp)
+    if not args.no_llama_bench:
+        native = llama_bench_runner(llama_bench_binary(args.llama_bench), args.gguf or default_gguf(), args.threads, args)
+        if native is not None:
+            runners.append(native)
     try:
         speed_table(runners, tokenizer, args)
     finally:
