@@ -171,10 +171,6 @@ class CompiledFSM:
             self.biases.put(key, bias, bias.numel() * bias.element_size())
         return bias
 
-    def disallowed_mask(self, state: int, width: int, device: torch.device) -> torch.Tensor:
-        """``[width]`` bool tensor, True where ``state`` forbids a token (built from ``logit_bias``)."""
-        return torch.isinf(self.logit_bias(state, width, device, torch.float32))
-
 
 BIAS_CACHE_BYTES = 256 << 20
 """Default memory for cached per-state logit biases (4 bytes a token in float32)."""
