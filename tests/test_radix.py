@@ -312,12 +312,12 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def exactly_the_running_prefixes_are_locked(self):
         # The tree is a trie, so locked tokens = distinct prefixes matched by running requests.
         locked = {tuple(r.tokens[:i]) for r in self.running for i in range(1, r.prefix.numel() + 1)}
-        assert self.locked_size(cache) == len(locked)
+        assert locked_size(self.cache) == len(locked)
 
     def teardown(self):
         for request in list(self.running):
             self.finish(request)
-        assert self.locked_size(cache) == 0
+        assert locked_size(self.cache) == 0
         self.cache.evict(POOL_SIZE)
         assert self.cache.total_size == 0 and self.pool.num_free == POOL_SIZE
 
