@@ -64,13 +64,12 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization on CPU: ``int8`` (per channel) or ``int4`` (groups of 32); None keeps the
     checkpoint's weights in ``dtype``. Decode at small batch reads 2x / 3.2x fewer weight bytes than
-    bfloat16; greedy output drifts from float (README, "Speed")."""
+    bfloat16; greedy output drifts from float (docs/performance.md)."""
 
     enable_torch_compile: bool = False
     """Capture the decode step with ``torch.compile`` (SGLang's flag): fused C++ (CPU) or Triton (CUDA) kernels and,
     on CPU, frozen weights and autotuned GEMM kernels. Each decode batch size (1, 2, 4, 8, 16, 32) compiles on first
-    use, 1-2 minutes on 2 cores, and keeps its own packed weights; bfloat16 decode then ran 2.9x / 1.8x / 1.3x faster
-    than eager at batch 1 / 8 / 32 on SmolLM2-135M (README, "Speed")."""
+    use (minutes on a small CPU) and keeps its own packed weights (docs/performance.md)."""
     torch_compile_max_bs: int = 32
     """Largest decode batch run through the compiled step (SGLang's flag); wider ones run eagerly."""
     native_kernels: bool = True

@@ -7,11 +7,9 @@ therefore packed once, for one of two kernels:
 
 - ``"panels"`` (bfloat16 where the CPU has AVX512-BF16 and sglite's C++ library is built): 32-column
   panels in huge pages, run by :mod:`~sglite.runtime.kernels.panel_gemm`, which streams the weights while it
-  computes. On SmolLM2-135M's layers at one thread: 2.4-2.7x oneDNN over packed weights at 1-8 rows,
-  ~1.2x at 32 rows, even from 128 rows up (README "Speed").
+  computes.
 - ``"onednn"`` (float32, and bfloat16 elsewhere): reordered by ``mkldnn::_reorder_linear_weight`` (the
-  layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``; 1.1-1.3x
-  ``F.linear`` for float32 prefill rows, up to 2x for bfloat16 decode rows.
+  layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``.
 
 The packed weight is held outside the module's parameters (oneDNN's is opaque: no strides, no views).
 The plain weight is kept only where something else still reads it: a captured decode step over oneDNN
