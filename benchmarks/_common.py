@@ -21,6 +21,15 @@ def default_model() -> str:
     return default_model_path()
 
 
+def default_model_dir() -> str:
+    """``default_model()`` as a Hugging Face folder (a GGUF is converted once, into sglite's cache), for
+    scripts that load its tokenizer with transformers."""
+    from sglite.runtime.loading.gguf_loader import gguf_model_dir, is_gguf
+
+    model = default_model()
+    return str(gguf_model_dir(model)) if is_gguf(model) else model
+
+
 def timed(fn: Callable[[], object], repeat: int) -> tuple[list[float], object]:
     """Wall seconds of ``repeat`` calls of ``fn`` (each timed alone) and the last call's result."""
     times, result = [], None

@@ -41,6 +41,8 @@ import sglite
 from sglite.constraints import BACKENDS, ConstraintError, backend_processor, make_backend
 from sglite.runtime.loading.tiny_model import build_tiny_model
 
+from _common import default_model_dir
+
 EXTRACTION = {
     "type": "object",
     "properties": {
@@ -397,8 +399,8 @@ def extraction_table(model: str, requests: int, max_new_tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny llama)")
-    parser.add_argument("--vocab-model", default=os.environ.get("SGLITE_REAL_MODEL", "/root/models/SmolLM2-135M-Instruct"),
-                        help="a second tokenizer for the compile and mask tables (default: the real model's, 49k)")
+    parser.add_argument("--vocab-model", default=None,
+                        help="a second tokenizer for the compile and mask tables (default: the default model's, 49k)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each decode workload")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decode table's output length")
@@ -413,7 +415,8 @@ def main() -> None:
 
     tokenizers: dict[str, object] = {f"tiny ({len(AutoTokenizer.from_pretrained(model))})":
                                      AutoTokenizer.from_pretrained(model)}
-    if args.vocab_model and os.path.isdir(args.vocab_model):
+    args.vocab_model = args.vocab_model or default_model_dir()
+    if os.path.isdir(args.vocab_model):
         tokenizer = AutoTokenizer.from_pretrained(args.vocab_model)
         tokenizers[f"{os.path.basename(args.vocab_model)} ({len(tokenizer)})"] = tokenizer
     if "compile" not in skip:

@@ -26,16 +26,14 @@ import time
 import warnings
 from pathlib import Path
 
+from _common import default_model_dir
+
 BACKENDS = ("llguidance", "outlines")
 
 
 def default_schemas() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here.parent / "shared/jsonschemabench/dev_sample.jsonl",
-                      Path("/work/shared/jsonschemabench/dev_sample.jsonl")):
-        if candidate.exists():
-            return candidate
-    return candidate
+    """JSONSchemaBench's dev sample in ``shared/`` beside the checkout (pass ``--schemas`` for another)."""
+    return Path(__file__).resolve().parents[2] / "shared/jsonschemabench/dev_sample.jsonl"
 
 
 def _worker(backend, conn, memory_gb: float) -> None:
@@ -135,7 +133,7 @@ def sample_outputs(model: str, backend_name: str, schemas: list[dict], samples: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=os.environ.get("SGLITE_REAL_MODEL", "/root/models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: $SGLITE_MODEL, else the embedded default model)")
     parser.add_argument("--schemas", default=str(default_schemas()))
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -144,6 +142,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-total-tokens", type=int, default=16384, help="KV pool of the sampling engine")
     args = parser.parse_args()
+    args.model = args.model or default_model_dir()
 
     from transformers import AutoTokenizer
 

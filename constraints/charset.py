@@ -91,7 +91,7 @@ def category(pattern: str) -> Ranges:
     """The text characters Python's ``re`` matches with ``pattern`` (``\\w``, ``\\S``, ...).
 
     Rust's Unicode classes differ at the edges; for a size estimate that is close enough. One
-    pass over every scalar value, ~30 ms once per category per process.
+    pass over every scalar value, once per category per process.
     """
     scalars = "".join(map(chr, range(_SURROGATES[0]))) + "".join(
         map(chr, range(_SURROGATES[1] + 1, MAX_TEXT_CODE_POINT + 1))

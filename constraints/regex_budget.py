@@ -23,12 +23,11 @@ from sglite.constraints.regex_syntax import scan
 
 
 MAX_REGEX_SIZE = 8_000
-"""Default largest ``regex_size`` a constraint may have (an engine reads ``SGLITE_MAX_REGEX_SIZE``
-into its ``ConstraintLimits``).
+"""Default largest ``regex_size`` a constraint may have (``EngineConfig.max_regex_size``, env
+``SGLITE_MAX_REGEX_SIZE``, overrides it per engine).
 
-At the limit the slowest shapes measured compile in under 0.5 s on a 2-core CPU with a
-2k-token vocabulary (``[a-zA-Z0-9_ ]{8000}``). outlines-core scans the whole vocabulary from
-every state, so with 150k tokens the same sizes take ~60x longer: lower it for big models."""
+outlines-core scans the whole vocabulary from every state, so compile time grows with the
+vocabulary as well as the size: lower it for big models."""
 MAX_REGEX_LENGTH = 100_000
 """Default longest regex text (characters) a constraint may have (``SGLITE_MAX_REGEX_LENGTH``)."""
 

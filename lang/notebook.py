@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import html
 import zlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from sglite.lang.interpreter import VariableSpan
-    from sglite.lang.state import ProgramState
+
+
+class StreamedState(Protocol):
+    """What ``display_stream`` needs of a program state (``ProgramState`` is one; this module sits below it)."""
+
+    def text_iter(self) -> Iterator[str]: ...
+
+    def _repr_html_(self) -> str: ...
+
+
+State = TypeVar("State", bound=StreamedState)
 
 _PALETTE = ("#fde68a", "#bbf7d0", "#bfdbfe", "#fbcfe8", "#ddd6fe", "#fed7aa", "#a5f3fc", "#e5e7eb")
 
@@ -47,14 +57,7 @@ def render_html(text: str, spans: Sequence[VariableSpan]) -> str:
     return '<pre style="white-space:pre-wrap;font-family:monospace">' + "".join(parts) + "</pre>"
 
 
-def render_state_html(state: ProgramState) -> str:
-    """The state's current text and variables (waits for queued nodes)."""
-    executor = state.stream_executor
-    text = state.text()
-    return render_html(text, executor.spans)
-
-
-def display_stream(state: ProgramState) -> ProgramState:
+def display_stream(state: State) -> State:
     """Show ``state`` while it streams: one output area updated in place in Jupyter,
     plain text printed as it arrives elsewhere. Returns the state once the program finished."""
     try:
@@ -74,5 +77,5 @@ def display_stream(state: ProgramState) -> ProgramState:
     for piece in state.text_iter():
         text += piece
         handle.update(HTML(render_html(text, [])))
-    handle.update(HTML(render_state_html(state)))
+    handle.update(HTML(state._repr_html_()))
     return state

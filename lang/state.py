@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sglite.lang.interpreter import ChunkCursor, StreamExecutor
+from sglite.lang.notebook import render_html
 from sglite.lang.ir import (
     ConcatenateAndAppend,
     Expr,
@@ -146,9 +147,9 @@ class ProgramState:
         cursor.raise_if_failed()
 
     def _repr_html_(self) -> str:
-        from sglite.lang.notebook import render_state_html
-
-        return render_state_html(self)
+        """The text with each variable highlighted, for Jupyter (waits for queued nodes)."""
+        text = self.text()
+        return render_html(text, self.stream_executor.spans)
 
     def __repr__(self) -> str:
         return f"ProgramState({self.text()!r})"

@@ -141,11 +141,6 @@ class RadixCache:
         """Tokens in unlocked nodes (an upper bound on what ``evict`` can free now)."""
         return self._evictable_size
 
-    @property
-    def protected_size(self) -> int:
-        """Tokens in nodes locked by running requests."""
-        return self._protected_size
-
     # ------------------------------------------------------------------ updates
 
     def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:

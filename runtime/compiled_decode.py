@@ -4,11 +4,11 @@ On a CPU a decode step of a small model is hundreds of small operators (norms, r
 adds, attention over a few keys) between its matmuls, each paying Python and dispatch overhead, and
 its matmuls are matrix-vector products that torch's unpacked kernels run far below memory bandwidth.
 Inductor turns the step into a few fused C++ loops around the matmuls, called from a generated C++
-wrapper (no Python between kernels: ~1 ms less a step of SmolLM2 at one thread, 1 row or 32). bfloat16 layers on
+wrapper (no Python between kernels). bfloat16 layers on
 CPUs with AVX512-BF16 stay calls of sglite's panel kernel (:mod:`~sglite.runtime.kernels.panel_gemm`, weights
 packed once at load); for other linear layers *freezing* makes the weights constants and
 *max-autotune* picks, per matmul shape, between oneDNN/MKL and inductor's own C++ GEMM templates over
-prepacked weights, timing each (README, "Speed"). On CUDA the same graph compiles to Triton kernels
+prepacked weights, timing each (docs/performance.md). On CUDA the same graph compiles to Triton kernels
 (no freezing or autotuning there).
 
 What is captured is :meth:`LlamaForCausalLM.decode_step`: it reads the KV pool and writes nothing,

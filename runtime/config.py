@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sglite.runtime.dtypes import dtype_name
 
@@ -61,15 +64,28 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization on CPU: ``int8`` (per channel) or ``int4`` (groups of 32); None keeps the
     checkpoint's weights in ``dtype``. Decode at small batch reads 2x / 3.2x fewer weight bytes than
-    bfloat16; greedy output drifts from float (README, "Speed")."""
+    bfloat16; greedy output drifts from float (docs/performance.md)."""
 
     enable_torch_compile: bool = False
     """Capture the decode step with ``torch.compile`` (SGLang's flag): fused C++ (CPU) or Triton (CUDA) kernels and,
     on CPU, frozen weights and autotuned GEMM kernels. Each decode batch size (1, 2, 4, 8, 16, 32) compiles on first
-    use, 1-2 minutes on 2 cores, and keeps its own packed weights; bfloat16 decode then ran 2.9x / 1.8x / 1.3x faster
-    than eager at batch 1 / 8 / 32 on SmolLM2-135M (README, "Speed")."""
+    use (minutes on a small CPU) and keeps its own packed weights (docs/performance.md)."""
     torch_compile_max_bs: int = 32
     """Largest decode batch run through the compiled step (SGLang's flag); wider ones run eagerly."""
+    native_kernels: bool = True
+    """Build and run sglite's C++ CPU kernels (decode attention, greedy picks, panel matmuls); False does not
+    build them, so torch's operators run (once built, by any engine, the ops stay registered in the process).
+    Environment: ``SGLITE_NATIVE_KERNELS=0``."""
+    packed_linear: str = "auto"
+    """CPU linear layers: ``auto`` packs each weight once at load, as panels for sglite's kernel where it runs
+    (bfloat16 on AVX512-BF16) and for oneDNN elsewhere; ``onednn`` never uses panels (for comparisons);
+    ``off`` keeps ``F.linear``. Environment: ``SGLITE_PACKED_LINEAR`` (``0`` means ``off``)."""
+    max_regex_size: int | None = None
+    """outlines grammar backend: largest estimated DFA size a regex may have; None keeps the backend's
+    default (``sglite.constraints.ConstraintLimits``). Environment: ``SGLITE_MAX_REGEX_SIZE``."""
+    max_regex_length: int | None = None
+    """outlines grammar backend: longest regex text in characters; None keeps the backend's default.
+    Environment: ``SGLITE_MAX_REGEX_LENGTH``."""
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in ("lpm", "fcfs"):
@@ -84,15 +100,61 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
         if self.grammar_backend not in ("llguidance", "outlines"):
             raise ValueError(f"grammar_backend must be 'llguidance' or 'outlines', got {self.grammar_backend!r}")
+        if self.packed_linear not in PACKED_LINEAR_KINDS:
+            raise ValueError(f"packed_linear must be one of {', '.join(PACKED_LINEAR_KINDS)}, got {self.packed_linear!r}")
+        for name in ("max_regex_size", "max_regex_length"):
+            if getattr(self, name) is not None and (not isinstance(getattr(self, name), int) or getattr(self, name) < 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization must be 'int8', 'int4' or None, got {self.quantization!r}")
         if self.dtype is not None and self.dtype != "auto":
             object.__setattr__(self, "dtype", dtype_name(self.dtype))  # "bf16" -> "bfloat16", as the loader reads it
 
     @classmethod
-    def from_options(cls, **options) -> EngineConfig:
+    def from_options(cls, environ: Mapping[str, str] | None = None, **options: Any) -> EngineConfig:
+        """The config of ``options``, over the values the environment (``environ``, default ``os.environ``)
+        sets for the options not given (see ``ENVIRONMENT``); the only place the engine reads the environment.
+
+            >>> EngineConfig.from_options({"SGLITE_PACKED_LINEAR": "0"}).packed_linear
+            'off'
+            >>> EngineConfig.from_options({"SGLITE_PACKED_LINEAR": "0"}, packed_linear="onednn").packed_linear
+            'onednn'
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**options)
+        return cls(**{**environment_options(os.environ if environ is None else environ), **options})
+
+
+PACKED_LINEAR_KINDS = ("auto", "onednn", "off")
+
+ENVIRONMENT = {
+    "SGLITE_NATIVE_KERNELS": "native_kernels",
+    "SGLITE_PACKED_LINEAR": "packed_linear",
+    "SGLITE_MAX_REGEX_SIZE": "max_regex_size",
+    "SGLITE_MAX_REGEX_LENGTH": "max_regex_length",
+}
+"""Environment variable -> the ``EngineConfig`` field it sets (an option given in code wins)."""
+
+
+def environment_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The engine options set in ``environ``; a value that cannot be read is a ``ValueError`` naming its variable.
+
+        >>> environment_options({"SGLITE_NATIVE_KERNELS": "0", "SGLITE_MAX_REGEX_SIZE": "2000", "HOME": "/root"})
+        {'native_kernels': False, 'max_regex_size': 2000}
+    """
+    options: dict[str, Any] = {}
+    for variable, name in ENVIRONMENT.items():
+        text = environ.get(variable, "").strip().lower()
+        if not text:
+            continue
+        if name == "native_kernels" and text in ("0", "1", "false", "true", "off", "on"):
+            options[name] = text in ("1", "true", "on")
+        elif name == "packed_linear" and text in ("0", "1", *PACKED_LINEAR_KINDS):
+            options[name] = {"0": "off", "1": "auto"}.get(text, text)
+        elif name.startswith("max_regex") and text.isdigit():
+            options[name] = int(text)
+        else:
+            raise ValueError(f"environment variable {variable}={environ[variable]!r} is not a valid {name} (see EngineConfig.{name})")
+    return options

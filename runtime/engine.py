@@ -69,6 +69,8 @@ class Engine:
             cfg.num_threads,
             enable_torch_compile=cfg.enable_torch_compile,
             torch_compile_max_bs=cfg.torch_compile_max_bs,
+            native_kernels=cfg.native_kernels,
+            packed_linear=cfg.packed_linear,
         )
         self.model_config = self.runner.hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

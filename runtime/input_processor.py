@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
 import uuid
 from collections.abc import Iterable
@@ -99,9 +98,10 @@ class InputProcessor:
                 if self._constraints is None:
                     from sglite.constraints import ConstraintLimits, make_backend
 
+                    regex_limits = {"max_regex_size": self.config.max_regex_size, "max_regex_length": self.config.max_regex_length}
                     self._constraints = make_backend(
                         self.config.grammar_backend, self.tokenizer, self.vocab_size, self.eos_token_ids,
-                        ConstraintLimits.from_env(os.environ),
+                        ConstraintLimits(**{name: value for name, value in regex_limits.items() if value is not None}),
                     )
         return self._constraints
 

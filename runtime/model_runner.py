@@ -66,6 +66,8 @@ class ModelRunner:
         num_threads: int | None = None,
         enable_torch_compile: bool = False,
         torch_compile_max_bs: int = 32,
+        native_kernels: bool = True,
+        packed_linear: str = "auto",
     ) -> None:
         from sglite.runtime.loading.model_loader import load_model, resolve_dtype
         from sglite.runtime.loading.quantization import QuantizationError, check_method, quantize_model
@@ -84,12 +86,13 @@ class ModelRunner:
         default_threads = torch.get_num_threads()
         self.thread_tuner = ThreadTuner(candidates=(1, default_threads)) if default_threads > 1 else None
         if self.device.type == "cpu":
-            from sglite.runtime.kernels import library as native_kernels
+            from sglite.runtime.kernels import library
             from sglite.runtime.kernels.packed_linear import pack_linears
 
-            native_kernels.load()  # decode attention in place, greedy picks, panel matmuls (falls back when it cannot build)
+            if native_kernels:  # decode attention in place, greedy picks, panel matmuls (falls back when it cannot build)
+                library.load()
             # weights packed once, not per call; a compiled step traces the plain ones of oneDNN layers
-            pack_linears(self.model, keep_dense=enable_torch_compile)
+            pack_linears(self.model, keep_dense=enable_torch_compile, kind=packed_linear)
         self.compiled_decode = None
         if enable_torch_compile:
             from sglite.runtime.compiled_decode import CompiledDecode

@@ -36,7 +36,7 @@ DECODE_SLOT_RUN = 64
 """Slots a decoding request takes at once (while the pool can spare them) and fills over its next steps.
 Taken one a step, the slots of a batch's sequences interleave in the pool (each step hands out one per
 sequence), and attention reads every sequence's keys ``batch`` rows apart; in runs of 64 they sit together,
-which the decode-attention kernel reads 1.5-2x faster with cold caches (``benchmarks/decode_attention.py``)."""
+which the decode-attention kernel reads faster with cold caches (``benchmarks/decode_attention.py``)."""
 LPM_QUEUE_LIMIT = 128
 """Longest-prefix ordering costs a tree walk per waiting request; past this many, use arrival order."""
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Helpers shared by test modules (constraint_simulation.py) import by name: importlib mode does not
+# put tests/ on sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # Tests never reach a model hub: a mistyped model id must fail fast, not try a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglite.constraints import ConstraintError, ConstraintWarning, backend_processor, make_backend
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2100  # wider than the tokenizer's 2048, as a model's padded embedding can be
 BACKENDS = ["llguidance", "outlines"]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from sglite.constraints import ConstraintError, build_logits_processor
 from sglite.constraints.regex_budget import MAX_REGEX_SIZE, check_regex_budget, regex_size
 from sglite.constraints.regex_syntax import exclude_sentinel_plane
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2100
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from sglite.constraints import ConstraintError, build_logits_processor, normalize_schema, schema_to_regex
 from sglite.constraints.numeric_range import integer_range_regex, number_range_regex
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2048
 SHORT = {"type": "string", "maxLength": 8}

@@ -10,7 +10,7 @@ import pytest
 
 from sglite.constraints import build_logits_processor
 from sglite.constraints.jump_forward import forced_bytes
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2048
 

@@ -21,7 +21,7 @@ from sglite.constraints import (
     regex_for_type,
 )
 from sglite.constraints.regex_syntax import normalize_regex
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2100  # wider than the tokenizer's 2048, as a model's padded embedding can be
 

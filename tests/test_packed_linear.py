@@ -11,7 +11,7 @@ from torch import nn
 
 import sglite
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.kernels.packed_linear import DISABLE_ENV, PackedLinear, pack_linears, packing_supported
+from sglite.runtime.kernels.packed_linear import PackedLinear, pack_linears, packing_supported
 
 needs_onednn = pytest.mark.skipif(not packing_supported(torch.float32), reason="torch built without oneDNN")
 
@@ -92,7 +92,7 @@ def test_a_compiled_graph_runs_the_plain_weight():
 
 
 @needs_onednn
-def test_the_runner_packs_its_linears_and_the_env_switch_turns_it_off(llama_path, monkeypatch):
+def test_the_runner_packs_its_linears_and_the_option_turns_it_off(llama_path):
     runner = ModelRunner(str(llama_path), "cpu", "float32")
     packed = [m for m in runner.model.modules() if isinstance(m, PackedLinear)]
     plain = [m for m in runner.model.modules() if type(m) is nn.Linear]
@@ -100,19 +100,20 @@ def test_the_runner_packs_its_linears_and_the_env_switch_turns_it_off(llama_path
     assert len(packed) == 4 * runner.model.num_layers + 1 and not plain
     tied_head = runner.model.lm_head if runner.model.tied_embeddings else None
     assert all(m.weight is None for m in packed if m is not tied_head)  # only a head sharing the embedding keeps it
-    monkeypatch.setenv(DISABLE_ENV, "0")
-    unpacked = ModelRunner(str(llama_path), "cpu", "float32")
+    unpacked = ModelRunner(str(llama_path), "cpu", "float32", packed_linear="off")
     assert not any(isinstance(m, PackedLinear) for m in unpacked.model.modules())
 
 
 @needs_onednn
 def test_greedy_output_is_the_same_packed_or_not(llama_path, monkeypatch):
+    # SGLITE_PACKED_LINEAR=0 is the user's switch: read into EngineConfig.packed_linear at engine start
     prompts = [[1, 5, 9, 14, 3], [7, 7, 2], list(range(3, 40))]
     params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     with sglite.Engine(str(llama_path), dtype="float32") as engine:
         assert any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
         packed = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-    monkeypatch.setenv(DISABLE_ENV, "0")
+    monkeypatch.setenv("SGLITE_PACKED_LINEAR", "0")
     with sglite.Engine(str(llama_path), dtype="float32") as engine:
+        assert engine.config.packed_linear == "off" and not any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
         plain = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert packed == plain

@@ -137,10 +137,15 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert "did not build" in caplog.text and "Ninja is required" in caplog.text
 
 
-def test_sglite_native_kernels_0_keeps_the_torch_formulation(monkeypatch):
-    monkeypatch.setenv("SGLITE_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(native_kernels, "_library", [])
-    assert native_kernels.load.__wrapped__() is False and not native_kernels.is_loaded()
+def test_native_kernels_off_never_builds_them(llama_path, monkeypatch):
+    from sglite.runtime.model_runner import ModelRunner
+
+    builds = []
+    monkeypatch.setattr(native_kernels, "load", lambda: builds.append(1) or True)
+    ModelRunner(str(llama_path), "cpu", "float32", native_kernels=False)
+    assert builds == []
+    ModelRunner(str(llama_path), "cpu", "float32")
+    assert builds == [1]
 
 
 def test_the_build_is_named_for_the_cpu_capability_and_not_tuned_to_this_machine():

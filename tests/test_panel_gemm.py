@@ -14,7 +14,7 @@ from torch import nn
 import sglite
 from sglite.runtime.kernels import library as native_kernels, panel_gemm
 from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.kernels.packed_linear import DISABLE_ENV, PackedLinear, pack_linears
+from sglite.runtime.kernels.packed_linear import PackedLinear, pack_linears
 from sglite.runtime.kernels.huge_page_arena import HugePageArena
 
 
@@ -139,7 +139,7 @@ def test_pack_linears_puts_bfloat16_layers_in_panels_in_one_arena():
     assert torch.allclose(after.float(), before.float(), atol=0.05, rtol=0.02)
 
 
-def test_a_bfloat16_runner_uses_panels_and_greedy_output_matches_onednn(llama_path, monkeypatch):
+def test_a_bfloat16_runner_uses_panels_and_greedy_output_matches_onednn(llama_path):
     runner = ModelRunner(str(llama_path), "cpu", "bfloat16")
     kernels = {m.kernel for m in runner.model.modules() if isinstance(m, PackedLinear)}
     assert kernels == {"panels"}
@@ -148,8 +148,7 @@ def test_a_bfloat16_runner_uses_panels_and_greedy_output_matches_onednn(llama_pa
     params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     with sglite.Engine(str(llama_path), dtype="bfloat16") as engine:
         panels = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-    monkeypatch.setenv(DISABLE_ENV, "onednn")
-    with sglite.Engine(str(llama_path), dtype="bfloat16") as engine:
+    with sglite.Engine(str(llama_path), dtype="bfloat16", packed_linear="onednn") as engine:
         assert {m.kernel for m in engine.runner.model.modules() if isinstance(m, PackedLinear)} == {"onednn"}
         onednn = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert panels == onednn

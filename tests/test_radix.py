@@ -80,12 +80,17 @@ def test_lock_protects_from_eviction_and_sizes_follow():
     cache_request(pool, cache, [1, 2, 8])
     _, node = cache.match_prefix([1, 2, 3, 4])
     cache.lock(node)
-    assert (cache.protected_size, cache.evictable_size, cache.total_size) == (4, 1, 5)
+    assert (cache.evictable_size, cache.total_size) == (1, 5)  # 4 locked
     assert cache.evict(100) == 1  # only the unlocked leaf [8]
     assert cache.match_prefix([1, 2, 3, 4])[0].numel() == 4
     cache.unlock(node)
-    assert (cache.protected_size, cache.evictable_size) == (0, 4)
+    assert (locked_size(cache), cache.evictable_size) == (0, 4)
     assert cache.evict(100) == 4 and pool.num_free == pool.size
+
+
+def locked_size(cache: RadixCache) -> int:
+    """Tokens in nodes locked by running requests."""
+    return cache.total_size - cache.evictable_size
 
 
 def test_splitting_a_locked_node_keeps_both_halves_locked():
@@ -94,13 +99,13 @@ def test_splitting_a_locked_node_keeps_both_halves_locked():
     _, whole = cache.match_prefix([0, 1, 2])
     cache.lock(whole)
     _, upper = cache.match_prefix([0, 1, 7])  # splits the locked node
-    assert upper.lock_ref == whole.lock_ref == 1 and cache.protected_size == 3
+    assert upper.lock_ref == whole.lock_ref == 1 and locked_size(cache) == 3
     cache.lock(upper)
-    assert cache.protected_size == 3
+    assert locked_size(cache) == 3
     cache.unlock(whole)
-    assert (cache.protected_size, cache.evictable_size) == (2, 1)
+    assert (locked_size(cache), cache.evictable_size) == (2, 1)
     cache.unlock(upper)
-    assert (cache.protected_size, cache.evictable_size) == (0, 3)
+    assert (locked_size(cache), cache.evictable_size) == (0, 3)
 
 
 def test_unlock_without_lock_raises():
@@ -282,7 +287,6 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def slots_are_conserved(self):
         owned_by_requests = sum(r.own.numel() for r in self.running)
         assert self.pool.num_free + self.cache.total_size + owned_by_requests == POOL_SIZE
-        assert self.cache.evictable_size + self.cache.protected_size == self.cache.total_size
 
     @invariant()
     def every_unlocked_leaf_is_an_eviction_candidate(self):
@@ -300,6 +304,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
             stack.extend(node.children.values())
         free = self.pool.alloc(self.pool.num_free)  # borrow the free list to look at it
         self.pool.free(free)
+        assert len(tree_slots) == self.cache.total_size
         owners = tree_slots + free.tolist() + [s for r in self.running for s in r.own.tolist()]
         assert sorted(owners) == list(range(POOL_SIZE))
 
@@ -307,12 +312,12 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def exactly_the_running_prefixes_are_locked(self):
         # The tree is a trie, so locked tokens = distinct prefixes matched by running requests.
         locked = {tuple(r.tokens[:i]) for r in self.running for i in range(1, r.prefix.numel() + 1)}
-        assert self.cache.protected_size == len(locked)
+        assert locked_size(self.cache) == len(locked)
 
     def teardown(self):
         for request in list(self.running):
             self.finish(request)
-        assert self.cache.protected_size == 0
+        assert locked_size(self.cache) == 0
         self.cache.evict(POOL_SIZE)
         assert self.cache.total_size == 0 and self.pool.num_free == POOL_SIZE
 

@@ -43,14 +43,18 @@ def test_rate_limiter_allows_a_burst_then_refills_gradually():
     assert retry_after_header(0.2) == {"Retry-After": "1"}
 
 
-def test_rate_limiter_forgets_idle_clients():
+def test_rate_limiter_forgets_idle_clients_but_not_a_drained_bucket():
     clock = FakeClock()
     limiter = RateLimiter(requests_per_minute=1, clock=clock)
     for i in range(10_001):
         limiter.acquire(f"client-{i}")
-    clock.now += 120
+    assert limiter.tracked_keys == 10_001
+    clock.now += 119
+    assert limiter.acquire("busy") == 0.0  # drained just now: not full when the others are forgotten
+    clock.now += 1
     limiter.acquire("one-more")
-    assert len(limiter._buckets) < 100
+    assert limiter.tracked_keys == 2  # "busy" and "one-more"
+    assert limiter.acquire("busy") == pytest.approx(59.0)  # its bucket survived, still empty
 
 
 @pytest.mark.parametrize("text, expected", [("60", 60), ("60/min", 60), (" 5 / m ", 5)])

@@ -3,9 +3,7 @@ offers them.
 
 Decode streams every weight from memory once a step, and attention reads every cached key and value.
 In 4 KiB pages SmolLM2-135M's 257 MB of bfloat16 weights span ~63,000 pages, and the CPU's hardware
-prefetchers stop at each page boundary. Measured at one thread: the model's 121 panel layers
-(:mod:`~sglite.runtime.kernels.panel_gemm`) at 32 rows took ~47 ms a step in ordinary pages and ~44 ms in
-2 MiB ones, and a whole batch-32 decode step took ~1 ms less with the KV pool in huge pages as well.
+prefetchers stop at each page boundary; 2 MiB pages let them run on.
 Linux hands out huge pages to memory advised with ``MADV_HUGEPAGE`` when
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise`` (the usual default) or ``always``;
 torch's allocator asks only under the process-wide ``THP_MEM_ALLOC_ENABLE``, so the arena maps its

@@ -14,7 +14,8 @@ Each kernel's op schema and fake kernel are in :mod:`~sglite.runtime.kernels.ops
 CPU kernels, so calls (inside ``torch.compile`` graphs too) go from the dispatcher straight into C++.
 :func:`load` builds it with torch's C++ extension builder on first use (about 30-40 s, then cached on disk
 under ``TORCH_EXTENSIONS_DIR`` for later processes; a changed source rebuilds). Without a C++ toolchain
-(or with ``SGLITE_NATIVE_KERNELS=0``) it says so once and every caller keeps its torch formulation.
+it says so once and every caller keeps its torch formulation; an engine with ``native_kernels=False``
+(``SGLITE_NATIVE_KERNELS=0``) does not call it.
 
     >>> if load():                                                           # doctest: +SKIP
     ...     assert is_loaded()
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,10 +78,6 @@ def toolchain_found() -> bool:
 @functools.cache
 def load() -> bool:
     """Build (or load the cached build of) the kernels; ``False``, logged once, where they cannot be built."""
-    if os.environ.get("SGLITE_NATIVE_KERNELS", "1") == "0":
-        logger.info("SGLITE_NATIVE_KERNELS=0: the C++ kernels stay off (torch formulations run)")
-        return False
-
     try:
         from torch.utils.cpp_extension import load as build
 

@@ -4,10 +4,8 @@ torch's CPU kernels (and inductor's compiled ones) run their parallel regions on
 a pool of worker threads per thread that ever opened a region, and once the process's pools together hold
 more threads than there are CPUs it stops spinning between regions: every region of every team then wakes its
 workers through the kernel. The engine's step loop is such a second team whenever the caller's own thread
-has run a parallel torch operator (loading weights does), and measured on the 2-core CI machine (one
-bfloat16 batch-32 step, 2 threads) its fused kernels took 16.9 ms where one thread took 6.4, with 14% of the
-samples in kernel context switches; eight compiled layers alone: 6.2-7.4 ms with an idle pool on the
-caller's thread, 4.6-4.9 ms without one.
+has run a parallel torch operator (loading weights does), and its regions then pay a kernel wake-up each
+(docs/performance.md has the measurements).
 
 :func:`release_idle_workers` frees the calling thread's pool (``omp_pause_resource_all(omp_pause_soft)``,
 OpenMP 5.0): a thread about to block on the engine calls it, and the step loop calls it for its own pool
@@ -15,7 +13,9 @@ when it runs out of work. Nothing else changes: thread counts stay as set, and t
 that thread starts a new pool (tens of microseconds). Without an OpenMP runtime that has the call (another
 backend, another platform) it does nothing.
 
-    >>> release_idle_workers() in (True, False)
+    >>> import torch
+    >>> _ = torch.ones(1 << 22).exp_()                      # a parallel region: this thread keeps a pool
+    >>> release_idle_workers() == (_pause_all() is not None)  # freed wherever the runtime has the call
     True
 """
 

@@ -7,11 +7,9 @@ therefore packed once, for one of two kernels:
 
 - ``"panels"`` (bfloat16 where the CPU has AVX512-BF16 and sglite's C++ library is built): 32-column
   panels in huge pages, run by :mod:`~sglite.runtime.kernels.panel_gemm`, which streams the weights while it
-  computes. On SmolLM2-135M's layers at one thread: 2.4-2.7x oneDNN over packed weights at 1-8 rows,
-  ~1.2x at 32 rows, even from 128 rows up (README "Speed").
+  computes.
 - ``"onednn"`` (float32, and bfloat16 elsewhere): reordered by ``mkldnn::_reorder_linear_weight`` (the
-  layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``; 1.1-1.3x
-  ``F.linear`` for float32 prefill rows, up to 2x for bfloat16 decode rows.
+  layout inductor's freezing pass gives its constants) and run by ``mkldnn::_linear_pointwise``.
 
 The packed weight is held outside the module's parameters (oneDNN's is opaque: no strides, no views).
 The plain weight is kept only where something else still reads it: a captured decode step over oneDNN
@@ -29,7 +27,6 @@ embedding (the embedding holds it anyway).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +35,9 @@ from torch import nn
 from sglite.runtime.kernels import panel_gemm
 from sglite.runtime.kernels.huge_page_arena import HugePageArena
 
-DISABLE_ENV = "SGLITE_PACKED_LINEAR"
-"""``0`` keeps every linear layer on ``F.linear``; ``onednn`` packs for oneDNN only, never panels (for comparisons)."""
-
-
 def packing_supported(dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU run oneDNN linear layers in ``dtype`` natively."""
-    if os.environ.get(DISABLE_ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return False
     mkldnn = torch.ops.mkldnn
     if not (hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")):
@@ -59,8 +52,8 @@ def packing_supported(dtype: torch.dtype) -> bool:
 
 
 def panels_supported(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` runs as panels here (see :func:`sglite.runtime.kernels.panel_gemm.supports`), unless switched off."""
-    return os.environ.get(DISABLE_ENV, "1") not in ("0", "onednn") and panel_gemm.supports(weight)
+    """Whether ``weight`` runs as panels here (see :func:`sglite.runtime.kernels.panel_gemm.supports`)."""
+    return panel_gemm.supports(weight)
 
 
 class PackedLinear(nn.Module):
@@ -107,12 +100,18 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel}, {kept}"
 
 
-def pack_linears(model: nn.Module, keep_dense: bool) -> int:
+def pack_linears(model: nn.Module, keep_dense: bool, kind: str = "auto") -> int:
     """Replace every CPU ``nn.Linear`` of ``model`` that a packed kernel runs natively by a
     :class:`PackedLinear`, in place; returns how many. Panel layers share one :class:`HugePageArena`.
+    ``kind`` (``EngineConfig.packed_linear``): ``auto`` uses panels where they run, ``onednn`` never,
+    ``off`` packs nothing.
     ``keep_dense`` keeps each oneDNN layer's plain weight beside its packed copy (for a compiled decode
     step); a weight shared with another module (a tied output head) is kept regardless, since the other
     module holds it."""
+    if kind not in ("auto", "onednn", "off"):
+        raise ValueError(f"packed linear kind must be 'auto', 'onednn' or 'off', got {kind!r}")
+    if kind == "off":
+        return 0
     shared = _shared_weights(model)
     layers = []  # (parent, name, linear, runs as panels)
     for parent in list(model.modules()):
@@ -120,7 +119,7 @@ def pack_linears(model: nn.Module, keep_dense: bool) -> int:
             weight = getattr(child, "weight", None)
             if type(child) is not nn.Linear or weight.device.type != "cpu":
                 continue
-            if panels_supported(weight):
+            if kind == "auto" and panels_supported(weight):
                 layers.append((parent, name, child, True))
             elif packing_supported(weight.dtype):
                 layers.append((parent, name, child, False))

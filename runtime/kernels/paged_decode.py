@@ -3,19 +3,16 @@
 A decode step attends each sequence's one new query (all query heads of a KV head together) to
 its cached keys. Written with torch operators, that is a gather of every cached key and value
 row into a padded copy, a transpose into another copy, two small batched matmuls and a softmax
-between them: measured on SmolLM2 (batch 32, 96 keys, bfloat16, one thread) ~0.75 ms a layer,
-~10x the time to read those rows once, and it grows to seconds a step over 1000-token contexts.
+between them, many times the cost of reading those rows once, and it grows with every context.
 ``paged_decode_attention.cpp`` walks each sequence's pool rows through its slot list instead,
 scores the query heads of a KV head against each key row while it is in registers, prefetches rows
 ahead of use (slots are scattered) and reads each value row once (float32 softmax and
-accumulation): 3x faster than the compiled torch form at 96-1024 keys on hot rows, and in the
-engine's batch-32 SmolLM2 decode step attention fell from ~18 ms to ~8 ms a step.
+accumulation).
 
 The kernel is part of sglite's C++ library (:mod:`~sglite.runtime.kernels.library`, built on first use),
 which registers it as the CPU kernel of the op ``sglite::paged_decode_attention`` (schema and fake kernel
 defined below), so a ``torch.compile``'d decode step calls it, and every call goes from the dispatcher
-straight into C++: ~7 us a call at batch 1 where a Python-bodied custom op took ~24 us (30 layers:
-~0.5 ms a decode step). Where the library is not built the models keep their torch formulation.
+straight into C++, with no Python in between. Where the library is not built the models keep their torch formulation.
 
     >>> if native_kernels.load():                                            # doctest: +SKIP
     ...     out = paged_decode_attention(q, k, v, k_cache, v_cache, kv_index, kv_lens, 0.125)

@@ -5,17 +5,8 @@ from memory in a burst and then reuses it from cache, so the weight stream (the 
 step) is not overlapped with the arithmetic. ``panel_gemm.cpp`` (part of sglite's C++ library,
 :mod:`~sglite.runtime.kernels.library`) keeps up to 12 rows x 32 columns of float32 sums in registers,
 walks each weight panel once per 12 rows with ``vdpbf16ps``, and from 6 rows up prefetches the next
-panel a line or two per step (below that the hardware prefetchers alone keep up). SmolLM2-135M's 121
-linear layers in a row, weights in huge pages (:mod:`~sglite.runtime.kernels.huge_page_arena`), one thread:
-
-======  ===========================  ===========================
-rows    oneDNN, reordered weights    panels
-======  ===========================  ===========================
-1       23.5 ms (11 GFLOP/s)         8.7 ms (31 GFLOP/s; ~29 GB/s, this machine's read bandwidth)
-8       26.2 ms (82 GFLOP/s)         10.8 ms (199 GFLOP/s)
-32      52 ms (165 GFLOP/s)          41-44 ms (197-210 GFLOP/s; ~205 on weights already in cache)
-128     175 ms (197 GFLOP/s)         169 ms (204 GFLOP/s)
-======  ===========================  ===========================
+panel a line or two per step (below that the hardware prefetchers alone keep up), weights in huge pages
+(:mod:`~sglite.runtime.kernels.huge_page_arena`); docs/performance.md compares it with oneDNN.
 
 Sums are float32 in the reduction's natural order and rounded once to bfloat16, as oneDNN's are; the
 tests compare against ``F.linear``.

@@ -2,8 +2,7 @@
 
 Which count is fastest depends on the model, the forward's size and the machine's load: on a small
 model one thread beats two for decode, a 512-token prefill on an idle machine wants every core, and
-on a shared machine a second thread that gets descheduled stalls every parallel region (measured
-6-12x slower on a 2-core machine at load 10). No fixed rule covers all three, so the runner times
+on a shared machine a second thread that gets descheduled stalls every parallel region. No fixed rule covers all three, so the runner times
 the candidates per forward-size bucket, keeps the fastest, and retries the others now and then.
 
     >>> tuner = ThreadTuner(candidates=(1, 2), trials=2, recheck_every=100)

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from sglite.runtime.loading.cache_dir import sglite_cache_dir
 from sglite.runtime.loading.gguf_metadata import architecture_of, hf_config_from_gguf, open_gguf
 from sglite.runtime.loading.gguf_tensors import hf_tensors
 from sglite.runtime.loading.gguf_tokenizer import save_gguf_tokenizer
@@ -34,11 +35,6 @@ _SAMPLES = 64
 
 class GGUFNotFoundError(FileNotFoundError):
     """The path is not a GGUF file, or a directory holds no (or several) ``.gguf`` files."""
-
-
-def sglite_cache_dir() -> Path:
-    """``$SGLITE_CACHE``, read at call time, default ``~/.cache/sglite``."""
-    return Path(os.environ.get("SGLITE_CACHE", Path.home() / ".cache" / "sglite")).expanduser()
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -246,7 +246,7 @@ def load_config(model: str) -> PretrainedConfig:
         from sglite.runtime.loading.gguf_metadata import hf_config_from_gguf
 
         return hf_config_from_gguf(find_gguf(model))
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")  # huggingface_hub's own variable
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=offline)
     except (OSError, ValueError) as error:

@@ -37,7 +37,10 @@ def _env_flag(name: str) -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (not import time)."""
+    """The Hugging Face hub cache, read from the environment at call time (not import time).
+
+    ``HF_HUB_CACHE`` / ``HF_HOME`` / ``HF_HUB_OFFLINE`` are huggingface_hub's own contract with the user,
+    read where the hub is reached, as huggingface_hub itself does; they are not engine options."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):

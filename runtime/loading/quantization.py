@@ -8,7 +8,7 @@ group, 5 bits a weight) read 2x and 3.2x fewer bytes than bfloat16. Activations 
 Those kernels are matrix-*vector* kernels: their cost grows with every activation row, so past
 :data:`KERNEL_MAX_ROWS` rows (prefill chunks, wide decode batches) a layer dequantizes its weight to a
 dense matrix for that one call instead, and a head tied to the input embedding uses the embedding
-itself. Quantized output drifts from float output: see the README's "Speed" section for measured
+itself. Quantized output drifts from float output: see docs/performance.md for measured
 agreement, and ``tests/test_quantization.py``.
 
     >>> import torch

@@ -129,8 +129,9 @@ def build_tiny_model(
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}")
     recipe = TinyRecipe(family=family, tokenizer=tokenizer, **overrides)
     if out_dir is None:
-        cache = Path(os.environ.get("SGLITE_CACHE", Path.home() / ".cache" / "sglite"))
-        out_dir = cache / f"tiny-{family}-{tokenizer}-{recipe.digest()}"
+        from sglite.runtime.loading.cache_dir import sglite_cache_dir
+
+        out_dir = sglite_cache_dir() / f"tiny-{family}-{tokenizer}-{recipe.digest()}"
     out = Path(out_dir)
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out

@@ -217,7 +217,7 @@ def _decode_attention_matmul(
     """Batched decode attention as two batched matmuls with a float32 softmax.
 
     On CPU, SDPA's flash kernel tiles for long query blocks; with 1-3 query rows per KV head and a
-    batch of sequences it runs ~2-3x slower than plain matmuls (measured in bfloat16 and float32).
+    batch of sequences it runs slower than plain matmuls (docs/performance.md).
     ``mask`` is additive float32 ``[B, 1, 1, max_kv]``.
     """
     scores = torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scaling).add_(mask)

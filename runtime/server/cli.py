@@ -70,7 +70,7 @@ def main_serve(argv: list[str] | None = None) -> int:
         try:
             server_config = ServerConfig(**server_values)
             engine_options = dataclass_values(args, EngineConfig)
-            EngineConfig(**engine_options)  # flag errors before the (slow) model load
+            EngineConfig.from_options(**engine_options)  # flag (and environment) errors before the (slow) model load
         except ValueError as exc:
             parser.error(str(exc))
         if args.replicas is not None and args.replicas < 1:

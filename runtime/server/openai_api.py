@@ -10,21 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
-from sglite.runtime.server.errors import APIError, invalid_request, request_failed
+from sglite.runtime.server.errors import invalid_request
 from sglite.runtime.input_processor import max_chars_per_token
 from sglite.runtime.logprob_text import TokenStrings
 from sglite.runtime.server.logprobs import chat_logprobs, completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
+from sglite.runtime.server.openai_results import Call, finish_reason, json_response, usage_of
 from sglite.runtime.server.protocol import (
     INT64_MAX,
     AssistantMessage,
@@ -41,7 +41,6 @@ from sglite.runtime.server.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
     Usage,
 )
 from sglite.runtime.server.streaming import (
@@ -55,40 +54,10 @@ from sglite.runtime.server.streaming import (
     sse,
     sse_stream,
 )
-
-Call = tuple[list[int], dict[str, Any], str]  # (prompt ids, sampling params, rid)
+from sglite.runtime.server.tool_serving import ToolServing
 
 LEGACY_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for /v1/completions (chat defaults to the rest of the context)."""
-
-
-def finish_reason(meta_info: dict[str, Any]) -> str:
-    """OpenAI's ``finish_reason``; an abort not caused by this client means the server is going away.
-
-    A failed request is answered with a generic message and its id; the engine's own text (which may
-    name internals) goes to the server log only.
-    """
-    if meta_info.get("error_type") == "EngineShutdownError":
-        raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
-    if meta_info.get("error"):
-        raise request_failed(meta_info.get("id", "?"), meta_info["error"])
-    reason = (meta_info.get("finish_reason") or {}).get("type")
-    if reason == "abort":
-        raise APIError(503, "the request was aborted because the server is shutting down", code="aborted")
-    return "length" if reason == "length" else "stop"
-
-
-def usage_of(meta_infos: Sequence[dict[str, Any]], n: int) -> Usage:
-    """Usage over ``n`` choices per prompt: each prompt counted once, every completion token counted."""
-    prompt = sum(m["prompt_tokens"] for m in meta_infos[::n])
-    cached = sum(max(m.get("cached_tokens", 0) for m in meta_infos[i : i + n]) for i in range(0, len(meta_infos), n))
-    completion = sum(m["completion_tokens"] for m in meta_infos)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
 
 
 async def off_loop(build: Callable[[ChoiceUpdate], str | None], update: ChoiceUpdate, heavy: bool) -> str | None:
@@ -97,11 +66,6 @@ async def off_loop(build: Callable[[ChoiceUpdate], str | None], update: ChoiceUp
     if not heavy:
         return build(update)
     return await run_in_threadpool(build, update)
-
-
-def json_response(model: BaseModel) -> Response:
-    """Serialize with pydantic-core (faster than ``json.dumps`` of ``model_dump()``)."""
-    return Response(model.model_dump_json(), media_type="application/json")
 
 
 @dataclass
@@ -133,9 +97,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.strings = TokenStrings(self.engine.tokenizer)
         self.max_chars_per_token = max_chars_per_token(self.engine.tokenizer)
-        from sglite.runtime.server.tool_serving import ToolServing
-
-        self.tools = ToolServing(self)
+        self.tools = ToolServing(inflight, metrics, model_name, self._calls)
 
     # ---- /v1/models ---------------------------------------------------------------------
     async def list_models(self) -> Response:

@@ -28,6 +28,11 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last update time)
         self._lock = threading.Lock()
 
+    @property
+    def tracked_keys(self) -> int:
+        """Keys whose bucket is held; past 10,000, the full buckets are forgotten (a full one is the default)."""
+        return len(self._buckets)
+
     def acquire(self, key: str) -> float:
         """Take one request's token: 0.0 when allowed, else the seconds to wait before retrying."""
         with self._lock:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from sglite.runtime.server.errors import invalid_request
+from sglite.runtime.server.metrics import ServerMetrics
+from sglite.runtime.server.openai_results import Call, finish_reason, json_response, usage_of
 from sglite.runtime.server.protocol import (
     INT64_MAX,
     AssistantMessage,
@@ -25,10 +28,9 @@ from sglite.runtime.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    PromptTokensDetails,
     Usage,
 )
-from sglite.runtime.server.streaming import SSE_DONE, generate_all, new_request_id, sse
+from sglite.runtime.server.streaming import SSE_DONE, InflightRequests, generate_all, new_request_id, sse
 from sglite.runtime.server.tools import (
     ToolFormat,
     call_schema,
@@ -40,16 +42,23 @@ from sglite.runtime.server.tools import (
     tool_format,
 )
 
-if TYPE_CHECKING:
-    from sglite.runtime.server.openai_api import OpenAIServing
-
-
 class ToolServing:
     """Chat completions that offer tools; one per app, next to ``OpenAIServing``."""
 
-    def __init__(self, openai: OpenAIServing) -> None:
-        self.openai = openai
-        self.engine = openai.engine
+    def __init__(
+        self,
+        inflight: InflightRequests,
+        metrics: ServerMetrics,
+        model_name: str,
+        calls: Callable[[list[list[int]], ChatCompletionRequest, int | None, str], list[Call]],
+    ) -> None:
+        """``calls(prompts, req, max_tokens, prompt_param)``: the engine requests of a chat request, one per
+        choice, after the checks every chat request gets (``OpenAIServing._calls``)."""
+        self.inflight = inflight
+        self.engine = inflight.engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.calls = calls
         template = getattr(self.engine.tokenizer, "chat_template", None)
         self.native = template_supports_tools(template)
         self.format: ToolFormat = tool_format(template)
@@ -79,21 +88,14 @@ class ToolServing:
         except ValueError as exc:
             raise invalid_request(str(exc), param="tool_choice") from exc
         prompt_ids = await asyncio.to_thread(self._prompt_ids, req, functions)
-        base = self.openai._calls([prompt_ids], req, req.max_new_tokens(), "messages")
+        base = self.calls([prompt_ids], req, req.max_new_tokens(), "messages")
         mode = "none" if choice == "none" else "auto" if choice == "auto" else "call"
         results = []
         for index, (_, params, _) in enumerate(base):
             results.append(await self._one_choice(request, prompt_ids, params, targets, mode, index))
         response_id = new_request_id("chatcmpl")
-        prompt_tokens = len(prompt_ids)
-        completion = sum(r["completion_tokens"] for r in results)
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=prompt_tokens + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=max(r["cached_tokens"] for r in results)),
-        )
-        self.openai.metrics.e2e_latency.observe(time.perf_counter() - arrival)
+        usage = usage_of([{"prompt_tokens": len(prompt_ids), **r} for r in results], len(results))
+        self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
         if req.stream:
             from sglite.runtime.server.streaming import SSEResponse
 
@@ -107,14 +109,10 @@ class ToolServing:
             )
             for i, r in enumerate(results)
         ]
-        from sglite.runtime.server.openai_api import json_response
-
-        return json_response(ChatCompletionResponse(id=response_id, model=self.openai.model_name, choices=choices, usage=usage))
+        return json_response(ChatCompletionResponse(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
     async def _generate(self, request: Request, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
-        from sglite.runtime.server.openai_api import finish_reason
-
-        [out] = await generate_all(request, self.openai.inflight, [(prompt_ids, params, new_request_id("tool"))])
+        [out] = await generate_all(request, self.inflight, [(prompt_ids, params, new_request_id("tool"))])
         finish_reason(out["meta_info"])  # raises on an engine error or a shutdown abort
         return out
 
@@ -163,7 +161,7 @@ class ToolServing:
         created = int(time.time())
 
         def event(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=response_id, created=created, model=self.openai.model_name, choices=choices, usage=usage)
+            chunk = ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices, usage=usage)
             return sse(chunk.model_dump_json())
 
         for index, result in enumerate(results):

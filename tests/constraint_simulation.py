@@ -1,7 +1,7 @@
 """The step loop in miniature: drive a processor with random logits, no model needed.
 
-Tests use it to check that whatever the sampler picks, the output matches the constraint;
-the benchmark uses it to time the per-step mask. Each step is what the engine does:
+Tests use it to check that whatever the sampler picks, the output matches the constraint.
+Each step is what the engine does:
 ``mask_logits`` -> sample -> ``accept_token`` -> ``forced_tokens``.
 
     >>> ids, finished = simulate_decode(proc, vocab_size=2048, seed=0)   # doctest: +SKIP
