@@ -83,7 +83,7 @@ class Embedder:
         """Sizes the vectors may be cut to (``dimensions``); None: the model was not trained for truncation."""
         self.max_forward_tokens = max(config.chunked_prefill_size, self.max_input_tokens)
         self._lock = threading.Lock()
-        self._pool = None if self.is_encoder else self.runner.make_pool(self.max_forward_tokens)
+        self._pool = None  # a decoder's scratch KV pool, grown to the largest forward seen (never for an encoder)
 
     # ---- inputs ---------------------------------------------------------------------------
     def tokenize(self, inputs: list[str] | list[list[int]], truncate_prompt_tokens: int | None = None) -> list[list[int]]:
@@ -225,6 +225,10 @@ class Embedder:
             extend_lens=seq_lens,
             kv_slots=[torch.arange(int(s), int(s) + n, device=device) for s, n in zip(starts, seq_lens)],
         )
+        if self._pool is None or self._pool.size < input_ids.numel():
+            # sized by use, not by the context length: a 32k-position decoder would otherwise reserve GBs up front
+            self._pool = None
+            self._pool = self.runner.make_pool(input_ids.numel())
         return self.model(batch, self._pool)
 
 
