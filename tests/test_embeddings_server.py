@@ -5,11 +5,6 @@ changes nothing else."""
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +12,7 @@ import numpy as np
 import pytest
 
 import sglite
-from sglite.runtime.server.testing import serve_in_thread
+from sglite.runtime.server.testing import serve_in_thread, serve_subprocess
 
 SENTENCES = ["Paris is the capital of France.", "A cat sleeps on the sofa.", "Embeddings map text to vectors."]
 
@@ -36,41 +31,11 @@ def reference(minilm_path) -> np.ndarray:
     return np.array([o["embedding"] for o in engine.encode(SENTENCES)])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def both_url(llama_path, minilm_path) -> Iterator[str]:
     """``sglite serve`` in a subprocess holding a generation model and an embedding model."""
-    port = _free_port()
-    command = [sys.executable, "-m", "sglite", "serve", "--model", str(llama_path), "--embedding-model", minilm_path,
-               "--port", str(port), "--log-level", "warning", "--max-total-tokens", "1024"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglite serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("sglite serve did not start")
-            time.sleep(0.2)
+    with serve_subprocess(["--model", str(llama_path), "--embedding-model", minilm_path, "--max-total-tokens", "1024"]) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
