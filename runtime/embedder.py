@@ -83,6 +83,7 @@ class Embedder:
         """Sizes the vectors may be cut to (``dimensions``); None: the model was not trained for truncation."""
         self.max_forward_tokens = max(config.chunked_prefill_size, self.max_input_tokens)
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer's truncation setting is shared state ("Already borrowed")
         self._pool = None  # a decoder's scratch KV pool, grown to the largest forward seen (never for an encoder)
 
     # ---- inputs ---------------------------------------------------------------------------
@@ -107,12 +108,13 @@ class Embedder:
                 raise EmbeddingInputError(f"input[{i}] is empty; every input needs at least one character or token")
         ids: list[list[int]] = [list(item) if not is_text_prompt(item) else [] for item in inputs]
         if texts:
-            encoded = self.tokenizer(
-                [inputs[i] for i in texts],
-                add_special_tokens=True,
-                truncation=truncate_prompt_tokens is not None,
-                max_length=truncate_prompt_tokens,
-            )["input_ids"]
+            with self._tokenizer_lock:
+                encoded = self.tokenizer(
+                    [inputs[i] for i in texts],
+                    add_special_tokens=True,
+                    truncation=truncate_prompt_tokens is not None,
+                    max_length=truncate_prompt_tokens,
+                )["input_ids"]
             for i, tokens in zip(texts, encoded):
                 ids[i] = tokens
         vocab = self.model.vocab_size

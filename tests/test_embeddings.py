@@ -202,3 +202,29 @@ def test_embedding_options_are_checked_before_loading(minilm_path):
         EngineConfig(is_embedding=True, embedding_model=minilm_path)
     with pytest.raises(ValueError, match="embedding model itself"):
         sglite.Engine(minilm_path, embedding_model=minilm_path)
+
+
+def test_concurrent_callers_with_and_without_truncation(tiny_model_factory, minilm):
+    """Server worker threads call at once: each gets its own input's vector (forwards take turns over a decoder's
+    scratch KV pool; tokenizer calls with and without truncation do not interleave)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    long_text = "The quick brown fox jumps over the lazy dog. " * 60
+    expected = torch.tensor(minilm.encode(VARIED_TEXTS[6])["embedding"])
+
+    def call(i: int) -> list[float]:
+        if i % 2:
+            return minilm.encode(long_text, truncate_prompt_tokens=32)["embedding"]
+        return minilm.encode(VARIED_TEXTS[6])["embedding"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(32)))
+    for vector in results[::2]:
+        assert torch.allclose(torch.tensor(vector), expected, atol=1e-5)
+    assert all(len(v) == 384 for v in results)
+    decoder = sglite.Engine(str(tiny_model_factory("qwen3")), is_embedding=True)
+    texts = [f"text number {i} " * (1 + i % 5) for i in range(12)]
+    alone = [decoder.encode(t)["embedding"] for t in texts]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda t: decoder.encode(t)["embedding"], texts * 2))
+    assert torch.allclose(torch.tensor(together), torch.tensor(alone * 2), atol=1e-5)
