@@ -133,3 +133,12 @@ def test_generation_request_to_an_embedding_only_server(minilm_path, reference):
         assert httpx.get(f"{url}/get_model_info").json()["is_generation"] is False
         out = httpx.post(f"{url}/v1/embeddings", json={"input": SENTENCES}).json()
         np.testing.assert_allclose([d["embedding"] for d in out["data"]], reference, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_serve_an_embedding_folder_with_no_flag(minilm_path, reference):
+    """The issue's first try: ``python -m sglite serve --model <all-MiniLM-L6-v2 folder>`` serves embeddings."""
+    with serve_subprocess(["--model", minilm_path]) as url:
+        out = httpx.post(f"{url}/v1/embeddings", json={"input": SENTENCES}).json()
+        np.testing.assert_allclose([d["embedding"] for d in out["data"]], reference, atol=1e-6)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}).status_code == 400
