@@ -228,3 +228,10 @@ def test_concurrent_callers_with_and_without_truncation(tiny_model_factory, mini
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda t: decoder.encode(t)["embedding"], texts * 2))
     assert torch.allclose(torch.tensor(together), torch.tensor(alone * 2), atol=1e-5)
+
+
+def test_bfloat16_and_int8_stay_close_to_the_float32_vectors(minilm, minilm_path):
+    full = torch.tensor([o["embedding"] for o in minilm.encode(VARIED_TEXTS)])
+    for options, floor in (({"dtype": "bfloat16"}, 0.999), ({"quantization": "int8"}, 0.995)):
+        low = torch.tensor([o["embedding"] for o in sglite.Engine(minilm_path, **options).encode(VARIED_TEXTS)])
+        assert F.cosine_similarity(low, full).min().item() > floor, options
