@@ -87,6 +87,13 @@ class EngineConfig:
     """outlines grammar backend: longest regex text in characters; None keeps the backend's default.
     Environment: ``SGLITE_MAX_REGEX_LENGTH``."""
 
+    is_embedding: bool = False
+    """Serve the model as an embedding model (SGLang's flag): ``Engine.encode`` and /v1/embeddings, no generation.
+    For decoder checkpoints (Qwen3-Embedding style); encoder-only ones (BERT) are embedding models without it."""
+    embedding_model: str | None = None
+    """An embedding model (folder, hub id) loaded next to the generation model, so one engine (one server)
+    both generates and embeds: ``Engine.encode``, /v1/embeddings."""
+
     def __post_init__(self) -> None:
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
@@ -107,6 +114,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization must be 'int8', 'int4' or None, got {self.quantization!r}")
+        if self.is_embedding and self.embedding_model is not None:
+            raise ValueError("embedding_model goes next to a generation model; with is_embedding the model itself embeds")
         if self.dtype is not None and self.dtype != "auto":
             object.__setattr__(self, "dtype", dtype_name(self.dtype))  # "bf16" -> "bfloat16", as the loader reads it
 

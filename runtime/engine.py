@@ -7,11 +7,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 from sglite.radix.tree import RadixCache
 from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import held_back_len
+from sglite.runtime.embedder import Embedder, NotAnEmbeddingModelError
+from sglite.runtime.embedding_engine import EmbeddingEngine, is_embedding_only
 from sglite.runtime.input_processor import GenerateInput, InputProcessor, eos_token_ids
 from sglite.runtime.model_runner import ModelRunner
 from sglite.runtime.kernels.openmp_workers import release_idle_workers
@@ -50,7 +53,18 @@ class Engine:
 
     Many threads (or an asyncio loop via ``async_generate``) may call at once; their requests are
     batched together by one background step loop.
+
+    An embedding-only model (an encoder such as BERT, or ``is_embedding=True``) gives an
+    :class:`~sglite.runtime.embedding_engine.EmbeddingEngine` instead; ``embedding_model=PATH`` loads one
+    beside the generator, for :meth:`encode`.
     """
+
+    is_generation = True
+
+    def __new__(cls, model_path: str | None = None, **options: Any) -> Engine | EmbeddingEngine:
+        if cls is Engine and model_path is not None and is_embedding_only(str(model_path), options):
+            return EmbeddingEngine(str(model_path), **options)
+        return super().__new__(cls)
 
     def __init__(self, model_path: str, **options: Any) -> None:
         from transformers import AutoTokenizer
@@ -104,6 +118,7 @@ class Engine:
         self._closed = False
         self._inbox_lock = threading.Lock()
         """Held to put on the inbox and to close it, so nothing is queued after the stop message."""
+        self.embedder = Embedder(str(resolve_model_path(cfg.embedding_model)), cfg) if cfg.embedding_model else None
         self._thread = threading.Thread(target=self._loop, name="sglite-engine", daemon=True)
         self._thread.start()
 
@@ -170,6 +185,28 @@ class Engine:
                 if not req.finished:
                     self._abort_request(req)
         return outputs[0] if single else outputs
+
+    def encode(
+        self,
+        prompt: Prompt | list[Prompt],
+        dimensions: int | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> dict | list[dict]:
+        """Embed with the ``embedding_model`` loaded beside this generator: ``{"embedding", "meta_info"}`` per
+        input (see :meth:`sglite.runtime.embedder.Embedder.encode`). It runs on the calling thread, in
+        forwards of at most ``chunked_prefill_size`` tokens, beside (not inside) the step loop."""
+        if self.embedder is None:
+            raise NotAnEmbeddingModelError(
+                f"model {Path(self.model_path).name!r} is a generation model and no embedding model is loaded; "
+                "start with --embedding-model PATH (embedding_model=...) or serve an embedding model"
+            )
+        return self.embedder.encode(prompt, dimensions, truncate_prompt_tokens)
+
+    async def async_encode(
+        self, prompt: Prompt | list[Prompt], dimensions: int | None = None, truncate_prompt_tokens: int | None = None
+    ) -> dict | list[dict]:
+        """``encode`` in a worker thread, so the caller's event loop keeps serving."""
+        return await asyncio.to_thread(self.encode, prompt, dimensions, truncate_prompt_tokens)
 
     def abort(self, rid: str) -> None:
         """End a request early; its KV slots go back to the pool/tree. Unknown ids are ignored."""

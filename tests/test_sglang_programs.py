@@ -10,11 +10,7 @@ the ones whose assertions need a sensible answer run on the real default model (
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +18,7 @@ import httpx
 import pytest
 
 import sglite
+from sglite.runtime.server.testing import serve_subprocess
 
 test_programs = pytest.importorskip("sglang.test.test_programs", reason="needs the compat extra (sglang==0.5.23)")
 import sglang  # noqa: E402  (after the importorskip)
@@ -62,41 +59,11 @@ NOT_RUN = {
 
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def sglite_server(model_path: str) -> Iterator[str]:
     """``python -m sglite serve`` in a subprocess on a free loopback port."""
-    port = _free_port()
-    command = [sys.executable, "-m", "sglite", "serve", "--model", str(model_path), "--port", str(port),
-               "--log-level", "warning", "--max-total-tokens", "16384"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglite serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("sglite serve did not start")
-            time.sleep(0.2)
+    with serve_subprocess(["--model", str(model_path), "--max-total-tokens", "16384"]) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager

@@ -120,6 +120,18 @@ class Runtime(NativeBackend):
         """The model's Hugging Face tokenizer."""
         return self.engine.tokenizer
 
+    def encode(
+        self, prompt: str | list[str] | list[int] | list[list[int]], dimensions: int | None = None
+    ) -> dict | list[dict]:
+        """Embed with the engine's embedding model (an embedding-only ``model_path``, or ``embedding_model=PATH``
+        beside a generator): ``{"embedding": [floats], "meta_info": {...}}`` per input, as SGLang's ``/encode``.
+
+            >>> runtime = sgl.Runtime(embedding_model=default_embedding_model_path())   # doctest: +SKIP
+            >>> len(runtime.encode("a cat")["embedding"])                                # doctest: +SKIP
+            384
+        """
+        return self.engine.encode(prompt, dimensions)
+
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
 

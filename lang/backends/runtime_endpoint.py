@@ -113,6 +113,18 @@ class RuntimeEndpoint(NativeBackend):
                     raise EndpointError(f"the server failed mid-stream: {chunk['error']}")
                 yield _restore_tuples(chunk)
 
+    def encode(
+        self, prompt: str | list[str] | list[int] | list[list[int]], dimensions: int | None = None
+    ) -> dict | list[dict]:
+        """Embed through the server's ``POST /encode`` (SGLang's route): ``{"embedding", "meta_info"}`` per input.
+        The server needs an embedding model (``--embedding-model PATH``, or an embedding model as ``--model``)."""
+        payload: dict[str, Any] = {"text" if is_text_prompt(prompt) else "input_ids": prompt}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
+        response = self.client.post("/encode", json=payload)
+        _raise_for_status(response.status_code, response.text)
+        return response.json()
+
     def flush_cache(self) -> bool:
         response = self.client.post("/flush_cache")
         return response.status_code == 200

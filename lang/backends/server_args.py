@@ -29,6 +29,8 @@ SAME_NAME = (
     "jump_forward",
     "enable_torch_compile",
     "torch_compile_max_bs",
+    "is_embedding",
+    "embedding_model",
 )
 """Engine options SGLang spells the same way (``num_threads``/``jump_forward`` are sglite's own)."""
 
@@ -63,7 +65,6 @@ DEFAULT_ONLY = {
     "kv_cache_dtype": ("auto", "the KV cache uses the model's dtype"),
     "speculative_algorithm": (None, "speculative decoding is not implemented"),
     "lora_paths": (None, "LoRA adapters are not implemented"),
-    "is_embedding": (False, "embedding models are not served"),
     "skip_tokenizer_init": (False, "the engine always tokenizes (prompts may still be token ids)"),
     "attention_backend": (None, "attention is the engine's own (SDPA)"),
     "grammar_backend": (None, "constraints use the engine's own grammar backend"),

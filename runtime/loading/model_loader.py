@@ -139,12 +139,13 @@ def load_weights(model: nn.Module, files: list[Path], tied_embeddings: bool) -> 
     from safetensors import safe_open
 
     params = dict(model.named_parameters())  # deduplicated: a tied head appears as the embedding
+    ignored = tuple(getattr(model, "ignored_weight_prefixes", ()))  # checkpoint tensors the model does not use
     unfilled = set(params)
     unexpected: list[str] = []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as shard:
             for name in shard.keys():
-                if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied_embeddings and name == "lm_head.weight"):
+                if name.endswith(IGNORED_WEIGHT_SUFFIXES) or name.startswith(ignored) or (tied_embeddings and name == "lm_head.weight"):
                     continue
                 param = params.get(name)
                 if param is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from sglite.runtime.models.bert import BertModel
 from sglite.runtime.models.layers import LENGTH_DEPENDENT_ROPE_TYPES, rope_parameters_of
 from sglite.runtime.models.llama import LlamaForCausalLM
 from sglite.runtime.models.qwen2 import Qwen2ForCausalLM
@@ -28,9 +29,22 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
 }
 """``config.model_type`` -> native causal-LM class."""
 
+ENCODER_REGISTRY: dict[str, type[BertModel]] = {"bert": BertModel}
+"""``config.model_type`` -> native encoder-only class (embedding models: no KV cache, no LM head)."""
+
+
+def is_encoder_config(config: PretrainedConfig) -> bool:
+    """True for encoder-only checkpoints (BERT), which serve embeddings and cannot generate.
+
+        >>> from transformers import AutoConfig
+        >>> is_encoder_config(AutoConfig.for_model("bert")), is_encoder_config(AutoConfig.for_model("qwen2"))
+        (True, False)
+    """
+    return getattr(config, "model_type", None) in ENCODER_REGISTRY
+
 
 def supported_model_types() -> list[str]:
-    return sorted(MODEL_REGISTRY)
+    return sorted({*MODEL_REGISTRY, *ENCODER_REGISTRY})
 
 
 def _unsupported_features(config: PretrainedConfig) -> list[str]:
@@ -58,7 +72,7 @@ def _unsupported_features(config: PretrainedConfig) -> list[str]:
     return problems
 
 
-def get_model_class(config: PretrainedConfig) -> type[LlamaForCausalLM]:
+def get_model_class(config: PretrainedConfig) -> type[LlamaForCausalLM] | type[BertModel]:
     """The native class for ``config``; raises :class:`UnsupportedModelError` naming what to change.
 
         >>> from transformers import AutoConfig
@@ -66,9 +80,11 @@ def get_model_class(config: PretrainedConfig) -> type[LlamaForCausalLM]:
         ...     get_model_class(AutoConfig.for_model("gpt2"))
         ... except UnsupportedModelError as err:
         ...     print(err)
-        model_type 'gpt2' is not supported; supported model types: llama, mistral, qwen2, qwen3
+        model_type 'gpt2' is not supported; supported model types: bert, llama, mistral, qwen2, qwen3
     """
     model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_REGISTRY:
+        return ENCODER_REGISTRY[model_type]
     if model_type not in MODEL_REGISTRY:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
@@ -80,6 +96,9 @@ def get_model_class(config: PretrainedConfig) -> type[LlamaForCausalLM]:
 
 
 __all__ = [
+    "BertModel",
+    "ENCODER_REGISTRY",
+    "is_encoder_config",
     "MODEL_REGISTRY",
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",

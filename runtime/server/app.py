@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sglite.runtime.server.config import ServerConfig
+from sglite.runtime.server.embeddings_api import EmbeddingServing, generation_dependencies
 from sglite.runtime.server.errors import APIError, install_error_handlers, internal_error
 from sglite.runtime.server.metrics import ServerMetrics
 from sglite.runtime.server.native_api import NativeServing
@@ -32,6 +33,7 @@ from sglite.runtime.server.streaming import AsyncEngine, InflightRequests, shutt
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/flush_cache", "/get_server_info", "/health", "/metrics",
     "/server_info", "/model_info", "/get_model_info", "/health_generate", "/concate_and_append_request",
+    "/v1/embeddings", "/encode",
 )
 
 
@@ -190,10 +192,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.add_middleware(CountRequests, metrics=metrics)  # outermost of the two: it counts the 500s
 
     guarded = [Depends(AccessGuard(config, shutting_down))]
-    app.add_api_route("/v1/chat/completions", openai.chat_completions, methods=["POST"], dependencies=guarded)
-    app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=guarded)
+    generating = guarded + generation_dependencies(engine)  # an embedding-only engine: 400 saying why
+    app.add_api_route("/v1/chat/completions", openai.chat_completions, methods=["POST"], dependencies=generating)
+    app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=generating)
     app.add_api_route("/v1/models", openai.list_models, methods=["GET"], dependencies=guarded)
     native.register(app, guarded)
+    EmbeddingServing(engine, config, model_name).register(app, guarded)
 
     @app.get("/health")
     async def health() -> Response:

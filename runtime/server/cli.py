@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m sglite serve",
-        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/embeddings, "
         "/v1/models), SGLang's native /generate, /health and Prometheus /metrics.",
     )
     parser.add_argument("--model", "--model-path", dest="model", default=None,

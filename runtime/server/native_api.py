@@ -118,7 +118,7 @@ class NativeServing:
                 "model_path": model_path,
                 "served_model_name": self.model_name,
                 "tokenizer_path": model_path,
-                "is_generation": True,
+                "is_generation": getattr(engine, "is_generation", True),
                 "preferred_sampling_params": None,
                 "weight_version": "default",
                 "has_image_understanding": False,

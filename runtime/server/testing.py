@@ -54,3 +54,47 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=config.graceful_shutdown_timeout + CANCEL_BACKSTOP_S + 5)
         sock.close()
+
+
+@contextmanager
+def serve_subprocess(serve_args: list[str], *, startup_timeout: float = 300.0) -> Iterator[str]:
+    """``python -m sglite serve *serve_args`` in a subprocess on a free loopback port; yield its base URL
+    once ``/health`` answers. The child inherits the environment (``PYTHONPATH`` included), offline.
+
+        >>> with serve_subprocess(["--model", "path/to/model"]) as url:   # doctest: +SKIP
+        ...     httpx.get(f"{url}/health").status_code
+        200
+    """
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "sglite", "serve", *serve_args, "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sglite serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sglite serve did not start within {startup_timeout} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
