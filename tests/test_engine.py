@@ -68,6 +68,7 @@ def test_greedy_matches_transformers_cache_off_and_chunked(llama_path, engine):
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in second)
 
 
+@pytest.mark.slow
 def test_sentencepiece_model_matches_transformers(sentencepiece_path):
     expected = hf_greedy(sentencepiece_path, PROMPTS[:3], max_new_tokens=16)
     with sglite.Engine(str(sentencepiece_path)) as eng:
@@ -319,6 +320,7 @@ def test_an_empty_prompt_list_is_an_empty_batch_everywhere(engine):
         engine.generate(input_ids=[], sampling_params={"max_new_tokens": 1})
 
 
+@pytest.mark.slow
 def test_decoding_requests_take_their_slots_in_runs_with_unchanged_output(llama_path, monkeypatch):
     prompts = [[5, 9, 40, 7] * (2 + i) for i in range(6)]  # decoded together, step by step
     params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
