@@ -140,6 +140,7 @@ CONFINED = [r'"(?:[^"\\]|\\["\\n])*"', r"a.{0,3}b", r"(?s)x.y", r"[^a-c]{1,3}\W?
 @pytest.mark.parametrize("regex", CONFINED)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(alphabet='ab"\\n\n xyAB1é_-', max_size=8))
+@pytest.mark.slow
 def test_confined_fsm_accepts_what_python_matches(tokenizer, regex, text):
     """The sentinels and the plane-16 rewrite change nothing a tokenizer can spell."""
     fsm = build_logits_processor(tokenizer, VOCAB, backend="outlines", regex=regex).fsm

@@ -73,6 +73,7 @@ def test_bad_constraints_raise_before_queueing(engine):
     assert out["text"] in ("ok", "fine")
 
 
+@pytest.mark.slow
 def test_jump_forward_makes_fewer_forward_calls(engine, engine_without_jump_forward):
     prompts = [f"Order {i}:" for i in range(3)]
     params = {"json_schema": json.dumps(EXTRACTION), "temperature": 1.0, "max_new_tokens": 128, "seed": 7}

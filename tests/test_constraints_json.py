@@ -124,6 +124,7 @@ def sample_document(tokenizer, schema, seed: int, temperature: float = 1.0, max_
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
+@pytest.mark.slow
 def test_sampled_documents_validate(tokenizer, name):
     schema = SCHEMAS[name]
     lenient = {"lenient": True} if name.startswith("one_of") else {}  # outlines weakens oneOf to anyOf

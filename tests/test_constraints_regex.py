@@ -307,6 +307,7 @@ def _spellable(text: str) -> bool:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), regex=_regexes())
+@pytest.mark.slow
 def test_every_matching_string_is_reachable(tokenizer, data, regex):
     """Completeness: the tokenizer's own split of any matching string walks the FSM to acceptance."""
     text = data.draw(st.from_regex(normalize_regex(regex), fullmatch=True).filter(_spellable))

@@ -70,6 +70,7 @@ def reference(llama_path):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["checkpoint-layout", "fused-projections"])
 @torch.inference_mode()
+@pytest.mark.slow
 def test_mixed_long_and_short_decode_matches_transformers(llama_path, reference, fused):
     ids, expected = reference
     model, _ = load_model(llama_path)
@@ -99,6 +100,7 @@ def test_mixed_long_and_short_decode_matches_transformers(llama_path, reference,
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
+@pytest.mark.slow
 def test_engine_mixed_long_and_short_prompts_match_transformers(llama_path, reference, cache):
     ids, expected = reference
     params = {"max_new_tokens": STEPS, "temperature": 0, "ignore_eos": True}

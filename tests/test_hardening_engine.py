@@ -66,6 +66,7 @@ def run_victims_with(engine, prompts: list[str], hostile: list[tuple[str, dict]]
 PROMPTS = [f"victim number {i} says" for i in range(8)]
 
 
+@pytest.mark.slow
 def test_hostile_sampling_parameters_hurt_nobody(engine):
     expected = victims_alone(engine, PROMPTS)
     hostile = [(f"attacker {j}", p) for j, p in enumerate(HOSTILE_PARAMS)]

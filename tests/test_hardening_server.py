@@ -117,6 +117,7 @@ def test_health_answers_while_a_heavy_logprob_stream_runs(server, engine):
     wait_idle(engine)
 
 
+@pytest.mark.slow
 def test_rate_limit_is_per_address_and_counts_bad_keys(engine):
     with serve_in_thread(engine, ServerConfig(rate_limit=5, log_level="critical")) as url:
         statuses = [httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer made-up-{i}"}).status_code for i in range(30)]

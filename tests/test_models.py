@@ -129,6 +129,7 @@ def test_ragged_batch_equals_each_sequence_alone(checkpoints, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_extend_over_cached_prefix(checkpoints, case):
     ckpt = checkpoints(case)
     ids = ckpt.prompts[0]
@@ -144,6 +145,7 @@ def test_extend_over_cached_prefix(checkpoints, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_batched_greedy_decode_matches_generate(checkpoints, case):
     ckpt = checkpoints(case)
     steps = 16
@@ -253,6 +255,7 @@ def test_missing_and_unknown_weights_are_named(llama_path, tmp_path):
     ],
     ids=["mistral-sliding-all-layers", "qwen2-sliding-upper-layers", "llama-rope-linear", "qwen3-rope-yarn"],
 )
+@pytest.mark.slow
 def test_config_variants_match_transformers(checkpoints, tmp_path, case, changes):
     """Same weights, edited config.json: sliding windows and scaled RoPE agree with the reference."""
     src = checkpoints(case).path

@@ -73,6 +73,7 @@ def plain_attention(q, k, v, batch: ForwardBatch, pool: KVSlotPool, scaling: flo
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (9, 3)])
 @pytest.mark.parametrize("window", [None, 7, 100])
+@pytest.mark.slow
 def test_blocked_prefill_equals_padded_path_and_plain_softmax(monkeypatch, num_heads, num_kv_heads, window):
     batch = ragged_batch(SEGMENTS)
     meta = AttentionMetadata.from_batch(batch)

@@ -205,6 +205,7 @@ def test_there_are_a_hundred_hostile_payloads():
 
 
 @pytest.mark.parametrize("case", HOSTILE, ids=[f"{i:03d}" for i in range(len(HOSTILE))])
+@pytest.mark.slow
 def test_hostile_payload_gets_a_4xx_with_a_message(server, case):
     response = send(server, case)
     assert 400 <= response.status_code < 500 and response.status_code != 422, (response.status_code, response.text[:300])
