@@ -42,11 +42,10 @@ def stream_events(server: str, **body) -> list[dict]:
 
 
 def sglang_api_sampling_fields() -> dict[str, object]:
-    """Every caller-facing field of SGLang's ``SamplingParams`` with its default value."""
+    """Every field of SGLang's ``SamplingParams`` with its default value (its server-filled ones too)."""
     msgspec = pytest.importorskip("msgspec")
     sampling = pytest.importorskip("sglang.srt.sampling.sampling_params")
-    internal = {"stop_strs", "stop_regex_strs", "stop_str_max_len", "stop_regex_max_len", "is_normalized", "ebnf_full_assistant"}
-    return {f.name: f.default for f in msgspec.structs.fields(sampling.SamplingParams) if f.name not in internal}
+    return {f.name: f.default for f in msgspec.structs.fields(sampling.SamplingParams)}
 
 
 def test_model_info_and_server_info_routes(server, engine):
@@ -98,7 +97,8 @@ def test_what_sglangs_client_sends_is_accepted(server):
 
 @pytest.mark.parametrize(
     "params, name",
-    [({"beam_width": 2}, "beam_width"), ({"structural_tag": "{}"}, "structural_tag"), ({"logit_bias": {"1": 5.0}}, "logit_bias")],
+    [({"beam_width": 2}, "beam_width"), ({"structural_tag": "{}"}, "structural_tag"), ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+     ({"stop_strs": ["x"]}, "stop_strs"), ({"is_normalized": True}, "is_normalized")],
 )
 def test_sglang_fields_that_would_change_the_output_are_refused_by_name(server, params, name):
     response = generate(server, text="x", sampling_params={**PARAMS, **params})
