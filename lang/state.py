@@ -151,7 +151,8 @@ class ProgramState:
         return render_state_html(self)
 
     def __repr__(self) -> str:
-        return f"ProgramState({self.text()!r})"
+        # SGLang's exact form, raw text unescaped: programs slice it (``str(state)[len("ProgramState("):-1]``)
+        return f"ProgramState({self.text()})"
 
 
 class ProgramStateGroup:
