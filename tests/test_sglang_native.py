@@ -225,3 +225,15 @@ def test_duplicate_rid_is_refused_without_hurting_the_request_that_holds_it(serv
     assert final["completion_tokens"] == 200 and final["finish_reason"]["type"] == "length"
     # the id is free again once its request finished
     assert generate(server, text="reuse", rid="job-1", sampling_params=PARAMS).status_code == 200
+
+
+def test_sglangs_client_guesses_no_chatml_for_smollm2_so_the_docs_name_it(real_model_path):
+    """docs/compatibility.md: SGLang picks its template from /get_model_info's model_path alone, and no
+    pattern matches SmolLM2; ``chat_template_name="chatml"`` gives the template sglite uses for it."""
+    chat_template = pytest.importorskip("sglang.lang.chat_template")
+    from sglite.lang.chat_template import get_chat_template
+
+    assert chat_template.get_chat_template_by_model_path(str(real_model_path)).name == "default"
+    theirs, ours = chat_template.get_chat_template("chatml"), get_chat_template("chatml")
+    for role in ("system", "user", "assistant"):
+        assert theirs.role_prefix_and_suffix[role] == (ours.role_prefix([], role), ours.role_suffix([], role))

@@ -54,3 +54,49 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=config.graceful_shutdown_timeout + CANCEL_BACKSTOP_S + 5)
         sock.close()
+
+
+@contextmanager
+def serve_subprocess(model_path: str, *flags: str, env: dict[str, str] | None = None, startup_timeout: float = 300.0) -> Iterator[str]:
+    """``python -m sglite serve --model model_path *flags`` on a free loopback port; yield its base URL.
+
+    What an SGLang client (its ``RuntimeEndpoint``, ``sglang.bench_serving``) talks to in tests. The
+    server's stderr is kept for the error raised if it exits during startup; it is stopped on exit.
+
+        >>> with serve_subprocess(path, "--max-total-tokens", "16384") as url:  # doctest: +SKIP
+        ...     httpx.get(f"{url}/get_model_info").json()["model_path"]
+    """
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "sglite", "serve", "--model", str(model_path), "--port", str(port),
+               "--log-level", "warning", *flags]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sglite serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sglite serve did not start within {startup_timeout} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
