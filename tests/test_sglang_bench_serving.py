@@ -13,7 +13,10 @@ import pytest
 
 from sglite.runtime.server.testing import serve_subprocess
 
-pytest.importorskip("sglang.benchmark.serving", reason="needs the compat extra (sglang==0.5.23, datasets)")
+# sglang.benchmark.serving imports sglang.srt.configs, which imports torchvision: PyPI's torchvision wheels are
+# built for CUDA torch and fail to load beside the CPU one, so the compat extra leaves it out and this module
+# runs where a matching torchvision is installed. tests/test_sglang_logprobs.py posts bench_serving's exact body.
+pytest.importorskip("sglang.benchmark.serving", reason="needs sglang==0.5.23, datasets and a torchvision matching torch")
 
 PROMPTS = 4
 OUTPUT_LEN = 8
