@@ -50,6 +50,7 @@ from sglite.lang.choices import (
 from sglite.lang.ir import LangError
 from sglite.lang.notebook import display_stream
 from sglite.lang.program import Program
+from sglite.lang.schema_regex import build_regex_from_object
 from sglite.lang.state import ProgramState, ProgramStateGroup
 
 greedy = greedy_token_selection
@@ -69,6 +70,7 @@ __all__ = [
     "image",
     "video",
     "separate_reasoning",
+    "build_regex_from_object",
     "system",
     "user",
     "assistant",

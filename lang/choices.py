@@ -63,24 +63,31 @@ class TokenLengthNormalized(ChoicesSamplingMethod):
 class GreedyTokenSelection(ChoicesSamplingMethod):
     """Decode greedily among the choices: compare first-token logprobs, break ties with later tokens.
 
-    A choice that runs out of tokens while still tied loses to one that continues with a
-    higher-than-impossible logprob, like greedy decoding restricted to the choices' token tree.
+    As in SGLang, a choice that runs out of tokens while still tied continues with its own mean
+    logprob (so a choice that is a prefix of a longer one competes on its average). Entries without
+    a logprob (the first scored prompt token) are skipped.
     """
 
     def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
                  unconditional_token_logprobs=None) -> ChoicesDecision:
-        width = max(len(tokens) for tokens in input_token_logprobs)
-        rows = [[lp for lp, *_ in tokens] + [float("-inf")] * (width - len(tokens)) for tokens in input_token_logprobs]
-        best = max(range(len(choices)), key=lambda i: (rows[i], -i))
-        return ChoicesDecision(choices[best], {"greedy_logprobs": rows})
+        values = [[lp for lp, *_ in tokens if lp is not None] for tokens in input_token_logprobs]
+        width = max(len(v) for v in values)
+        rows = [v + [sum(v) / len(v) if v else float("-inf")] * (width - len(v)) for v in values]
+        remaining = list(range(len(choices)))
+        for column in range(width):
+            best = max(rows[i][column] for i in remaining)
+            remaining = [i for i in remaining if rows[i][column] == best]
+            if len(remaining) == 1:
+                break
+        return ChoicesDecision(choices[remaining[0]], {"greedy_logprob_matrix": rows})
 
 
 class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
     """Pick the choice whose tokens the prompt makes most *more* likely than they are on their own.
 
-    Score = mean over the choice's tokens of ``logp(token | prompt) - logp(token | no prompt)``; a
-    token without an unconditional logprob (the first token of a bare sequence) counts its
-    conditional logprob only.
+    Score = mean over the scored tokens of ``logp(token | prompt) - logp(token | no prompt)``; a
+    token without an unconditional logprob (the first of the bare sequence) counts its conditional
+    logprob only, and one without a conditional logprob is skipped.
     """
 
     requires_unconditional_logprobs = True
@@ -91,10 +98,10 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
             raise ValueError("unconditional_likelihood_normalized needs unconditional_token_logprobs from the backend")
         scores = []
         for conditional, unconditional in zip(input_token_logprobs, unconditional_token_logprobs):
-            diffs = [c[0] - (u[0] if u[0] is not None else 0.0) for c, u in zip(conditional, unconditional)]
+            diffs = [c[0] - (u[0] if u[0] is not None else 0.0) for c, u in zip(conditional, unconditional) if c[0] is not None]
             scores.append(sum(diffs) / len(diffs) if diffs else float("-inf"))
         best = _argmax(scores)
-        return ChoicesDecision(choices[best], {"scores": scores})
+        return ChoicesDecision(choices[best], {"normalized_unconditional_prompt_logprobs": scores})
 
 
 token_length_normalized = TokenLengthNormalized()

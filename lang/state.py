@@ -152,7 +152,8 @@ class ProgramState:
         return render_html(text, self.stream_executor.spans)
 
     def __repr__(self) -> str:
-        return f"ProgramState({self.text()!r})"
+        # SGLang's exact form, raw text unescaped: programs slice it (``str(state)[len("ProgramState("):-1]``)
+        return f"ProgramState({self.text()})"
 
 
 class ProgramStateGroup:

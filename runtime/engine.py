@@ -491,7 +491,7 @@ def _collect(chunks: list[dict]) -> dict:
             raise EngineShutdownError(meta_info["error"])
         raise RequestFailedError(meta_info["id"], meta_info["error"])
     if len(chunks) > 1:
-        for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs"):
+        for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs", "input_top_logprobs"):
             if key in meta_info:
                 meta_info[key] = [entry for c in chunks for entry in c["meta_info"].get(key, [])]
     return {

@@ -60,7 +60,7 @@ class GenerateInput:
     return_logprob: bool = False
     """Return each output token's logprob."""
     logprob_start_len: int = -1
-    """Also return prompt-token logprobs from this position on (-1: none)."""
+    """Also return prompt-token logprobs from this position on (-1: none); the first one's is None, as in SGLang."""
     top_logprobs_num: int = 0
     """Alternatives per position in the top-logprob lists."""
     rid: str | list[str] | None = None
@@ -233,6 +233,10 @@ class InputProcessor:
             raise ValueError(f"prompt is {len(ids)} tokens but the KV pool holds only {self.pool_size}; raise max_total_tokens")
         if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
             raise ValueError(f"logprob_start_len must be an int >= -1, got {logprob_start_len!r}")
+        if sp.return_logprob and logprob_start_len > len(ids):
+            raise ValueError(
+                f"logprob_start_len ({logprob_start_len}) is beyond the prompt's {len(ids)} tokens; give at most {len(ids)}"
+            )
         processor = self._processor(sp)
         generator = self._generator(sp)
         return Request(

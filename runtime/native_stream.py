@@ -24,10 +24,18 @@ Chunk = dict[str, Any]
 
 
 def sglang_meta_info(meta_info: dict[str, Any]) -> dict[str, Any]:
-    """The engine's meta_info in SGLang's shape: a length finish also says its length."""
+    """The engine's meta_info in SGLang's shape: a length finish also says its length, and logprobs
+    come with ``output_token_logprobs_length`` (a stream's running count, else the list's length).
+
+        >>> sglang_meta_info({"completion_tokens": 1, "output_token_logprobs": [(-0.5, 7, None)],
+        ...                   "finish_reason": {"type": "length", "matched": None}})["output_token_logprobs_length"]
+        1
+    """
     reason = meta_info.get("finish_reason")
     if isinstance(reason, dict) and reason.get("type") == "length" and "length" not in reason:
         meta_info = {**meta_info, "finish_reason": {**reason, "length": meta_info.get("completion_tokens", 0)}}
+    if "output_token_logprobs" in meta_info and "output_token_logprobs_length" not in meta_info:
+        meta_info = {**meta_info, "output_token_logprobs_length": len(meta_info["output_token_logprobs"])}
     return meta_info
 
 

@@ -57,6 +57,9 @@ class Request:
     output_token_logprobs: list[tuple[float, int, None]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
     input_token_logprobs: list[tuple[float | None, int, None]] = field(default_factory=list)
+    """Prompt tokens from ``logprob_start_len`` on; the first one's logprob is None (SGLang's contract)."""
+    input_top_logprobs: list[list[tuple[float, int, None]] | None] = field(default_factory=list)
+    """The alternatives at each position of ``input_token_logprobs`` (None for the first), when ``top_logprobs_num``."""
     jump_forward_tokens: int = 0
     pending_forced: list[int] = field(default_factory=list)
     """Tokens forced by the constraint, appended to the output and awaiting their forward pass."""
@@ -105,12 +108,13 @@ class Request:
             "e2e_latency": time.perf_counter() - self.created,
         }
         if self.params.return_logprob or self.params.top_logprobs_num:
+            # SGLang's keys are all present when logprobs are asked for (empty lists when none apply).
             input_since, output_since = logprobs_since
+            info["input_token_logprobs"] = self.input_token_logprobs[input_since:]
             info["output_token_logprobs"] = self.output_token_logprobs[output_since:]
             if self.params.top_logprobs_num:
+                info["input_top_logprobs"] = self.input_top_logprobs[input_since:]
                 info["output_top_logprobs"] = self.output_top_logprobs[output_since:]
-            if self.logprob_start_len >= 0:
-                info["input_token_logprobs"] = self.input_token_logprobs[input_since:]
         if self.error is not None:
             info["error"] = str(self.error)
             info["error_type"] = type(self.error).__name__

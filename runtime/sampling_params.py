@@ -195,6 +195,10 @@ REFUSED_SGLANG_FIELDS = {
 }
 """SGLang sampling fields this engine cannot honour: refused (400) when set to a non-default value."""
 
+SGLANG_INTERNAL_FIELDS = ("stop_strs", "stop_regex_strs", "stop_str_max_len", "stop_regex_max_len", "is_normalized",
+                          "ebnf_full_assistant")
+"""Fields of SGLang's ``SamplingParams`` its server fills itself: accepted at their default, refused otherwise."""
+
 
 def _sglang_aliases(params: dict[str, Any]) -> dict[str, Any]:
     """SGLang spellings mapped to ours; SGLang-only fields refused by name when they would change the output."""
@@ -206,6 +210,10 @@ def _sglang_aliases(params: dict[str, Any]) -> dict[str, Any]:
         params["seed"] = sampling_seed
     if params.get("beam_width") in (None, 1):
         params.pop("beam_width", None)
+    for name in SGLANG_INTERNAL_FIELDS:  # SGLang's normalized copies of stop/ebnf: meaningless from a client
+        value = params.pop(name, None)
+        if value not in (None, False, 0, "", []):
+            raise ValueError(f"sampling parameter {name!r} is SGLang-internal (derived from 'stop'/'ebnf'); give those instead")
     for name in ("structural_tag", "watermark", "logit_bias", "ebnf"):  # unset (None) means no such constraint
         if params.get(name) in (None, {}, ""):
             params.pop(name, None)

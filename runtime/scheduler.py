@@ -23,7 +23,7 @@ from sglite.runtime.config import EngineConfig
 from sglite.runtime.detokenizer import match_stop
 from sglite.runtime.forward_batch import ForwardBatch
 from sglite.runtime.request import Request, RequestStatus
-from sglite.runtime.sampler import token_logprobs
+from sglite.runtime.sampler import token_logprobs, top_logprobs
 from sglite.runtime.token_selection import select_tokens, take_rows
 
 logger = logging.getLogger(__name__)
@@ -135,10 +135,11 @@ class Scheduler:
 
     def _prefix_limit(self, req: Request) -> int:
         """Most tokens that may come from the cache: the last token is always computed (its logits
-        are sampled), and prompt logprobs need logits from ``logprob_start_len - 1`` on."""
+        are sampled), and prompt logprobs need logits from ``logprob_start_len`` on (the token at
+        ``logprob_start_len`` itself is reported without a logprob, as SGLang does)."""
         limit = req.fill_len - 1
         if req.logprob_start_len >= 0:
-            limit = min(limit, max(req.logprob_start_len - 1, 0))
+            limit = min(limit, req.logprob_start_len)
         return limit
 
     def _admit(self) -> None:
@@ -331,12 +332,12 @@ class Scheduler:
 
     def _forward_segments(
         self, segments: list[tuple[Request, int]]
-    ) -> tuple[torch.Tensor, dict[str, int], dict[str, tuple[int, int]]]:
+    ) -> tuple[torch.Tensor, dict[str, int], dict[str, tuple[int, int, int]]]:
         """One forward over the ragged batch; its logits rows, where each request's sample row and prompt rows are."""
         input_ids, positions, out_slots, kv_slots, prefix_lens, extend_lens = [], [], [], [], [], []
         logit_rows: list[int] = []
         sample_rows: dict[str, int] = {}  # rid -> index into the logits returned
-        prompt_rows: dict[str, tuple[int, int]] = {}  # rid -> (first logits index, count)
+        prompt_rows: dict[str, tuple[int, int, int]] = {}  # rid -> (first logits index, first position, count)
         offset = 0
         for req, n in segments:
             start = req.kv_len
@@ -346,10 +347,13 @@ class Scheduler:
             kv_slots.append(req.slot_indices[: start + n])
             prefix_lens.append(start)
             extend_lens.append(n)
-            if req.logprob_start_len >= 0 and start < len(req.prompt_ids) - 1:
+            if req.logprob_start_len >= 0:
+                # the logits at position p score prompt token p + 1: rows from logprob_start_len to the last but one
+                first = max(start, req.logprob_start_len)
                 rows_end = min(start + n, len(req.prompt_ids) - 1)
-                prompt_rows[req.rid] = (len(logit_rows), rows_end - start)
-                logit_rows.extend(range(offset, offset + rows_end - start))
+                if first < rows_end:
+                    prompt_rows[req.rid] = (len(logit_rows), first, rows_end - first)
+                    logit_rows.extend(range(offset + first - start, offset + rows_end - start))
             if start + n == req.fill_len:
                 sample_rows[req.rid] = len(logit_rows)
                 logit_rows.append(offset + n - 1)
@@ -370,7 +374,7 @@ class Scheduler:
         req: Request,
         n: int,
         logits: torch.Tensor,
-        prompt_rows: dict[str, tuple[int, int]],
+        prompt_rows: dict[str, tuple[int, int, int]],
         sample_rows: dict[str, int],
         to_sample: list[Request],
     ) -> None:
@@ -378,26 +382,38 @@ class Scheduler:
         req.kv_len += n
         if start < len(req.prompt_ids):
             self.stats["prefill_tokens_computed"] += min(n, len(req.prompt_ids) - start)
-        if start == 0 and req.logprob_start_len == 0:  # the first token has no logprob
-            req.input_token_logprobs.append((None, req.prompt_ids[0], None))
+        if start <= req.logprob_start_len < min(start + n, len(req.prompt_ids)) and not req.input_token_logprobs:
+            # SGLang's contract: the token at logprob_start_len comes first, without a logprob
+            req.input_token_logprobs.append((None, req.prompt_ids[req.logprob_start_len], None))
+            if req.params.top_logprobs_num:
+                req.input_top_logprobs.append(None)
         if req.rid in prompt_rows:
-            self._record_prompt_logprobs(req, start, logits, *prompt_rows[req.rid])
+            self._record_prompt_logprobs(req, logits, *prompt_rows[req.rid])
         if req.kv_len == len(req.prompt_ids) and not req.output_ids:
             self._cache_prefix(req)
         if req.rid in sample_rows:
             req.pending_forced = []
-            if len(req.output_ids) >= req.params.max_new_tokens:
-                self._finish(req, "length", None)  # max_new_tokens == 0: scoring only
+            if len(req.output_ids) >= req.params.max_new_tokens:  # max_new_tokens == 0: scoring only
+                if req.params.top_logprobs_num and not req.output_ids:
+                    # SGLang reports the next-token distribution even when nothing is generated
+                    row = logits[sample_rows[req.rid] : sample_rows[req.rid] + 1]
+                    req.output_top_logprobs.append(_top_entries(row, req.params.top_logprobs_num)[0])
+                self._finish(req, "length", None)
             else:
                 to_sample.append(req)
 
-    def _record_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor, first: int, count: int) -> None:
-        prompt = req.prompt_ids
-        targets = torch.tensor(prompt[start + 1 : start + 1 + count], dtype=torch.int64)
-        lps = token_logprobs(logits[first : first + count], targets).tolist()
-        for pos, (lp, tok) in enumerate(zip(lps, targets.tolist()), start=start + 1):
-            if pos >= req.logprob_start_len:
+    def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor, row: int, position: int, count: int) -> None:
+        """Logprobs of prompt tokens ``position + 1 ..`` from ``count`` logits rows starting at ``row``.
+        Positions already recorded (a preempted request computes its prompt again) are skipped."""
+        rows = logits[row : row + count]
+        targets = torch.tensor(req.prompt_ids[position + 1 : position + 1 + count], dtype=torch.int64)
+        lps = token_logprobs(rows, targets).tolist()
+        tops = _top_entries(rows, req.params.top_logprobs_num) if req.params.top_logprobs_num else None
+        for i, (lp, tok) in enumerate(zip(lps, targets.tolist())):
+            if position + 1 + i == req.logprob_start_len + len(req.input_token_logprobs):
                 req.input_token_logprobs.append((lp, tok, None))
+                if tops is not None:
+                    req.input_top_logprobs.append(tops[i])
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
         with torch.inference_mode():  # logits may be the forward's own (inference) tensor, edited in place
@@ -485,3 +501,9 @@ class Scheduler:
                 req.on_update(req, True)
             except Exception:  # a broken reader must not take the step (and everyone in it) down
                 logger.exception("delivering the end of request %s failed", req.rid)
+
+
+def _top_entries(rows: torch.Tensor, k: int) -> list[list[tuple[float, int, None]]]:
+    """The ``k`` most likely tokens of each logits row as ``(logprob, token_id, None)`` entries."""
+    values, ids = top_logprobs(rows, k)
+    return [[(v, i, None) for v, i in zip(vs, ts)] for vs, ts in zip(values.tolist(), ids.tolist())]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = ("radix", "constraints", "runtime", "lang")
+PACKAGE_DIRS = ("radix", "constraints", "runtime", "lang", "srt")
 
 
 def package_modules() -> list[str]:

@@ -118,7 +118,9 @@ def test_prompt_logprobs_from_a_cached_prefix(engine):
     outs = engine.generate([prefix + [100, 101], prefix + [200]], {"max_new_tokens": 0},
                            return_logprob=True, logprob_start_len=len(prefix))
     assert [len(o["meta_info"]["input_token_logprobs"]) for o in outs] == [2, 1]
-    assert all(lp < 0 for o in outs for lp, _, _ in o["meta_info"]["input_token_logprobs"])
+    # SGLang's contract: the token at logprob_start_len is reported without a logprob, the rest with one
+    assert [o["meta_info"]["input_token_logprobs"][0][:2] for o in outs] == [(None, 100), (None, 200)]
+    assert outs[0]["meta_info"]["input_token_logprobs"][1][0] < 0
     assert outs[0]["output_ids"] == [] and outs[0]["meta_info"]["finish_reason"]["type"] == "length"
 
 

@@ -36,11 +36,11 @@ RUNTIME_MODULES: dict[str, set[str]] = {
     "runtime.core": {"dtypes", "config", "forward_batch", "kv_pool"},
     "runtime.requests": {
         "request", "sampling_params", "sampler", "token_selection", "logits_processor", "detokenizer",
-        "prompts", "input_processor", "logprob_text", "native_stream",
+        "prompts", "input_processor", "logprob_text", "native_stream", "pooling",
     },
-    "runtime.runner": {"model_runner", "compiled_decode"},
+    "runtime.runner": {"model_runner", "compiled_decode", "embedder"},
     "runtime.scheduler": {"scheduler"},
-    "runtime.engine": {"engine"},
+    "runtime.engine": {"engine", "embedding_engine"},
 }
 LEVELS: list[set[str]] = [
     {"radix", "constraints"},

@@ -42,11 +42,10 @@ def stream_events(server: str, **body) -> list[dict]:
 
 
 def sglang_api_sampling_fields() -> dict[str, object]:
-    """Every caller-facing field of SGLang's ``SamplingParams`` with its default value."""
+    """Every field of SGLang's ``SamplingParams`` with its default value (its server-filled ones too)."""
     msgspec = pytest.importorskip("msgspec")
     sampling = pytest.importorskip("sglang.srt.sampling.sampling_params")
-    internal = {"stop_strs", "stop_regex_strs", "stop_str_max_len", "stop_regex_max_len", "is_normalized", "ebnf_full_assistant"}
-    return {f.name: f.default for f in msgspec.structs.fields(sampling.SamplingParams) if f.name not in internal}
+    return {f.name: f.default for f in msgspec.structs.fields(sampling.SamplingParams)}
 
 
 def test_model_info_and_server_info_routes(server, engine):
@@ -98,7 +97,8 @@ def test_what_sglangs_client_sends_is_accepted(server):
 
 @pytest.mark.parametrize(
     "params, name",
-    [({"beam_width": 2}, "beam_width"), ({"structural_tag": "{}"}, "structural_tag"), ({"logit_bias": {"1": 5.0}}, "logit_bias")],
+    [({"beam_width": 2}, "beam_width"), ({"structural_tag": "{}"}, "structural_tag"), ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+     ({"stop_strs": ["x"]}, "stop_strs"), ({"is_normalized": True}, "is_normalized")],
 )
 def test_sglang_fields_that_would_change_the_output_are_refused_by_name(server, params, name):
     response = generate(server, text="x", sampling_params={**PARAMS, **params})
@@ -225,3 +225,15 @@ def test_duplicate_rid_is_refused_without_hurting_the_request_that_holds_it(serv
     assert final["completion_tokens"] == 200 and final["finish_reason"]["type"] == "length"
     # the id is free again once its request finished
     assert generate(server, text="reuse", rid="job-1", sampling_params=PARAMS).status_code == 200
+
+
+def test_sglangs_client_guesses_no_chatml_for_smollm2_so_the_docs_name_it(real_model_path):
+    """docs/compatibility.md: SGLang picks its template from /get_model_info's model_path alone, and no
+    pattern matches SmolLM2; ``chat_template_name="chatml"`` gives the template sglite uses for it."""
+    chat_template = pytest.importorskip("sglang.lang.chat_template")
+    from sglite.lang.chat_template import get_chat_template
+
+    assert chat_template.get_chat_template_by_model_path(str(real_model_path)).name == "default"
+    theirs, ours = chat_template.get_chat_template("chatml"), get_chat_template("chatml")
+    for role in ("system", "user", "assistant"):
+        assert theirs.role_prefix_and_suffix[role] == (ours.role_prefix([], role), ours.role_suffix([], role))

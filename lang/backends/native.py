@@ -15,9 +15,6 @@ from sglite.lang.backends.base import Backend, PromptView
 from sglite.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 from sglite.lang.ir import GenParams
 
-BOUNDARY_WINDOW = 8
-"""Prefix tokens re-read when scoring choices: how far back joint tokenization may differ."""
-
 
 class NativeBackend(Backend):
     """Program execution on top of a ``generate(prompt, sampling_params, ...)`` call."""
@@ -78,40 +75,38 @@ class NativeBackend(Backend):
     def select(
         self, prompt: PromptView, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod
     ) -> ChoicesDecision:
-        """Score every choice in one batched prefill against the shared, already cached prefix.
+        """Score every choice in one batched prefill against the shared, already cached prefix, as
+        SGLang's ``RuntimeEndpoint.select`` does (docs/compatibility.md).
 
-        The prompt and each choice are tokenized *jointly* (as the model will read them), so a
-        choice that merges with the prompt's last token is scored from where the tokenizations
-        part; every choice is scored from the same position, the earliest such one.
+        Each ``prefix + choice`` is scored from two tokens before the prefix's end: the first entry
+        (no logprob) and the prefix's last token cover a choice that merges with it when tokenized
+        jointly ("token healing"); when the prefix's text ends with the first entry's token, that
+        entry is dropped. ``normalized_prompt_logprobs`` are the means of the remaining logprobs.
         """
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise ValueError(f"select() needs a non-empty list of non-empty strings, got {choices!r}")
         prefix = prompt.text
         prefix_len = 0
-        if prefix:
-            # Prefill the prefix once; its token count bounds the boundary search below.
+        if prefix:  # prefill the prefix once, so every choice starts from a cache hit
             prefix_len = self._generate(prefix, {"max_new_tokens": 0})["meta_info"]["prompt_tokens"]
-        start = max(prefix_len - BOUNDARY_WINDOW, 0)
-        texts = ([prefix] if prefix else []) + [prefix + choice for choice in choices]
-        outs = self._generate(texts, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=start)
-        prefix_tail = [tid for _, tid, _ in outs[0]["meta_info"]["input_token_logprobs"]] if prefix else []
-        choice_outs = outs[1:] if prefix else outs
-        entries = [out["meta_info"]["input_token_logprobs"] for out in choice_outs]
-        boundary = min(start + _common_prefix_len(prefix_tail, [tid for _, tid, _ in e]) for e in entries)
-        # The first prompt token has no logprob (nothing precedes it); it cannot be scored.
-        scored = [[tuple(t) for t in e[boundary - start:] if t[0] is not None] for e in entries]
-        normalized = [sum(t[0] for t in s) / len(s) if s else 0.0 for s in scored]
+        start = max(prefix_len - 2, 0)
+        outs = self._generate(
+            [prefix + choice for choice in choices], {"max_new_tokens": 0, "temperature": 0},
+            return_logprob=True, logprob_start_len=start, return_text_in_logprobs=True,
+        )
+        scored = []
+        for out in outs:
+            entries = [tuple(e) for e in out["meta_info"]["input_token_logprobs"]]
+            if entries and entries[0][2] and prefix.endswith(entries[0][2]):
+                entries = entries[1:]
+            scored.append(entries)
+        normalized = [normalized_prompt_logprob(entries) for entries in scored]
 
         unconditional = None
         if choices_method.requires_unconditional_logprobs:
-            ids = [[tid for _, tid, _ in e[boundary - start:]] for e in entries]
+            ids = [[tid for _, tid, _ in entries] for entries in scored]
             bare = self._generate(ids, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0)
-            unconditional = []
-            for tokens, out, s in zip(ids, bare, scored):
-                entries = [tuple(t) for t in out["meta_info"]["input_token_logprobs"]]
-                # Leading tokens without a logprob may be reported as (None, id) or left out.
-                entries = [(None, tid, None) for tid in tokens[: len(tokens) - len(entries)]] + entries
-                unconditional.append(entries[len(entries) - len(s):])  # aligned with `scored`
+            unconditional = [[tuple(e) for e in out["meta_info"]["input_token_logprobs"]] for out in bare]
 
         decision = choices_method(
             choices=list(choices),
@@ -126,19 +121,20 @@ class NativeBackend(Backend):
             "input_token_logprobs": scored,
             "output_token_logprobs": [[] for _ in choices],
             "unconditional_token_logprobs": unconditional,
-            "prompt_tokens": sum(out["meta_info"]["prompt_tokens"] for out in choice_outs),
+            "prompt_tokens": sum(out["meta_info"]["prompt_tokens"] for out in outs),
             "completion_tokens": 0,
-            "cached_tokens": sum(out["meta_info"]["cached_tokens"] for out in choice_outs),
-            "logprob_start_len": boundary,
+            "cached_tokens": sum(out["meta_info"]["cached_tokens"] for out in outs),
+            "logprob_start_len": start,
             **decision.meta_info,
         }
         return ChoicesDecision(decision.decision, meta)
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def normalized_prompt_logprob(entries: list[tuple]) -> float:
+    """The mean logprob of the entries that have one (SGLang's ``compute_normalized_prompt_logprobs``).
+
+        >>> normalized_prompt_logprob([(None, 5, "a"), (-1.0, 6, "b"), (-2.0, 7, "c")])
+        -1.5
+    """
+    values = [lp for lp, *_ in entries if lp is not None]
+    return sum(values) / len(values) if values else 0.0

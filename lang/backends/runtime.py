@@ -18,7 +18,7 @@ from sglite.lang.backends.native import NativeBackend
 from sglite.lang.chat_template import ChatTemplate, TokenizerChatTemplate, resolve_chat_template
 from sglite.runtime.loading.default_model import MODEL_ENV, default_model_path  # noqa: F401 - re-exported for programs
 from sglite.runtime.prompts import is_text_prompt
-from sglite.runtime.native_stream import StreamState
+from sglite.runtime.native_stream import StreamState, sglang_meta_info
 
 
 class Runtime(NativeBackend):
@@ -79,9 +79,8 @@ class Runtime(NativeBackend):
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
         )
-        if not return_text_in_logprobs:
-            return out
-        return [self._with_texts(o) for o in out] if isinstance(out, list) else self._with_texts(out)
+        outs = [self._sglang_shape(o, return_text_in_logprobs) for o in (out if isinstance(out, list) else [out])]
+        return outs if isinstance(out, list) else outs[0]
 
     def _generate_stream(
         self, prompt, sampling_params, return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
@@ -102,6 +101,11 @@ class Runtime(NativeBackend):
                 yield self._with_texts(event) if return_text_in_logprobs else event
         finally:
             chunks.close()  # a reader that stops early aborts the request now, not at garbage collection
+
+    def _sglang_shape(self, out: dict, texts: bool) -> dict:
+        """What SGLang's server answers for one result (the HTTP backend gets the same from ours)."""
+        out = {**out, "meta_info": sglang_meta_info(out["meta_info"])}
+        return self._with_texts(out) if texts else out
 
     def _with_texts(self, out: dict) -> dict:
         from sglite.runtime.logprob_text import with_logprob_texts

@@ -1,0 +1,1 @@
+"""Mirror of ``sglang.srt.constrained`` (see ``sglite/srt/__init__.py``)."""
