@@ -23,12 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglite.runtime.kernels.ggml_kernels import kernel_level, level_index, set_kernel_level
+
+__all__ = [
+    "SUPPORTED_QTYPES", "QuantEmbedding", "QuantFormatError", "QuantLinear", "QuantizedTensor",
+    "dequantize", "kernel_level", "quant_matmul", "set_kernel_level",
+]
+
 Q = gguf.GGMLQuantizationType
 
 SUPPORTED_QTYPES = frozenset(
     {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32}
 )
 """ggml block formats the kernels read (the float rows too, for tensors a GGUF keeps unquantized)."""
+
+FLOAT_TYPES = {int(Q.F32): torch.float32, int(Q.F16): torch.float16, int(Q.BF16): torch.bfloat16}
+"""Unquantized ggml rows: viewed as their dtype and multiplied by torch, not by the ggml kernels."""
 
 
 class QuantFormatError(ValueError):
@@ -113,7 +123,18 @@ def dequantize(qt: QuantizedTensor, rows: torch.Tensor | None = None) -> torch.T
             raise QuantFormatError(f"rows must be an integer tensor of row indices, got {rows.dtype}")
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= qt.shape[0]):
             raise QuantFormatError(f"row index out of range for a tensor of {qt.shape[0]} rows")
-    return _dequantize_reference(qt, rows)
+    if qt.qtype in FLOAT_TYPES:
+        dense = _float_view(qt)
+        return (dense if rows is None else dense[rows.reshape(-1)]).to(torch.float32)
+    index = level_index()
+    if index < 0:
+        return _dequantize_reference(qt, rows)
+    return torch.ops.sglite.ggml_dequantize(qt.data, rows, qt.qtype, qt.shape[1], index)
+
+
+def _float_view(qt: QuantizedTensor) -> torch.Tensor:
+    """The float rows of an F32/F16/BF16 tensor as a ``[rows, cols]`` view of its bytes (no copy)."""
+    return qt.data.view(FLOAT_TYPES[qt.qtype])
 
 
 def _check_activations(x: torch.Tensor, qt: QuantizedTensor) -> None:
@@ -128,8 +149,12 @@ def _check_activations(x: torch.Tensor, qt: QuantizedTensor) -> None:
 def quant_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """``x @ W.T`` for the quantized ``W``: ``[..., cols]`` -> ``[..., rows]`` in ``x``'s dtype."""
     _check_activations(x, qt)
-    out = F.linear(x.to(torch.float32), dequantize(qt))
-    return out.to(x.dtype)
+    if qt.qtype in FLOAT_TYPES:
+        return F.linear(x, _float_view(qt).to(x.dtype))
+    index = level_index()
+    if index < 0:
+        return F.linear(x.to(torch.float32), _dequantize_reference(qt, None)).to(x.dtype)
+    return torch.ops.sglite.ggml_quant_matmul(x, qt.data, qt.qtype, qt.shape[0], index)
 
 
 class QuantLinear(nn.Module):
