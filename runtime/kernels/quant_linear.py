@@ -121,7 +121,8 @@ def dequantize(qt: QuantizedTensor, rows: torch.Tensor | None = None) -> torch.T
     if rows is not None:
         if rows.dtype not in (torch.int32, torch.int64):
             raise QuantFormatError(f"rows must be an integer tensor of row indices, got {rows.dtype}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= qt.shape[0]):
+        # (a traced graph cannot branch on values: there the C++ op checks the range itself)
+        if not torch.compiler.is_compiling() and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= qt.shape[0]):
             raise QuantFormatError(f"row index out of range for a tensor of {qt.shape[0]} rows")
     if qt.qtype in FLOAT_TYPES:
         dense = _float_view(qt)
@@ -158,25 +159,35 @@ def quant_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """``nn.Linear`` over a :class:`QuantizedTensor` weight (and an optional dense bias)."""
+    """``nn.Linear`` over a :class:`QuantizedTensor` weight (and an optional dense bias).
+
+    The blocks are a non-persistent buffer (``.to()`` and memory accounting see them; ``state_dict`` does not);
+    ``forward`` is one op call, as the engine runs a few hundred linear layers per decoded token.
+    """
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = weight
+        self.qtype = weight.qtype
         self.out_features, self.in_features = weight.shape
+        self.register_buffer("blocks", weight.data, persistent=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise QuantFormatError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+        self._native = weight.qtype not in FLOAT_TYPES
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the packed weight blocks (the bias not included)."""
         return self.weight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = quant_matmul(x, self.weight)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out
+        index = level_index()
+        if self._native and index >= 0:  # the C++ op checks dtype and shape itself
+            out = torch.ops.sglite.ggml_quant_matmul(x, self.blocks, self.qtype, self.out_features, index)
+        else:
+            out = quant_matmul(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.weight.name}"
@@ -192,9 +203,11 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.weight = weight
         self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("blocks", weight.data, persistent=False)
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the packed table."""
         return self.weight.nbytes
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
