@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -41,7 +42,11 @@ struct KernelTable {
 constexpr int kMaxLevels = 8;
 std::atomic<const KernelTable*> tables[kMaxLevels];
 
-constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileRows = 16;        // most weight rows per tile
+constexpr int64_t kL1Bytes = 16 << 10;   // half a typical 32-48 KiB L1d: activation tile + weight tile
+constexpr int64_t kL2Bytes = 256 << 10;  // half a typical 512 KiB-2 MiB L2: one activation panel
+constexpr int64_t kGemmMinRows = 32;     // from this many activation rows, dequantized tiles + BLAS GEMM
+constexpr int64_t kGemmTileBytes = 1 << 20;  // dequantized float32 weight rows per GEMM call (per thread)
 
 const TypeKernels& kernels_for(int64_t level, int64_t qtype) {
   TORCH_CHECK(level >= 0 && level < kMaxLevels, "ggml kernel level index ", level, " out of range");
@@ -69,6 +74,28 @@ void register_table(int64_t level, int64_t address) {
   tables[level].store(table);
 }
 
+// Prefill: the vec_dot loop is compute-bound at a flat rate, while a float32 GEMM gains with rows (measured
+// crossover 24-64 rows on AVX2, docs/kernels.md). Each thread dequantizes a tile of weight rows (L2-sized, so
+// no dense copy of the matrix ever exists) and multiplies all activation rows by it with BLAS.
+at::Tensor gemm_over_dequantized_tiles(const at::Tensor& x2, const at::Tensor& w, const TypeKernels& k, int64_t out_features) {
+  const int64_t cols = x2.size(1);
+  at::Tensor out = at::empty({x2.size(0), out_features}, x2.options());
+  const int64_t tile_rows = std::clamp<int64_t>(kGemmTileBytes / (cols * 4) / 8 * 8, 8, 512);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t w_stride = w.stride(0);
+  at::parallel_for(0, out_features, tile_rows, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({tile_rows, cols}, x2.options());
+    float* tp = tile.data_ptr<float>();
+    for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+      const int64_t n = std::min(end, r0 + tile_rows) - r0;
+      for (int64_t r = 0; r < n; ++r) k.dequantize(wp + (r0 + r) * w_stride, tp + r * cols, cols);
+      at::Tensor out_tile = out.narrow(1, r0, n);
+      at::mm_out(out_tile, x2, tile.narrow(0, 0, n).t());
+    }
+  });
+  return out;
+}
+
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t out_features, int64_t level) {
   const TypeKernels& k = kernels_for(level, qtype);
   const int64_t cols = x.size(-1);
@@ -80,6 +107,12 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
 
   const at::Tensor x2 = x.reshape({-1, cols}).to(at::kFloat).contiguous();
   const int64_t m_rows = x2.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  if (m_rows >= kGemmMinRows) {
+    at::Tensor out = gemm_over_dequantized_tiles(x2, w, k, out_features).view(shape);
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
   const int64_t xq_row_bytes = cols / k.vd_block_size * k.vd_block_bytes;
   std::vector<uint8_t> xq(static_cast<size_t>(m_rows * xq_row_bytes));
   const float* xp = x2.data_ptr<float>();
@@ -91,19 +124,30 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t w_stride = w.stride(0);
+  const int64_t w_row_bytes = w.size(1);
   const int n = static_cast<int>(cols);
-  at::parallel_for(0, out_features, kTileRows, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; tile += kTileRows) {
-      const int64_t tile_end = std::min(end, tile + kTileRows);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const uint8_t* xrow = xq.data() + m * xq_row_bytes;
-        float* orow = op + m * out_features;
-        for (int64_t r = tile; r < tile_end; ++r) k.vec_dot(n, orow + r, 0, wp + r * w_stride, 0, xrow, 0, 1);
+  // Blocking (measured: without it, past ~32 rows the quantized activations spill L1 and the vec_dot loop
+  // slows 2-3x): activation panels of <= kL2Bytes stay in L2 across a thread's weight rows; inside, tiles of
+  // <= kL1Bytes activation rows and weight rows pair up in L1.
+  const int64_t panel_rows = std::max<int64_t>(1, kL2Bytes / xq_row_bytes);
+  const int64_t m_tile = std::max<int64_t>(1, kL1Bytes / xq_row_bytes);
+  const int64_t w_tile = std::clamp<int64_t>(kL1Bytes / w_row_bytes, 1, kTileRows);
+  for (int64_t panel = 0; panel < m_rows; panel += panel_rows) {
+    const int64_t panel_end = std::min(m_rows, panel + panel_rows);
+    at::parallel_for(0, out_features, w_tile, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; tile += w_tile) {
+        const int64_t tile_end = std::min(end, tile + w_tile);
+        for (int64_t m0 = panel; m0 < panel_end; m0 += m_tile) {
+          const int64_t m1 = std::min(panel_end, m0 + m_tile);
+          for (int64_t m = m0; m < m1; ++m) {
+            const uint8_t* xrow = xq.data() + m * xq_row_bytes;
+            float* orow = op + m * out_features;
+            for (int64_t r = tile; r < tile_end; ++r) k.vec_dot(n, orow + r, 0, wp + r * w_stride, 0, xrow, 0, 1);
+          }
+        }
       }
-    }
-  });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
+    });
+  }
   out = out.view(shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
