@@ -43,6 +43,7 @@ class KernelLevelError(ValueError):
 
 class _State:
     level: str | None = None  # None: not chosen yet (the first matmul chooses "auto")
+    warned: bool = False      # the fallback's warning is said once per process
     index: int = -1           # the op's level argument; -1 runs the reference path
     libraries: dict[str, ctypes.CDLL] = {}  # kept open for the process's life: the op holds their pointers
 
@@ -102,8 +103,11 @@ def set_kernel_level(level: str = "auto") -> str:
         return candidate
     if level != "auto":
         raise KernelLevelError(f"the {level} kernels did not build or load: {errors[0]}")
-    logger.warning("the quantized CPU kernels did not build (%s); quantized layers run gguf's slow reference "
-                   "dequantizer", "; ".join(errors))
+    if not _State.warned:
+        _State.warned = True
+        logger.warning("the quantized CPU kernels did not build (%s); quantized layers run gguf's slow reference "
+                       "dequantizer (run scripts/bootstrap.sh, or python -m sglite.runtime.kernels.ggml_build, "
+                       "to see why)", "; ".join(errors))
     _State.level, _State.index = REFERENCE, -1
     return REFERENCE
 
