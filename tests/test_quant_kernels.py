@@ -210,3 +210,25 @@ def test_levels_are_detected_and_forced():
     assert set_kernel_level("auto") == ggml_kernels.available_levels()[0]
     assert set(SUPPORTED_QTYPES) >= set(BLOCK_QTYPES)
     assert math.prod(make_weight(Q.Q8_0, 2, 32).data.shape) == 2 * 34
+
+
+def test_no_build_falls_back_with_one_warning(monkeypatch, caplog):
+    """Where no level builds, ``auto`` warns once and quantized layers still compute (gguf's reference path)."""
+
+    def cannot_build(level: str) -> int:
+        raise ggml_build.KernelBuildError(f"no compiler for {level} (simulated)")
+
+    monkeypatch.setattr(ggml_kernels, "_load_level", cannot_build)
+    monkeypatch.setattr(ggml_kernels._State, "warned", False)
+    with caplog.at_level("WARNING", logger=ggml_kernels.__name__):
+        assert set_kernel_level("auto") == "reference"
+        assert set_kernel_level("auto") == "reference"
+        qt = make_weight(Q.Q8_0, 5, 64)
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(quant_matmul(x, qt).double(), x.double() @ reference_dense(qt).T, rtol=1e-5, atol=1e-5)
+    warnings = [r for r in caplog.records if "did not build" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
+    with pytest.raises(ggml_kernels.KernelLevelError, match="portable kernels did not build.*simulated"):
+        set_kernel_level("portable")
+    monkeypatch.undo()
+    assert set_kernel_level("auto") == ggml_kernels.available_levels()[0]
