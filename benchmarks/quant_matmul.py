@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from sglite.runtime.kernels import ggml_build, ggml_kernels
-from sglite.runtime.kernels.quant_linear import QuantizedTensor, dequantize, quant_matmul, set_kernel_level
+from sglite.runtime.kernels.quant_linear import (
+    QuantizedTensor,
+    QuantLinear,
+    dequantize,
+    quant_matmul,
+    set_kernel_level,
+)
 
 Q = gguf.GGMLQuantizationType
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -145,6 +151,10 @@ def main() -> None:
         for level in levels:
             set_kernel_level(level)
             row(name, f"ggml {level}", weights, quant_matmul, nbytes)
+            layers = [QuantLinear(w) for w in weights]
+            if layers[0].packed is not None:  # llama.cpp's repacked layout (QuantLinear's default where it exists)
+                row(name, f"ggml {level} repacked (QuantLinear)", layers, lambda x, layer: layer(x), nbytes)
+            del layers
         set_kernel_level("auto")
         row(name, "dequantize + F.linear", weights[:2], lambda x, w: F.linear(x, dequantize(w)), nbytes)
         del weights

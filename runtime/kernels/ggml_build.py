@@ -81,11 +81,13 @@ def cpu_levels(flags: frozenset[str] | set[str] | None = None) -> tuple[str, ...
     return tuple(level for level in LEVELS if level == "portable" or (x86 and LEVEL_CPU_FLAGS[level] <= flags))
 
 
-def _compiler() -> str:
+def _compilers() -> tuple[str, str]:
+    """The C and C++ compilers (the x86 levels compile llama.cpp's C++ repacked kernels too)."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise KernelBuildError("no C compiler (cc, gcc or clang) on PATH; install build-essential")
-    return cc
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not (cc and cxx):
+        raise KernelBuildError("no C/C++ compiler (cc and c++, gcc and g++, or clang) on PATH; install build-essential")
+    return cc, cxx
 
 
 def _sources_root(cache: Path) -> Path:
@@ -126,19 +128,21 @@ def build(level: str, cache: Path = DEFAULT_CACHE) -> Path:
     if level != "portable" and not x86:
         raise KernelBuildError(f"the {level} kernels are x86 code; this machine is {platform.machine()}")
     ggml = _sources_root(cache)
-    cc = _compiler()
+    cc, cxx = _compilers()
     sources = [SHIM, ggml / "src" / "ggml-quants.c", ggml / "src" / "ggml-cpu" / "quants.c"]
-    if level != "portable":
-        sources.append(ggml / "src" / "ggml-cpu" / "arch" / "x86" / "quants.c")
-    flags = ["-O3", "-fPIC", "-std=c11", "-fvisibility=hidden", f"-DSG_LEVEL=\"{level}\"", "-DNDEBUG",
+    flags = ["-O3", "-fPIC", "-fvisibility=hidden", f"-DSG_LEVEL=\"{level}\"", "-DNDEBUG",
              f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-I{ggml / 'src' / 'ggml-cpu'}", *LEVEL_FLAGS[level]]
+    if level != "portable":
+        sources += [ggml / "src" / "ggml-cpu" / "arch" / "x86" / "quants.c", ggml / "src" / "ggml-cpu" / "arch" / "x86" / "repack.cpp"]
+        flags.append("-DSG_HAVE_REPACK")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = [Path(tmp) / f"{i}.o" for i in range(len(sources))]
 
         def compile_one(pair: tuple[Path, Path]) -> subprocess.CompletedProcess:
             src, obj = pair
-            return subprocess.run([cc, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+            compiler, std = (cxx, "-std=c++17") if src.suffix == ".cpp" else (cc, "-std=c11")
+            return subprocess.run([compiler, std, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
             results = list(pool.map(compile_one, zip(sources, objects)))
@@ -148,7 +152,7 @@ def build(level: str, cache: Path = DEFAULT_CACHE) -> Path:
         exports = Path(tmp) / "exports.map"
         exports.write_text("{ global: sg_ggml_kernels; local: *; };\n")
         partial = Path(tmp) / target.name
-        done = subprocess.run([cc, "-shared", "-o", str(partial), *map(str, objects),
+        done = subprocess.run([cxx, "-shared", "-o", str(partial), *map(str, objects),
                                f"-Wl,--version-script={exports}", "-Wl,-Bsymbolic", "-lm"], capture_output=True, text=True)
         if done.returncode:
             raise KernelBuildError(f"linking the {level} kernels failed: {done.stderr.strip()[-600:]}")

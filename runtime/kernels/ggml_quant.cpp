@@ -11,15 +11,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
 namespace {
 
-// mirrors sg_ggml_type_kernels / sg_ggml_kernels_table in ggml_shim.c (abi_version 1)
+// mirrors sg_ggml_type_kernels / sg_ggml_kernels_table in ggml_shim.c (abi_version 2)
 using vec_dot_t = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
 using from_float_t = void (*)(const float*, void*, int64_t);
 using to_float_t = void (*)(const void*, float*, int64_t);
+using gemx_t = void (*)(int, float*, size_t, const void*, const void*, int, int);
 
 struct TypeKernels {
   int32_t qtype, vec_dot_type, block_size, block_bytes, vd_block_size, vd_block_bytes;
@@ -27,10 +29,14 @@ struct TypeKernels {
   from_float_t quantize_vd;
   to_float_t dequantize;
   from_float_t quantize_ref;
+  int32_t packed_rows;
+  gemx_t gemv_packed;
+  gemx_t gemm_packed;
+  from_float_t quantize_mat;
 };
 
 constexpr int kMaxTypes = 16;
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 struct KernelTable {
   int32_t abi_version;
@@ -96,7 +102,76 @@ at::Tensor gemm_over_dequantized_tiles(const at::Tensor& x2, const at::Tensor& w
   return out;
 }
 
-at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t out_features, int64_t level) {
+// Q4_0 repacked as llama.cpp's CPU backend does (block_q4_0x8: the same block of 8 consecutive weight rows
+// interleaved 8 bytes at a time, nibbles xor 0x88), for its gemv/gemm kernels: a 4 x 8 output tile per step
+// unpacks each weight block once for 4 activation rows. The bytes are the same count as the plain blocks.
+at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t cols, int64_t level) {
+  const TypeKernels& k = kernels_for(level, qtype);
+  check_weight(w, k, cols);
+  const int64_t rows = w.size(0);
+  if (k.packed_rows == 0 || rows % k.packed_rows) return at::empty({0}, w.options());
+  TORCH_CHECK(k.qtype == 2 && k.packed_rows == 8, "no repacking for ggml type ", qtype);  // Q4_0 only so far
+  constexpr int kBlockBytes = 18, kQsBytes = 16;
+  const int64_t nb = cols / 32;
+  at::Tensor out = at::empty({rows, w.size(1)}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t w_stride = w.stride(0);
+  at::parallel_for(0, rows / 8, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* o = dst + (g * nb + b) * 8 * kBlockBytes;  // d[8] (fp16) then qs[128]
+        for (int i = 0; i < 8; ++i) std::memcpy(o + 2 * i, src + (g * 8 + i) * w_stride + b * kBlockBytes, 2);
+        for (int i = 0; i < 16; ++i) {  // 8-byte chunk i: row i % 8, byte offset (i / 8) * 8 of its qs
+          uint64_t chunk;
+          std::memcpy(&chunk, src + (g * 8 + i % 8) * w_stride + b * kBlockBytes + 2 + (i / 8) * 8, 8);
+          chunk ^= 0x8888888888888888ULL;
+          std::memcpy(o + 16 + i * 8, &chunk, 8);
+        }
+      }
+    }
+  });
+  static_assert(kQsBytes == 16, "Q4_0 block: fp16 scale + 16 bytes of nibbles");
+  return out;
+}
+
+at::Tensor packed_matmul(const at::Tensor& x2, const at::Tensor& packed, const TypeKernels& k, int64_t out_features) {
+  const int64_t cols = x2.size(1), m_rows = x2.size(0);
+  const int64_t xq_row_bytes = cols / k.vd_block_size * k.vd_block_bytes;
+  const int64_t m4 = m_rows - m_rows % 4;
+  std::vector<uint8_t> xq(static_cast<size_t>(m_rows * xq_row_bytes));
+  const float* xp = x2.data_ptr<float>();
+  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t end) {  // groups of 4 rows interleaved, the rest plain
+    for (int64_t m = begin; m < end; ++m) {
+      if (m < m4 && m % 4 == 0) k.quantize_mat(xp + m * cols, xq.data() + m * xq_row_bytes, cols);
+      else if (m >= m4) k.quantize_vd(xp + m * cols, xq.data() + m * xq_row_bytes, cols);
+    }
+  });
+  at::Tensor out = at::empty({m_rows, out_features}, x2.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const int64_t group_bytes = packed.size(1) * k.packed_rows;  // one block_q4_0x8 row group
+  const int n = static_cast<int>(cols);
+  // column chunks of <= kL2Bytes of weights: reused from cache by every activation row group
+  const int64_t chunk_groups = std::max<int64_t>(1, kL2Bytes / group_bytes);
+  const int64_t groups = out_features / k.packed_rows;
+  at::parallel_for(0, groups, chunk_groups, [&](int64_t begin, int64_t end) {
+    for (int64_t g0 = begin; g0 < end; g0 += chunk_groups) {
+      const int64_t g1 = std::min(end, g0 + chunk_groups);
+      const int nc = static_cast<int>((g1 - g0) * k.packed_rows);
+      const uint8_t* vx = wp + g0 * group_bytes;
+      float* o = op + g0 * k.packed_rows;
+      if (m4) k.gemm_packed(n, o, out_features, vx, xq.data(), static_cast<int>(m4), nc);
+      for (int64_t m = m4; m < m_rows; ++m) {
+        k.gemv_packed(n, o + m * out_features, out_features, vx, xq.data() + m * xq_row_bytes, 1, nc);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t out_features, int64_t level,
+                        const std::optional<at::Tensor>& packed) {
   const TypeKernels& k = kernels_for(level, qtype);
   const int64_t cols = x.size(-1);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -109,6 +184,12 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   const int64_t m_rows = x2.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
+  if (packed.has_value() && packed->numel()) {
+    TORCH_CHECK(k.packed_rows && packed->sizes() == w.sizes() && packed->is_contiguous(),
+                "packed weights do not match this level's packed layout (repack them with ggml_repack)");
+    at::Tensor out = packed_matmul(x2, *packed, k, out_features).view(shape);
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
   if (m_rows >= kGemmMinRows) {
     at::Tensor out = gemm_over_dequantized_tiles(x2, w, k, out_features).view(shape);
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -195,6 +276,7 @@ TORCH_LIBRARY_IMPL(sglite, CPU, m) {
   m.impl("ggml_quant_matmul", &quant_matmul);
   m.impl("ggml_dequantize", &dequantize);
   m.impl("ggml_quantize_ref", &quantize_ref);
+  m.impl("ggml_repack", &repack);
 }
 
 TORCH_LIBRARY_FRAGMENT(sglite_ggml, m) {

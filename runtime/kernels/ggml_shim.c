@@ -32,6 +32,15 @@ void ggml_abort(const char * file, int line, const char * fmt, ...) {
 typedef void (*sg_vec_dot_t)(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
 typedef void (*sg_from_float_t)(const float * x, void * y, int64_t k);
 typedef void (*sg_to_float_t)(const void * x, float * y, int64_t k);
+typedef void (*sg_gemx_t)(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+
+#ifdef SG_HAVE_REPACK
+// arch/x86/repack.cpp: 8 weight rows interleaved per block (block_q4_0x8), the layout llama.cpp's CPU backend
+// repacks Q4_0 into; 4 activation rows interleaved per q8_0 block for the GEMM
+void ggml_gemv_q4_0_8x8_q8_0(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+void ggml_gemm_q4_0_8x8_q8_0(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+void ggml_quantize_mat_q8_0_4x8(const float * x, void * vy, int64_t k);
+#endif
 
 typedef struct {
     int32_t qtype;           // ggml_type of the weight
@@ -44,6 +53,10 @@ typedef struct {
     sg_from_float_t quantize_vd;     // activations -> vec_dot_type blocks (SIMD)
     sg_to_float_t dequantize;        // weight blocks -> float32
     sg_from_float_t quantize_ref;    // float32 -> weight blocks (llama.cpp's reference quantizer, for tests)
+    int32_t packed_rows;             // weight rows interleaved by the packed kernels below (0: none)
+    sg_gemx_t gemv_packed;           // packed weight x one quantized activation row
+    sg_gemx_t gemm_packed;           // packed weight x 4 interleaved activation rows (quantize_mat's layout)
+    sg_from_float_t quantize_mat;    // 4 float32 rows -> 4 interleaved vec_dot_type rows
 } sg_ggml_type_kernels;
 
 #define SG_MAX_TYPES 16
@@ -125,7 +138,7 @@ __attribute__((visibility("default"))) const sg_ggml_kernels_table * sg_ggml_ker
         ggml_table_f32_e8m0_half[i] = GGML_E8M0_TO_FP32_HALF(i);
         ggml_table_f32_ue4m3[i] = ggml_ue4m3_to_fp32((uint8_t) i);
     }
-    table.abi_version = 1;
+    table.abi_version = 2;
     table.level = SG_LEVEL;
     ADD(Q4_0, q4_0, Q8_0, q8_0);
     ADD(Q4_1, q4_1, Q8_1, q8_1);
@@ -137,5 +150,12 @@ __attribute__((visibility("default"))) const sg_ggml_kernels_table * sg_ggml_ker
     ADD(Q4_K, q4_K, Q8_K, q8_K);
     ADD(Q5_K, q5_K, Q8_K, q8_K);
     ADD(Q6_K, q6_K, Q8_K, q8_K);
+#ifdef SG_HAVE_REPACK
+    sg_ggml_type_kernels * q4_0 = &table.types[0];
+    q4_0->packed_rows = 8;
+    q4_0->gemv_packed = ggml_gemv_q4_0_8x8_q8_0;
+    q4_0->gemm_packed = ggml_gemm_q4_0_8x8_q8_0;
+    q4_0->quantize_mat = ggml_quantize_mat_q8_0_4x8;
+#endif
     return &table;
 }

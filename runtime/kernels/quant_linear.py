@@ -161,7 +161,9 @@ def quant_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """``nn.Linear`` over a :class:`QuantizedTensor` weight (and an optional dense bias).
 
-    The blocks are a non-persistent buffer (``.to()`` and memory accounting see them; ``state_dict`` does not);
+    Where the running kernel level has a repacked layout for the format (Q4_0 on avx2/avx512: llama.cpp's
+    8-row interleaved blocks, the same byte count), the layer repacks once, when built or when the level
+    changes, and multiplies with llama.cpp's gemv/gemm kernels; otherwise it reads ``weight.data`` in place.
     ``forward`` is one op call, as the engine runs a few hundred linear layers per decoded token.
     """
 
@@ -175,22 +177,36 @@ class QuantLinear(nn.Module):
             raise QuantFormatError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
         self._native = weight.qtype not in FLOAT_TYPES
+        self.register_buffer("packed", None, persistent=False)
+        self._packed_level = -2  # the level index ``packed`` was made for (-2: none yet)
+        self._repack(level_index())
+
+    def _repack(self, index: int) -> None:
+        """Repack for level ``index`` where it has a packed layout for this format (else ``packed`` is None)."""
+        packed = None
+        if self._native and index >= 0:
+            packed = torch.ops.sglite.ggml_repack(self.blocks, self.qtype, self.in_features, index)
+            packed = packed if packed.numel() else None
+        self.packed, self._packed_level = packed, index
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the packed weight blocks (the bias not included)."""
+        """Bytes of the weight blocks a matmul reads (the bias not included)."""
         return self.weight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = level_index()
+        if index != self._packed_level:
+            self._repack(index)
         if self._native and index >= 0:  # the C++ op checks dtype and shape itself
-            out = torch.ops.sglite.ggml_quant_matmul(x, self.blocks, self.qtype, self.out_features, index)
+            out = torch.ops.sglite.ggml_quant_matmul(x, self.blocks, self.qtype, self.out_features, index, self.packed)
         else:
             out = quant_matmul(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.weight.name}"
+        packed = ", packed" if self.packed is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.weight.name}{packed}"
 
 
 class QuantEmbedding(nn.Module):
