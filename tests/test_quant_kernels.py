@@ -234,10 +234,12 @@ def test_no_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert set_kernel_level("auto") == ggml_kernels.available_levels()[0]
 
 
-def test_packed_q4_0_layers(level):
-    """Q4_0 layers repack for llama.cpp's 8-row gemv/gemm kernels on the x86 levels, and agree with vec_dot."""
-    for out_features, cols in ((24, 96), (40, 2048), (17, 64)):
-        qt = make_weight(Q.Q4_0, out_features, cols, seed=out_features)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K], ids=lambda t: t.name)
+def test_packed_layers(level, qtype):
+    """Q4_0 / Q4_K layers repack for llama.cpp's 8-row gemv/gemm kernels on the x86 levels, and agree with vec_dot."""
+    shapes = ((24, 96), (40, 2048), (17, 64)) if qtype == Q.Q4_0 else ((24, 256), (16, 2048), (17, 512))
+    for out_features, cols in shapes:
+        qt = make_weight(qtype, out_features, cols, seed=out_features)
         layer = QuantLinear(qt)
         packs = level in ("avx2", "avx512") and out_features % 8 == 0
         assert (layer.packed is not None) == packs
@@ -248,6 +250,6 @@ def test_packed_q4_0_layers(level):
             x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
             got = layer(x)
             err = (got.double() - x.double() @ w.T).abs()
-            assert bool((err <= tolerance(x, w, 32)).all()), f"{out_features}x{cols} m={m}"
+            assert bool((err <= tolerance(x, w, ACTIVATION_BLOCK[qtype])).all()), f"{out_features}x{cols} m={m}"
             if m < 32:  # the same q8_0 activations and integer dot products as the unpacked kernel
                 torch.testing.assert_close(got, quant_matmul(x, qt), rtol=1e-4, atol=1e-4)

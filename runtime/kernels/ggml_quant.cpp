@@ -102,17 +102,73 @@ at::Tensor gemm_over_dequantized_tiles(const at::Tensor& x2, const at::Tensor& w
   return out;
 }
 
-// Q4_0 repacked as llama.cpp's CPU backend does (block_q4_0x8: the same block of 8 consecutive weight rows
-// interleaved 8 bytes at a time, nibbles xor 0x88), for its gemv/gemm kernels: a 4 x 8 output tile per step
-// unpacks each weight block once for 4 activation rows. The bytes are the same count as the plain blocks.
+// Weights repacked as llama.cpp's CPU backend does for its gemv/gemm kernels (same byte count): each block
+// index of 8 consecutive rows becomes one 8-row block, quants interleaved 8 bytes at a time, so a 4 x 8 output
+// tile per step unpacks each weight block once for 4 activation rows.
+//   Q4_0 -> block_q4_0x8: d[8] fp16, qs[128] (nibbles xor 0x88: signed, as the kernels read them)
+//   Q4_K -> block_q4_Kx8: d[8], dmin[8] fp16, scales[96] (per sub-block, the 8 rows' 6-bit scale/min pairs
+//           in Q4_K's own 12-byte encoding), qs[1024]
+void interleave_quants(const uint8_t* const rows[8], int64_t qs_offset, int64_t qs_bytes, uint8_t* out, uint64_t mask) {
+  for (int64_t i = 0; i < qs_bytes; ++i) {  // 8 rows x qs_bytes = qs_bytes chunks of 8: row i % 8, chunk i / 8
+    uint64_t chunk;
+    std::memcpy(&chunk, rows[i % 8] + qs_offset + (i / 8) * 8, 8);
+    chunk ^= mask;
+    std::memcpy(out + i * 8, &chunk, 8);
+  }
+}
+
+// Q4_K's 12 scale bytes: 8 sub-blocks' 6-bit (scale, min), the high bits of 4-7 in the top bits of 0-3
+void decode_scales_k4(const uint8_t* q, uint8_t sc[8], uint8_t mn[8]) {
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      sc[j] = q[j] & 63;
+      mn[j] = q[j + 4] & 63;
+    } else {
+      sc[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+      mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+  }
+}
+
+void encode_scales_k4(const uint8_t sc[8], const uint8_t mn[8], uint8_t* q) {
+  for (int j = 0; j < 4; ++j) {
+    q[j] = (sc[j] & 63) | ((sc[j + 4] & 48) << 2);
+    q[j + 4] = (mn[j] & 63) | ((mn[j + 4] & 48) << 2);
+    q[j + 8] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+  }
+}
+
+void repack_block_group(int64_t qtype, const uint8_t* const rows[8], uint8_t* out) {
+  if (qtype == 2) {  // Q4_0: fp16 d, qs[16]
+    for (int i = 0; i < 8; ++i) std::memcpy(out + 2 * i, rows[i], 2);
+    interleave_quants(rows, 2, 16, out + 16, 0x8888888888888888ULL);
+    return;
+  }
+  // Q4_K: fp16 d, fp16 dmin, scales[12], qs[128]
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(out + 2 * i, rows[i], 2);
+    std::memcpy(out + 16 + 2 * i, rows[i] + 2, 2);
+  }
+  uint8_t sc[8][8], mn[8][8];  // [row][sub-block]
+  for (int r = 0; r < 8; ++r) decode_scales_k4(rows[r] + 4, sc[r], mn[r]);
+  for (int sb = 0; sb < 8; ++sb) {
+    uint8_t s8[8], m8[8];
+    for (int r = 0; r < 8; ++r) {
+      s8[r] = sc[r][sb];
+      m8[r] = mn[r][sb];
+    }
+    encode_scales_k4(s8, m8, out + 32 + sb * 12);
+  }
+  interleave_quants(rows, 16, 128, out + 128, 0);
+}
+
 at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t cols, int64_t level) {
   const TypeKernels& k = kernels_for(level, qtype);
   check_weight(w, k, cols);
   const int64_t rows = w.size(0);
-  if (k.packed_rows == 0 || rows % k.packed_rows) return at::empty({0}, w.options());
-  TORCH_CHECK(k.qtype == 2 && k.packed_rows == 8, "no repacking for ggml type ", qtype);  // Q4_0 only so far
-  constexpr int kBlockBytes = 18, kQsBytes = 16;
-  const int64_t nb = cols / 32;
+  if (k.packed_rows != 8 || rows % 8) return at::empty({0}, w.options());
+  TORCH_CHECK(qtype == 2 || qtype == 12, "no repacking for ggml type ", qtype);
+  const int64_t nb = cols / k.block_size;
   at::Tensor out = at::empty({rows, w.size(1)}, w.options());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -120,18 +176,12 @@ at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t cols, int64_t leve
   at::parallel_for(0, rows / 8, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* o = dst + (g * nb + b) * 8 * kBlockBytes;  // d[8] (fp16) then qs[128]
-        for (int i = 0; i < 8; ++i) std::memcpy(o + 2 * i, src + (g * 8 + i) * w_stride + b * kBlockBytes, 2);
-        for (int i = 0; i < 16; ++i) {  // 8-byte chunk i: row i % 8, byte offset (i / 8) * 8 of its qs
-          uint64_t chunk;
-          std::memcpy(&chunk, src + (g * 8 + i % 8) * w_stride + b * kBlockBytes + 2 + (i / 8) * 8, 8);
-          chunk ^= 0x8888888888888888ULL;
-          std::memcpy(o + 16 + i * 8, &chunk, 8);
-        }
+        const uint8_t* group[8];
+        for (int i = 0; i < 8; ++i) group[i] = src + (g * 8 + i) * w_stride + b * k.block_bytes;
+        repack_block_group(qtype, group, dst + (g * nb + b) * 8 * k.block_bytes);
       }
     }
   });
-  static_assert(kQsBytes == 16, "Q4_0 block: fp16 scale + 16 bytes of nibbles");
   return out;
 }
 

@@ -40,6 +40,9 @@ typedef void (*sg_gemx_t)(int n, float * s, size_t bs, const void * vx, const vo
 void ggml_gemv_q4_0_8x8_q8_0(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
 void ggml_gemm_q4_0_8x8_q8_0(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
 void ggml_quantize_mat_q8_0_4x8(const float * x, void * vy, int64_t k);
+void ggml_gemv_q4_K_8x8_q8_K(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+void ggml_gemm_q4_K_8x8_q8_K(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+void ggml_quantize_mat_q8_K_4x8(const float * x, void * vy, int64_t k);
 #endif
 
 typedef struct {
@@ -122,6 +125,18 @@ static void add(enum ggml_type t, enum ggml_type vd, sg_vec_dot_t vec_dot, sg_fr
     k->quantize_ref = quantize_ref;
 }
 
+// llama.cpp's 8-row interleaved layouts (the torch op repacks into them: ggml_quant.cpp)
+static void add_packed(enum ggml_type t, sg_gemx_t gemv, sg_gemx_t gemm, sg_from_float_t quantize_mat) {
+    for (int i = 0; i < table.count; ++i) {
+        if (table.types[i].qtype == t) {
+            table.types[i].packed_rows = 8;
+            table.types[i].gemv_packed = gemv;
+            table.types[i].gemm_packed = gemm;
+            table.types[i].quantize_mat = quantize_mat;
+        }
+    }
+}
+
 #define ADD(T, t, VD, vd) \
     add(GGML_TYPE_##T, GGML_TYPE_##VD, ggml_vec_dot_##t##_##vd, quantize_row_##vd, \
         (sg_to_float_t) dequantize_row_##t, (sg_from_float_t) quantize_row_##t##_ref)
@@ -151,11 +166,8 @@ __attribute__((visibility("default"))) const sg_ggml_kernels_table * sg_ggml_ker
     ADD(Q5_K, q5_K, Q8_K, q8_K);
     ADD(Q6_K, q6_K, Q8_K, q8_K);
 #ifdef SG_HAVE_REPACK
-    sg_ggml_type_kernels * q4_0 = &table.types[0];
-    q4_0->packed_rows = 8;
-    q4_0->gemv_packed = ggml_gemv_q4_0_8x8_q8_0;
-    q4_0->gemm_packed = ggml_gemm_q4_0_8x8_q8_0;
-    q4_0->quantize_mat = ggml_quantize_mat_q8_0_4x8;
+    add_packed(GGML_TYPE_Q4_0, ggml_gemv_q4_0_8x8_q8_0, ggml_gemm_q4_0_8x8_q8_0, ggml_quantize_mat_q8_0_4x8);
+    add_packed(GGML_TYPE_Q4_K, ggml_gemv_q4_K_8x8_q8_K, ggml_gemm_q4_K_8x8_q8_K, ggml_quantize_mat_q8_K_4x8);
 #endif
     return &table;
 }
