@@ -253,3 +253,38 @@ def test_packed_layers(level, qtype):
             assert bool((err <= tolerance(x, w, ACTIVATION_BLOCK[qtype])).all()), f"{out_features}x{cols} m={m}"
             if m < 32:  # the same q8_0 activations and integer dot products as the unpacked kernel
                 torch.testing.assert_close(got, quant_matmul(x, qt), rtol=1e-4, atol=1e-4)
+
+
+def test_real_gguf_tensors_read_in_place(level, real_model_path):
+    """The default model's own tensors, as read-only views of the memory-mapped file: Q4_1 layers and the Q8_0
+    embedding table (looked up and used as the tied head) match gguf's dequantization in float64."""
+    import warnings
+
+    reader = gguf.GGUFReader(real_model_path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def view(name: str) -> QuantizedTensor:
+        t = tensors[name]
+        with warnings.catch_warnings():  # the mapping is read-only, and the kernels never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(t.data)
+        return QuantizedTensor(data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+
+    down = view("blk.0.ffn_down.weight")
+    assert down.name == "Q4_1" and down.shape == (576, 1536) and not tensors["blk.0.ffn_down.weight"].data.flags.writeable
+    w = reference_dense(down)
+    x = torch.randn(3, 1536, generator=torch.Generator().manual_seed(0))
+    err = (QuantLinear(down)(x).double() - x.double() @ w.T).abs()
+    assert bool((err <= tolerance(x, w, 32)).all())
+
+    embedding = QuantEmbedding(view("token_embd.weight"))
+    ids = torch.tensor([0, 1, 4000, 49151])
+    table = reference_dense(QuantizedTensor(embedding.weight.data[ids], embedding.weight.qtype, (4, 576)))
+    torch.testing.assert_close(embedding(ids).double(), table, rtol=1e-6, atol=1e-7)
+    hidden = torch.randn(2, 576, generator=torch.Generator().manual_seed(1))
+    logits = quant_matmul(hidden, embedding.weight)
+    assert logits.shape == (2, 49152)
+    rows = torch.arange(0, 49152, 997)  # a sample of the head's rows, checked in float64
+    sample = reference_dense(QuantizedTensor(embedding.weight.data[rows], embedding.weight.qtype, (len(rows), 576)))
+    err = (logits[:, rows].double() - hidden.double() @ sample.T).abs()
+    assert bool((err <= tolerance(hidden, sample, 32)).all())
