@@ -8,6 +8,8 @@ builds) is a level of its own here.
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -288,3 +290,36 @@ def test_real_gguf_tensors_read_in_place(level, real_model_path):
     sample = reference_dense(QuantizedTensor(embedding.weight.data[rows], embedding.weight.qtype, (len(rows), 576)))
     err = (logits[:, rows].double() - hidden.double() @ sample.T).abs()
     assert bool((err <= tolerance(hidden, sample, 32)).all())
+
+
+def _mapping_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_repacked_layer_releases_its_mapped_source(level, tmp_path):
+    """A layer that repacks leaves its memory-mapped source blocks out of RSS (file + packed copy would double
+    the weights' memory); the blocks still read back intact."""
+    if level not in ("avx2", "avx512") or not Path("/proc/self/smaps").exists():
+        pytest.skip("only the x86 levels repack (and only Linux reports a mapping's RSS)")
+    qt = make_weight(Q.Q4_0, 512, 4096)  # 1.1 MiB of blocks
+    path = tmp_path / "weights.bin"
+    qt.data.numpy().tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(qt.data.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only: the kernels never write to it
+        view = QuantizedTensor(torch.from_numpy(mapped), Q.Q4_0, qt.shape)
+    assert int(mapped.sum(dtype=np.int64)) > 0  # every page resident
+    before = _mapping_rss_kib(path)
+    layer = QuantLinear(view)
+    assert layer.packed is not None
+    after = _mapping_rss_kib(path)
+    assert before >= 1000 and after < before / 4, (before, after)
+    assert torch.equal(torch.from_numpy(np.array(mapped)), qt.data)

@@ -15,6 +15,9 @@ copy of the weight; :func:`dequantize` expands only the rows asked for (the embe
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from dataclasses import dataclass
 
 import gguf
@@ -96,6 +99,36 @@ class QuantizedTensor:
     @property
     def name(self) -> str:
         return Q(self.qtype).name
+
+
+MADV_DONTNEED = 4
+"""Linux ``madvise`` advice: drop these pages from the process (a read-only file mapping re-reads them on access)."""
+
+
+def _read_only_file_mapping(start: int, end: int) -> bool:
+    """Whether ``[start, end)`` lies in one read-only, file-backed mapping of this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(a, 16) for a in fields[0].split("-"))
+            if low <= start and end <= high:
+                return fields[1].startswith("r-") and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    return False
+
+
+def _release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drop the whole pages under ``tensor`` from this process's RSS when they are a read-only view of a file
+    (a repacked layer's source blocks in the memory-mapped GGUF: resident beside the packed copy they would
+    double the layer's memory). Only there: such pages are re-read from the file if ever touched again, while
+    anonymous memory would lose its contents. A no-op off Linux."""
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start and _read_only_file_mapping(start, end):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)  # failure is harmless
 
 
 def _dequantize_reference(qt: QuantizedTensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -187,6 +220,8 @@ class QuantLinear(nn.Module):
         if self._native and index >= 0:
             packed = torch.ops.sglite.ggml_repack(self.blocks, self.qtype, self.in_features, index)
             packed = packed if packed.numel() else None
+            if packed is not None:
+                _release_mapped_pages(self.blocks)  # the plain blocks are only read again if the level changes
         self.packed, self._packed_level = packed, index
 
     @property
