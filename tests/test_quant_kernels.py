@@ -257,13 +257,17 @@ def test_packed_layers(level, qtype):
                 torch.testing.assert_close(got, quant_matmul(x, qt), rtol=1e-4, atol=1e-4)
 
 
-def test_real_gguf_tensors_read_in_place(level, real_model_path):
+@pytest.fixture(scope="module")
+def real_gguf_tensors(real_model_path):
+    """The default GGUF's tensors by name (parsed once: gguf's reader reads the whole tokenizer too)."""
+    return {t.name: t for t in gguf.GGUFReader(real_model_path).tensors}
+
+
+@pytest.mark.slow  # gguf parses the whole file, tokenizer included (~9 s on 2 cores)
+def test_real_gguf_tensors_read_in_place(level, real_gguf_tensors):
     """The default model's own tensors, as read-only views of the memory-mapped file: Q4_1 layers and the Q8_0
     embedding table (looked up and used as the tied head) match gguf's dequantization in float64."""
-    import warnings
-
-    reader = gguf.GGUFReader(real_model_path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = real_gguf_tensors
 
     def view(name: str) -> QuantizedTensor:
         t = tensors[name]
