@@ -327,3 +327,17 @@ def test_repacked_layer_releases_its_mapped_source(level, tmp_path):
     after = _mapping_rss_kib(path)
     assert before >= 1000 and after < before / 4, (before, after)
     assert torch.equal(torch.from_numpy(np.array(mapped)), qt.data)
+
+
+@pytest.mark.slow  # an inductor compile: tens of seconds on 2 cores
+def test_layers_inside_inductor_compile():
+    """With inductor (the engine's backend), packed and unpacked layers run as the same ops as in eager."""
+    assert set_kernel_level("auto") != "reference"
+    packed, plain = QuantLinear(make_weight(Q.Q4_K, 16, 256)), QuantLinear(make_weight(Q.Q6_K, 24, 256), torch.randn(24))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return plain(torch.relu(packed(x)).repeat(1, 16))
+
+    x = torch.randn(3, 256)
+    compiled = torch.compile(forward, fullgraph=True)
+    torch.testing.assert_close(compiled(x), forward(x), rtol=1e-5, atol=1e-5)
