@@ -205,7 +205,8 @@ at::Tensor packed_matmul(const at::Tensor& x2, const at::Tensor& packed, const T
   // column chunks of <= kL2Bytes of weights: reused from cache by every activation row group
   const int64_t chunk_groups = std::max<int64_t>(1, kL2Bytes / group_bytes);
   const int64_t groups = out_features / k.packed_rows;
-  at::parallel_for(0, groups, chunk_groups, [&](int64_t begin, int64_t end) {
+  // grain 1: a small matrix (a K/V projection is a few dozen groups) still spreads over every thread
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g0 = begin; g0 < end; g0 += chunk_groups) {
       const int64_t g1 = std::min(end, g0 + chunk_groups);
       const int nc = static_cast<int>((g1 - g0) * k.packed_rows);
@@ -230,7 +231,9 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   TORCH_CHECK(w.size(0) == out_features, "weight has ", w.size(0), " rows, out_features is ", out_features);
   TORCH_CHECK(cols % k.vd_block_size == 0, "cols ", cols, " is not a multiple of ", k.vd_block_size);
 
-  const at::Tensor x2 = x.reshape({-1, cols}).to(at::kFloat).contiguous();
+  at::Tensor x2 = x.reshape({-1, cols});  // each conversion only where needed: a decode call is a few microseconds
+  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
+  if (!x2.is_contiguous()) x2 = x2.contiguous();
   const int64_t m_rows = x2.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;

@@ -40,6 +40,8 @@ SUPPORTED_QTYPES = frozenset(
 )
 """ggml block formats the kernels read (the float rows too, for tensors a GGUF keeps unquantized)."""
 
+_QUANT_MATMUL = torch.ops.sglite.ggml_quant_matmul.default  # the overload itself: no per-call resolution
+
 FLOAT_TYPES = {int(Q.F32): torch.float32, int(Q.F16): torch.float16, int(Q.BF16): torch.bfloat16}
 """Unquantized ggml rows: viewed as their dtype and multiplied by torch, not by the ggml kernels."""
 
@@ -214,6 +216,16 @@ class QuantLinear(nn.Module):
         self._packed_level = -2  # the level index ``packed`` was made for (-2: none yet)
         self._repack(level_index())
 
+    def _cache_tensors(self) -> None:
+        # forward reads plain attributes: a buffer or parameter read goes through nn.Module.__getattr__, which
+        # costs about as much as the op's own dispatch at decode sizes; _apply (``.to()`` ...) refreshes them
+        self._blocks, self._packed, self._bias = self.blocks, self.packed, self.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        self._cache_tensors()
+        return module
+
     def _repack(self, index: int) -> None:
         """Repack for level ``index`` where it has a packed layout for this format (else ``packed`` is None)."""
         packed = None
@@ -223,6 +235,7 @@ class QuantLinear(nn.Module):
             if packed is not None:
                 _release_mapped_pages(self.blocks)  # the plain blocks are only read again if the level changes
         self.packed, self._packed_level = packed, index
+        self._cache_tensors()
 
     @property
     def weight_bytes(self) -> int:
@@ -234,10 +247,10 @@ class QuantLinear(nn.Module):
         if index != self._packed_level:
             self._repack(index)
         if self._native and index >= 0:  # the C++ op checks dtype and shape itself
-            out = torch.ops.sglite.ggml_quant_matmul(x, self.blocks, self.qtype, self.out_features, index, self.packed)
+            out = _QUANT_MATMUL(x, self._blocks, self.qtype, self.out_features, index, self._packed)
         else:
             out = quant_matmul(x, self.weight)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return out if self._bias is None else out + self._bias.to(out.dtype)
 
     def extra_repr(self) -> str:
         packed = ", packed" if self.packed is not None else ""
