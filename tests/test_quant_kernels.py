@@ -341,3 +341,21 @@ def test_layers_inside_inductor_compile():
     x = torch.randn(3, 256)
     compiled = torch.compile(forward, fullgraph=True)
     torch.testing.assert_close(compiled(x), forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("level_name", ggml_build.LEVELS)
+def test_every_level_builds_and_exports_one_symbol(level_name):
+    """Each level compiles on any x86 machine with a compiler (avx512 too, though only run where the CPU has it)
+    and exports only its kernel table, so levels and a libggml loaded by someone else never clash."""
+    import platform
+    import shutil
+    import subprocess
+
+    if level_name != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the {level_name} kernels are x86 code")
+    if shutil.which("nm") is None:
+        pytest.skip("binutils' nm is not installed")
+    path = ggml_build.build(level_name)  # cached after scripts/bootstrap.sh; compiles otherwise
+    listing = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+    exported = {line.split()[-1] for line in listing.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert exported == {"sg_ggml_kernels"}
