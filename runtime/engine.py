@@ -69,6 +69,7 @@ class Engine:
             cfg.num_threads,
             enable_torch_compile=cfg.enable_torch_compile,
             torch_compile_max_bs=cfg.torch_compile_max_bs,
+            cpu_kernel_level=cfg.cpu_kernel_level,
         )
         self.model_config = self.runner.hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

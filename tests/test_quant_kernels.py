@@ -359,3 +359,31 @@ def test_every_level_builds_and_exports_one_symbol(level_name):
     listing = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
     exported = {line.split()[-1] for line in listing.stdout.splitlines() if line.split()[1:2] == ["T"]}
     assert exported == {"sg_ggml_kernels"}
+
+
+def test_requested_level_is_checked_now_and_loaded_by_the_first_layer(level):
+    """``request_kernel_level`` (the engine's call) rejects a level the CPU lacks at once, and the next
+    quantized layer runs the requested level."""
+    if level == "reference":
+        pytest.skip("the reference path is not a requestable level")
+    from sglite.runtime.kernels.ggml_kernels import request_kernel_level
+
+    request_kernel_level("auto")
+    set_kernel_level("auto")
+    request_kernel_level(level)
+    assert ggml_kernels._State.level is None  # nothing loaded until a quantized layer needs it
+    QuantLinear(make_weight(Q.Q8_0, 8, 32))
+    assert ggml_kernels.kernel_level() == level
+    with pytest.raises(ggml_kernels.KernelLevelError, match="one of"):
+        request_kernel_level("avx9000")
+    request_kernel_level("auto")
+
+
+def test_engine_rejects_a_level_this_cpu_lacks(llama_path):
+    if "avx512" in ggml_kernels.available_levels():
+        pytest.skip("this CPU runs every level")
+    from sglite.runtime.engine import Engine
+
+    with pytest.raises(ggml_kernels.KernelLevelError, match="avx512.*lacks"):
+        Engine(llama_path, cpu_kernel_level="avx512", max_total_tokens=64)
+    assert ggml_kernels._State.requested == "auto"  # the rejected request left the process's choice alone

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglite.runtime.kernels.ggml_kernels import kernel_level, level_index, set_kernel_level
+from sglite.runtime.kernels.ggml_kernels import kernel_level, level_index, request_kernel_level, set_kernel_level
 
 __all__ = [
     "SUPPORTED_QTYPES", "QuantEmbedding", "QuantFormatError", "QuantLinear", "QuantizedTensor",
-    "dequantize", "kernel_level", "quant_matmul", "set_kernel_level",
+    "dequantize", "kernel_level", "quant_matmul", "request_kernel_level", "set_kernel_level",
 ]
 
 Q = gguf.GGMLQuantizationType
