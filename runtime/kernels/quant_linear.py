@@ -2,7 +2,9 @@
 
 A :class:`QuantizedTensor` is a ``[rows, row_bytes]`` uint8 view of ggml blocks (often a read-only view of a
 memory-mapped GGUF file: it is never copied). :func:`quant_matmul` multiplies activations by it without a dense
-copy of the weight; :func:`dequantize` expands only the rows asked for (the embedding lookup).
+copy of the weight; :func:`dequantize` expands only the rows asked for (the embedding lookup). A
+:class:`QuantLinear` over Q4_0 / Q4_K repacks once into llama.cpp's 8-row layout (same size) where the
+kernel level has it, and drops the mapped source pages from RSS. docs/kernels.md has the measurements.
 
     >>> import numpy as np, gguf
     >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
@@ -53,7 +55,10 @@ class QuantFormatError(ValueError):
 def block_geometry(qtype: int) -> tuple[int, int]:
     """``(values per block, bytes per block)`` of a supported ggml type; raises naming an unsupported one."""
     if qtype not in SUPPORTED_QTYPES:
-        name = Q(qtype).name if qtype in Q._value2member_map_ else str(qtype)
+        try:
+            name = Q(qtype).name
+        except ValueError:
+            name = f"ggml type {qtype}"
         supported = ", ".join(sorted(Q(t).name for t in SUPPORTED_QTYPES))
         raise QuantFormatError(f"unsupported quantization type {name}; supported: {supported}")
     return gguf.GGML_QUANT_SIZES[Q(qtype)]
