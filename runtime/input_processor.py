@@ -65,6 +65,9 @@ class ContextLengthError(ValueError):
             "Please reduce the length of the messages or completion."
         )
 
+    def __reduce__(self) -> tuple:  # picklable with its own arguments (it crosses process boundaries to Ray replicas)
+        return type(self), (self.context_length, self.prompt_tokens, self.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class GenerateInput:
