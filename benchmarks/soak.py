@@ -18,6 +18,11 @@ SIGTERM: those must end with an error event and ``[DONE]``, and the server must 
 completed / failed healthy requests, 5xx responses, leaked slots, RSS (baseline, peak, growth),
 ``/health`` p50/p99 and the healthy streams' largest inter-token gap. Targets (from the issue):
 0 failed, 0 5xx, 0 leaked, RSS growth < 200 MB, /health p99 < 100 ms, max gap < 250 ms.
+
+For a long run (``--duration 600``) it also shows whether memory plateaus: RSS every ``--sample-every``
+seconds next to the resident part of the KV pool (which fills up to ``--max-total-tokens`` as the radix
+cache keeps prompts), the growth in each half of the run, and the load average (the timing targets only
+mean something on an otherwise idle machine). docs/hardening.md has the latest results.
 """
 
 from __future__ import annotations
