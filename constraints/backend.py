@@ -59,12 +59,43 @@ def backend_processor(backend: GrammarBackend, *, jump_forward: bool = True, **p
     """A fresh per-request processor for ``regex`` / ``json_schema`` / ``choices`` / ``ebnf`` (plus
     ``json_layout``, ``whitespace_pattern``, ``lenient``); relaxations are warned (``ConstraintWarning``)
     and logged, so the caller sees them."""
-    spec = ConstraintSpec.from_params(**params)
-    proc = backend.processor(spec, jump_forward=jump_forward)
+    try:
+        spec = ConstraintSpec.from_params(**params)
+        proc = backend.processor(spec, jump_forward=jump_forward)
+    except ConstraintError as exc:
+        exc.param = exc.param or _kind(params)
+        raise
+    except (RecursionError, OverflowError, MemoryError) as exc:
+        # Python's own parsers give up this way on a deeply nested or huge input: the input is at fault.
+        raise _field_error(params, f"{_kind(params)} cannot be compiled: {_crash_reason(exc)}") from exc
+    except Exception as exc:
+        # Any other failure while compiling client input is still the client's 400, never a 500; the
+        # traceback is logged in case it is a bug of ours.
+        logger.warning("compiling a %s failed", _kind(params), exc_info=True)
+        raise _field_error(params, f"{_kind(params)} cannot be compiled: {type(exc).__name__}: {str(exc)[:300]}") from exc
     for message in getattr(proc, "warnings", ()):
         logger.warning("%s", message)
         warnings.warn(message, ConstraintWarning, stacklevel=3)
     return proc
+
+
+def _kind(params: dict[str, Any]) -> str:
+    """The constraint field a request set (``regex``, ``json_schema``...), to name it in an error."""
+    return next((name for name in ("regex", "json_schema", "choices", "ebnf") if params.get(name) is not None), "constraint")
+
+
+def _field_error(params: dict[str, Any], message: str) -> ConstraintError:
+    error = ConstraintError(message)
+    error.param = _kind(params)
+    return error
+
+
+def _crash_reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply (reduce the nesting of groups, brackets or objects)"
+    if isinstance(exc, MemoryError):
+        return "it needs more memory than this server allows for a constraint"
+    return f"a number in it is too large ({exc})"
 
 
 def build_logits_processor(

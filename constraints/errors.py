@@ -15,6 +15,10 @@ class ConstraintError(ValueError):
         True
     """
 
+    param: str | None = None
+    """The request field at fault (``regex``, ``json_schema``, ``choices``, ``ebnf``), set at the compile
+    boundary so an HTTP 400 can name it."""
+
 
 class ConstraintWarning(UserWarning):
     """A constraint was compiled with a relaxation (``lenient`` mode): the message names the keyword and where."""

@@ -242,6 +242,7 @@ class Engine:
             "num_waiting": len(s.waiting),
             "pool_size": self.pool.size,
             "pool_free": self.pool.num_free,
+            "kv_pool_bytes": self.pool.kv.nbytes,
             "cached_tokens_in_tree": self.tree.total_size,
             "evictable_tokens_in_tree": self.tree.evictable_size,
             "evicted_tokens_total": self.tree.evicted_tokens_total,

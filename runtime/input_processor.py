@@ -43,6 +43,31 @@ def eos_token_ids(model_path: str, model_config, tokenizer) -> set[int]:
     return ids
 
 
+class ContextLengthError(ValueError):
+    """The prompt plus the ``max_new_tokens`` the caller asked for do not fit the model's context.
+
+    One rule on every route (vLLM's and OpenAI's): an explicit ``max_new_tokens`` is a promise the
+    engine could not keep, so it is refused rather than silently cut short. Left unset, generation
+    simply stops at the context (``finish_reason`` length).
+
+        >>> str(ContextLengthError(2048, 2000, 100)).split(". ")[:2]
+        ["This model's maximum context length is 2048 tokens", 'However, you requested 2100 tokens (2000 in the messages, 100 in the completion)']
+    """
+
+    def __init__(self, context_length: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the messages, {max_new_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+
+    def __reduce__(self) -> tuple:  # picklable with its own arguments (it crosses process boundaries to Ray replicas)
+        return type(self), (self.context_length, self.prompt_tokens, self.max_new_tokens)
+
+
 @dataclass(frozen=True)
 class GenerateInput:
     """One ``generate`` call's arguments, as the engine hands them to the input processor.
@@ -229,6 +254,8 @@ class InputProcessor:
                 f"prompt is {len(ids)} tokens, over the context length of {self.context_length} "
                 "(prompt plus at least one generated token must fit)"
             )
+        if _explicit_max_new_tokens(params) and len(ids) + sp.max_new_tokens > self.context_length:
+            raise ContextLengthError(self.context_length, len(ids), sp.max_new_tokens)
         if len(ids) + 1 > self.pool_size:
             raise ValueError(f"prompt is {len(ids)} tokens but the KV pool holds only {self.pool_size}; raise max_total_tokens")
         if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
@@ -248,6 +275,13 @@ class InputProcessor:
             logprob_start_len=logprob_start_len if (sp.return_logprob and logprob_start_len >= 0) else -1,
             generator=generator,
         )
+
+
+def _explicit_max_new_tokens(params) -> bool:
+    """Whether the caller chose ``max_new_tokens`` (a default is not a promise: it stops at the context)."""
+    if isinstance(params, SamplingParams):
+        return True
+    return isinstance(params, dict) and params.get("max_new_tokens") is not None
 
 
 def max_chars_per_token(tokenizer) -> int:

@@ -41,23 +41,40 @@ def sglang_meta_info(meta_info: dict[str, Any]) -> dict[str, Any]:
 
 class StreamState:
     """What one streamed request has sent so far: SGLang's events are cumulative in text and ids,
-    incremental in logprobs (each entry once, ``output_token_logprobs_length`` the running count)."""
+    incremental in logprobs (each entry once, ``output_token_logprobs_length`` the running count).
 
-    def __init__(self) -> None:
+    With ``incremental`` (SGLang's ``--incremental-streaming-output``) ``text`` and ``output_ids`` hold
+    only what is new in each event, so a long generation streams in linear bytes; the client joins them.
+
+        >>> state = StreamState(incremental=True)
+        >>> _ = state.event({"text": "He", "output_ids": [7], "meta_info": {}})
+        >>> event = state.event({"text": "llo", "output_ids": [8], "meta_info": {}})
+        >>> event["text"], event["output_ids"]
+        ('llo', [8])
+    """
+
+    def __init__(self, incremental: bool = False) -> None:
+        self.incremental = incremental
         self.text = ""
         self.output_ids: list[int] = []
         self.sent: dict[str, int] = {key: 0 for key in LOGPROB_KEYS}
 
     def event(self, chunk: Chunk) -> dict[str, Any]:
+        meta = self._meta_info(chunk)
+        if self.incremental:
+            return {"text": chunk["text"], "output_ids": list(chunk["output_ids"]), "meta_info": meta}
         self.text += chunk["text"]
         self.output_ids.extend(chunk["output_ids"])
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+    def _meta_info(self, chunk: Chunk) -> dict[str, Any]:
         meta = dict(chunk["meta_info"])
         for key in LOGPROB_KEYS:
             if key in meta:
                 meta[key] = self._new_entries(key, meta[key], meta)
         if "output_token_logprobs" in meta:
             meta["output_token_logprobs_length"] = self.sent["output_token_logprobs"]
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": sglang_meta_info(meta)}
+        return sglang_meta_info(meta)
 
     def _new_entries(self, key: str, entries: list[Any], meta: dict[str, Any]) -> list[Any]:
         """The entries of ``entries`` not sent yet. The engine sends either the whole list so far or only

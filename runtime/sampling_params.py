@@ -235,17 +235,15 @@ def _check_stop_regex(patterns: Any) -> None:
             raise ValueError(f"sampling parameter 'stop_regex': a pattern is {len(pattern)} characters, over {MAX_STOP_REGEX_LEN}")
         try:
             re.compile(pattern)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296} overflows instead of a re.error
             raise ValueError(f"sampling parameter 'stop_regex': {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
 def _check_int(sp: SamplingParams, name: str, low: int | None = None, high: int | None = None) -> None:
     value = getattr(sp, name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-        setattr(sp, name, value)
+    # Strict, as the OpenAI routes are: 1e18, 1.5 and "5" are refused, not coerced (a JSON float is not a count).
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"sampling parameter '{name}' must be an integer, got {value!r}")
+        raise ValueError(f"sampling parameter '{name}' must be an integer, got {value!r} ({type(value).__name__})")
     if low is not None and value < low:
         raise ValueError(f"sampling parameter '{name}' must be >= {low}, got {value}")
     if high is not None and value > high:

@@ -38,20 +38,17 @@ ROUTES = (
 
 
 class AccessGuard:
-    """Shutdown (503), rate limit (429) then bearer key (401); a FastAPI dependency of the API routes.
+    """Rate limit (429) then bearer key (401); a FastAPI dependency of the API routes.
 
     The rate limit is keyed by client address and comes before the key check, so a client cannot
     mint fresh buckets with made-up keys and failed key guesses are limited like any request.
     """
 
-    def __init__(self, config: ServerConfig, shutting_down: asyncio.Event) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.api_key = config.api_key.encode() if config.api_key else None
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
-        self.shutting_down = shutting_down
 
     async def __call__(self, request: Request) -> None:
-        if self.shutting_down.is_set():
-            raise shutting_down_error()
         if self.limiter is not None:
             client = request.client.host if request.client else "unknown"
             wait = self.limiter.acquire(f"addr:{client}")
@@ -110,6 +107,26 @@ class CountRequests:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
+class RefuseWhenShuttingDown:
+    """Pure ASGI middleware answering every request 503 once shutdown has started.
+
+    It reads ``inflight.closing``, which ``close_admission`` sets synchronously from the SIGTERM handler
+    (see ``GracefulServer.handle_exit``): no request is admitted between the signal and the drain, on
+    any route. Requests admitted before it run on (the drain gives them their time); one already past
+    this check but not yet submitted gets its 503 from ``InflightRequests.add``.
+    """
+
+    def __init__(self, app: ASGIApp, inflight: InflightRequests) -> None:
+        self.app = app
+        self.inflight = inflight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.inflight.closing:
+            await shutting_down_error().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class CatchServerErrors:
     """Pure ASGI middleware answering an unhandled exception with a generic 500 and an error id.
 
@@ -164,12 +181,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     inflight = InflightRequests(engine)
     openai = OpenAIServing(inflight, config, metrics, model_name)
     native = NativeServing(inflight, config, model_name)
-    shutting_down = asyncio.Event()
 
     async def drain(timeout: float) -> None:
         """Shutdown, first half: give open requests ``timeout`` s, then abort the rest in the engine."""
-        shutting_down.set()
-        inflight.closing = True  # requests past the guard but not yet submitted (tokenizing) get 503 too
+        inflight.close()  # already closed by the signal handler, normally; requests still tokenizing get 503 too
         deadline = time.monotonic() + timeout
         while len(inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -178,7 +193,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        shutting_down.set()
+        inflight.close()
         if owns_engine:
             await asyncio.to_thread(engine.shutdown)
 
@@ -187,11 +202,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
     app.state.config = config
     app.state.metrics = metrics
     app.state.drain = drain  # called by GracefulServer.shutdown (see server.py)
+    app.state.close_admission = inflight.close  # called by GracefulServer.handle_exit, in the signal handler
     install_error_handlers(app)
+    app.add_middleware(RefuseWhenShuttingDown, inflight=inflight)
     app.add_middleware(CatchServerErrors)
     app.add_middleware(CountRequests, metrics=metrics)  # outermost of the two: it counts the 500s
 
-    guarded = [Depends(AccessGuard(config, shutting_down))]
+    guarded = [Depends(AccessGuard(config))]
     generating = guarded + generation_dependencies(engine)  # an embedding-only engine: 400 saying why
     app.add_api_route("/v1/chat/completions", openai.chat_completions, methods=["POST"], dependencies=generating)
     app.add_api_route("/v1/completions", openai.completions, methods=["POST"], dependencies=generating)
@@ -201,9 +218,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None, *, owns_
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine takes requests (open without a key, for load balancers)."""
-        if shutting_down.is_set():
-            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        """200 while the engine takes requests (open without a key, for load balancers); 503 once
+        shutdown has started, like every route (``RefuseWhenShuttingDown``)."""
         return JSONResponse({"status": "ok", "model": model_name})
 
     @app.get("/metrics")

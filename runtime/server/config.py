@@ -38,6 +38,10 @@ class ServerConfig:
     """Open connections past this are refused at once; requests past it in flight get 503."""
     graceful_shutdown_timeout: float = 5.0
     """Seconds open streams may keep running after shutdown starts; then they are aborted."""
+    incremental_streaming_output: bool = False
+    """A streamed ``/generate`` sends in ``text`` and ``output_ids`` only what is new in each event (SGLang's
+    flag of the same name): linear bytes for long generations. Off, they hold everything so far, which
+    SGLang's client (``RuntimeEndpoint``) expects."""
     log_level: str = "info"
     """uvicorn's log level: ``critical``, ``error``, ``warning``, ``info``, ``debug`` or ``trace``."""
 

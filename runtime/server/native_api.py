@@ -11,7 +11,8 @@
         -d '{"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}'
 
 A streamed ``/generate`` sends SGLang's events: ``text`` and ``output_ids`` hold *everything so far*
-(SGLang's client slices ``text[pos:]``), ``meta_info`` the request's counters with the logprob lists
+(SGLang's client slices ``text[pos:]``; with ``--incremental-streaming-output``, as in SGLang, only
+what is new in the event, so long streams grow linearly), ``meta_info`` the request's counters with the logprob lists
 holding only the entries new in this event and ``output_token_logprobs_length`` the running count.
 A batch (several prompts, or ``n`` > 1) answers a list; each streamed event then carries ``index``
 (prompt-major: prompt ``i``'s sample ``j`` is ``i * n + j``).
@@ -249,7 +250,7 @@ class NativeServing:
     async def _events(
         self, streams: list[AsyncIterator[Chunk]], rids: list[str], many: bool, texts: bool
     ) -> AsyncGenerator[str, None]:
-        states = [StreamState() for _ in streams]
+        states = [StreamState(self.config.incremental_streaming_output) for _ in streams]
         async for index, chunk in merge_streams(streams):
             if chunk.get("finished"):
                 self.inflight.release([rids[index]], abort=False)

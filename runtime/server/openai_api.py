@@ -20,7 +20,7 @@ from starlette.responses import Response
 from sglite.runtime.server.body import read_json_body
 from sglite.runtime.server.config import ServerConfig
 from sglite.runtime.server.errors import invalid_request
-from sglite.runtime.input_processor import max_chars_per_token
+from sglite.runtime.input_processor import ContextLengthError, max_chars_per_token
 from sglite.runtime.logprob_text import TokenStrings
 from sglite.runtime.server.logprobs import chat_logprobs, completion_logprobs
 from sglite.runtime.server.metrics import ServerMetrics
@@ -123,13 +123,8 @@ class OpenAIServing:
             if not ids:
                 raise invalid_request("prompt is empty: give at least one token", param="prompt")
             if len(ids) >= context or (max_tokens is not None and len(ids) + max_tokens > context):
-                requested = len(ids) + (max_tokens or 1)
-                raise invalid_request(
-                    f"This model's maximum context length is {context} tokens. However, you requested {requested} tokens "
-                    f"({len(ids)} in the prompt, {max_tokens or 1} for the completion). Reduce the prompt or max_tokens.",
-                    param=prompt_param,
-                    code="context_length_exceeded",
-                )
+                error = ContextLengthError(context, len(ids), max(max_tokens or 1, 1))
+                raise invalid_request(str(error), param=prompt_param, code="context_length_exceeded")
             params = req.sampling_params(max_tokens if max_tokens is not None else context - len(ids))
             for choice in range(req.n):
                 choice_params = dict(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -44,7 +45,19 @@ class GracefulServer(uvicorn.Server):
         self.drain_timeout = config.graceful_shutdown_timeout
         self._drain_task: asyncio.Task | None = None
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The SIGTERM/SIGINT handler: admission closes here, not at uvicorn's next tick (up to 0.1 s
+        later) or when the drain task first runs, so no request arriving after the signal is admitted."""
+        self._close_admission()
+        super().handle_exit(sig, frame)
+
+    def _close_admission(self) -> None:
+        close = getattr(self.app.state, "close_admission", None)
+        if close is not None:
+            close()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._close_admission()  # shutdown asked for without a signal (``should_exit = True``)
         drain = getattr(self.app.state, "drain", None)
         if drain is not None:
             # Runs alongside uvicorn's wait for open connections, which the aborts let finish.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Send
 
 from sglite.runtime.engine import EngineShutdownError, RequestFailedError
+from sglite.runtime.input_processor import ContextLengthError
 from sglite.runtime.server.errors import APIError, invalid_request, request_failed
 
 Chunk = dict[str, Any]
@@ -43,13 +45,29 @@ def new_request_id(prefix: str) -> str:
 
 def _engine_error(exc: Exception) -> APIError:
     """Map what ``async_generate`` raises before queuing to an HTTP error; re-raise anything else (a bug)."""
+    if isinstance(exc, ContextLengthError):
+        return invalid_request(str(exc), param="max_new_tokens", code="context_length_exceeded")
     if isinstance(exc, ValueError):  # includes constraints.ConstraintError: the client's input is bad
-        return invalid_request(str(exc))
+        return invalid_request(str(exc), param=rejected_field(exc))
     if isinstance(exc, EngineShutdownError):
         return shutting_down_error()
     if isinstance(exc, RequestFailedError):
         return request_failed(exc.rid, exc.detail)
     raise exc
+
+
+def rejected_field(exc: ValueError) -> str | None:
+    """The request field a validation error names: a constraint error's ``param``, else the quoted name of
+    ``sampling parameter 'x'`` in the engine's messages.
+
+        >>> rejected_field(ValueError("sampling parameter 'top_k' must be >= -1, got -2"))
+        'top_k'
+    """
+    param = getattr(exc, "param", None)
+    if param:
+        return param
+    match = re.search(r"sampling parameter '(\w+)'", str(exc))
+    return match.group(1) if match else None
 
 
 def shutting_down_error() -> APIError:
@@ -100,8 +118,13 @@ class InflightRequests:
                 if abort:
                     self.engine.abort(rid)
 
-    def abort_all(self) -> None:
+    def close(self) -> None:
+        """Admit nothing more (every route answers 503); synchronous and idempotent, so a signal handler
+        may call it: from that instant no request is admitted, which is what makes shutdown atomic."""
         self.closing = True
+
+    def abort_all(self) -> None:
+        self.close()
         for rid in list(self._rids):
             self.engine.abort(rid)
 
@@ -140,8 +163,16 @@ async def generate_all(
         watcher.cancel()
         if not work.done():
             work.cancel()
+            # A cancelled gather *fails* with CancelledError; unretrieved, asyncio logs it with a traceback
+            # for every request its client abandoned. Nobody wants that result: consume it.
+            work.add_done_callback(_consume_outcome)
         # gather does not stop the siblings of a request that failed: abort them all.
         inflight.release(rids, abort=not succeeded)
+
+
+def _consume_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def open_streams(
