@@ -67,15 +67,17 @@ class ModelRunner:
         enable_torch_compile: bool = False,
         torch_compile_max_bs: int = 32,
     ) -> None:
-        from sglite.runtime.loading.model_loader import load_model, resolve_dtype
+        from sglite.runtime.loading.model_loader import load_model
         from sglite.runtime.loading.quantization import QuantizationError, check_method, quantize_model
 
         check_method(quantization)
         self.device = pick_device(device)
         if quantization is not None and self.device.type != "cpu":
             raise QuantizationError(f"quantization={quantization!r} runs on CPU only; drop it on {self.device}")
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
+        if quantization is not None and dtype in (None, "auto"):
+            dtype = "float32"  # int8/int4 quantize dense weights (a GGUF is dequantized first)
+        self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=dtype)
+        self.dtype = self.model.dtype  # a GGUF keeps its blocks by default, with float32 activations
         self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
         self.quantization = quantization
         if quantization is not None:

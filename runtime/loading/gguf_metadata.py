@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from gguf import GGUFReader
     from transformers import PretrainedConfig
@@ -31,6 +33,14 @@ class UnsupportedGGUFArchitectureError(UnsupportedGGUFError):
 
 class UnsupportedGGUFQuantizationError(UnsupportedGGUFError):
     """A tensor is stored in a quantization type sglite does not dequantize."""
+
+
+class GGUFShapeError(UnsupportedGGUFError):
+    """The file is truncated or corrupt: a tensor's extent or shape disagrees with the file or its metadata."""
+
+
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+"""Llama 3.1+ files: per-frequency divisors of RoPE's inverse frequencies (llama.cpp's ``freq_factors``)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,39 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    """A memory-mapped reader of ``path`` (tensors are read lazily)."""
-    from gguf import GGUFReader
+    """A memory-mapped reader of ``path`` (tensors are read lazily).
 
-    return GGUFReader(os.fspath(path))
+    A truncated file, or a tensor of a type this gguf package does not know, raises
+    :class:`GGUFShapeError` / :class:`UnsupportedGGUFQuantizationError` naming the tensor.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            size = len(self.data)
+            for entry in fields:
+                _, name_data, _, dims, raw_dtype, offset = entry.parts
+                name = bytes(name_data).decode("utf-8", "replace")
+                try:
+                    qtype = GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise UnsupportedGGUFQuantizationError(
+                        f"GGUF tensor {name} has unknown ggml type {int(raw_dtype[0])}; the file is corrupt or newer than sglite"
+                    ) from None
+                block, block_bytes = GGML_QUANT_SIZES[qtype]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * block_bytes // block
+                if end > size:
+                    raise GGUFShapeError(
+                        f"GGUF tensor {name} ends at byte {end} but the file has {size} bytes: the file is truncated"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return CheckedReader(os.fspath(path))
+    except UnsupportedGGUFError:
+        raise
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as error:
+        raise GGUFShapeError(f"{os.fspath(path)} is not a readable GGUF file (truncated or corrupt): {error}") from error
 
 
 def field(reader: GGUFReader, key: str, default: object = None) -> object:
@@ -94,10 +133,6 @@ def hf_config_from_gguf(source: str | os.PathLike | GGUFReader) -> PretrainedCon
     reader = source if hasattr(source, "tensors") else open_gguf(source)
     arch, spec = architecture_of(reader)
     tensor_names = {tensor.name for tensor in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise UnsupportedGGUFError(
-            "GGUF tensor rope_freqs.weight (Llama 3.1-style RoPE frequency scaling) is not supported"
-        )
 
     def need(key: str) -> int:
         value = field(reader, f"{arch}.{key}")
@@ -133,6 +168,13 @@ def hf_config_from_gguf(source: str | os.PathLike | GGUFReader) -> PretrainedCon
         dtype="float32",
         **{name: int(value) for name, value in special.items() if value is not None},
     )
+    rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS_TENSOR), None)
+    if rope_freqs is not None:  # Llama 3.1+: llama.cpp divides each inverse frequency by its factor
+        head_dim = options["head_dim"]
+        if int(np.prod(rope_freqs.shape)) != head_dim // 2:
+            raise GGUFShapeError(f"GGUF tensor {ROPE_FREQS_TENSOR} has {int(np.prod(rope_freqs.shape))} values, "
+                                 f"expected head_dim / 2 = {head_dim // 2}")
+        options["rope_freq_factors"] = [float(v) for v in np.asarray(rope_freqs.data, dtype=np.float32).reshape(-1)]
     if spec.model_type != "qwen2":  # Qwen2 always has a q/k/v bias; the others say so in the config
         options["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return AutoConfig.for_model(spec.model_type, **options)
