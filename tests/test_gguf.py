@@ -2,7 +2,8 @@
 
 Each file is written the way llama.cpp's converter writes one (its tensor names, Q/K rows of the
 llama family interleaved per head, quantized blocks), so the loader must undo all of it to get
-the checkpoint back.
+the checkpoint back. The dense path (an explicit ``dtype``) must reproduce the checkpoint's tensors;
+the default path must keep the file's blocks (views of the file, no dense weight) and compute the same.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from safetensors.torch import load_file
 import sglite
 from sglite.runtime.loading import gguf_loader
 from sglite.runtime.loading.gguf_loader import GGUFNotFoundError, find_gguf, gguf_model_dir
+from sglite.runtime.loading.gguf_model import load_gguf_model
 from sglite.runtime.loading.gguf_metadata import (
+    GGUFShapeError,
     UnsupportedGGUFArchitectureError,
     UnsupportedGGUFError,
     UnsupportedGGUFQuantizationError,
@@ -150,15 +153,22 @@ def cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def loaded_weights(folder: Path) -> dict[str, np.ndarray]:
-    return {name: t.float().numpy() for name, t in load_file(str(folder / "model.safetensors")).items()}
+def loaded_weights(path: Path, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The dense path's parameters, by checkpoint name (before fusing)."""
+    model, _ = load_gguf_model(path, dtype=dtype)
+    return dict(model.state_dict())
+
+
+def dense_weights(path: Path) -> dict[str, np.ndarray]:
+    return {name: t.float().numpy() for name, t in loaded_weights(path).items()}
 
 
 def test_llama_f32_round_trip_is_exact(llama_path, tmp_path, cache):
     expected = write_gguf(llama_path, tmp_path / "tiny.gguf")
     folder = gguf_model_dir(tmp_path / "tiny.gguf")
     assert folder.parent == cache
-    got = loaded_weights(folder)
+    assert not list(folder.glob("*.safetensors"))  # no weights on disk besides the file itself
+    got = dense_weights(tmp_path / "tiny.gguf")
     assert got.keys() == expected.keys()
     for name, values in expected.items():
         assert np.array_equal(got[name], values), name  # Q/K rows restored, nothing else moved
@@ -195,24 +205,37 @@ def test_quantized_types_dequantize_to_the_blocks_values(llama_path, tmp_path, c
            "blk.1.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q6_K, seed=1), Q.Q6_K),
            "blk.2.ffn_down.weight": (k_quant_blocks(rows, cols, Q.Q2_K, seed=2), Q.Q2_K)}
     expected = write_gguf(llama_path, tmp_path / "q.gguf", types=types, extra_raw=raw)
-    got = loaded_weights(gguf_model_dir(tmp_path / "q.gguf"))
+    got = dense_weights(tmp_path / "q.gguf")
     for name, values in expected.items():
         assert got[name].shape == values.shape, name
         assert np.isfinite(values).all() and np.array_equal(got[name], values), name
     assert not np.array_equal(got["model.layers.0.self_attn.q_proj.weight"],
                               load_file(str(llama_path / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].numpy())
     # F16/BF16 stay in their own exact dtype; dequantized blocks become float32
-    dtypes = {name: t.dtype for name, t in load_file(str(gguf_model_dir(tmp_path / "q.gguf") / "model.safetensors")).items()}
-    assert dtypes["model.layers.0.mlp.gate_proj.weight"] == torch.float16
-    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
-    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.float32
+    # the default path keeps each tensor's own blocks, which dequantize to the same values
+    from sglite.runtime.kernels.quant_linear import QuantEmbedding, QuantLinear, dequantize
+
+    model, _ = load_gguf_model(tmp_path / "q.gguf")
+    layer = model.model.layers[0]
+    kept = {"model.embed_tokens.weight": (model.model.embed_tokens, QuantEmbedding, Q.Q8_0),
+            "model.layers.0.self_attn.q_proj.weight": (layer.self_attn.q_proj, QuantLinear, Q.Q4_0),
+            "model.layers.0.self_attn.k_proj.weight": (layer.self_attn.k_proj, QuantLinear, Q.Q4_1),
+            "model.layers.0.self_attn.v_proj.weight": (layer.self_attn.v_proj, QuantLinear, Q.Q5_0),
+            "model.layers.0.mlp.gate_proj.weight": (layer.mlp.gate_proj, QuantLinear, Q.F16),
+            "model.layers.0.mlp.up_proj.weight": (layer.mlp.up_proj, QuantLinear, Q.BF16),
+            "model.layers.0.mlp.down_proj.weight": (layer.mlp.down_proj, QuantLinear, Q.Q4_K),
+            "model.layers.2.mlp.down_proj.weight": (model.model.layers[2].mlp.down_proj, QuantLinear, Q.Q2_K)}
+    for name, (module, kind, qtype) in kept.items():
+        assert type(module) is kind and module.weight.qtype == qtype, name
+        assert np.array_equal(dequantize(module.weight).numpy(), expected[name]), name
+    assert layer.input_layernorm.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q5_K])
 def test_other_k_quants_load(qtype, llama_path, tmp_path, cache):
     raw = {f"blk.{i}.ffn_down.weight": (k_quant_blocks(128, 256, qtype, seed=i), qtype) for i in range(3)}
     expected = write_gguf(llama_path, tmp_path / "k.gguf", extra_raw=raw)
-    got = loaded_weights(gguf_model_dir(tmp_path / "k.gguf"))
+    got = dense_weights(tmp_path / "k.gguf")
     assert all(np.isfinite(expected[name]).all() and np.array_equal(got[name], expected[name]) for name in expected)
 
 
@@ -221,7 +244,7 @@ def test_unpermuted_families_round_trip(family, tiny_model_factory, tmp_path, ca
     hf_dir = tiny_model_factory(family)
     expected = write_gguf(hf_dir, tmp_path / f"{family}.gguf")
     folder = gguf_model_dir(tmp_path / f"{family}.gguf")
-    got = loaded_weights(folder)
+    got = dense_weights(tmp_path / f"{family}.gguf")
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[name], values) for name, values in expected.items())
     config = json.loads((folder / "config.json").read_text())
@@ -251,7 +274,7 @@ def test_second_start_reuses_the_cache(llama_path, tmp_path, cache, monkeypatch)
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(gguf_loader, "convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf_loader, "write_gguf_folder", no_conversion)
     assert gguf_model_dir(tmp_path / "tiny.gguf") == first
     # a different file (here: other quantization) gets its own folder
     (tmp_path / "other").mkdir()
@@ -277,7 +300,7 @@ def test_concurrent_conversions_agree(llama_path, tmp_path, cache):
         thread.join()
     assert not errors and len(set(results)) == 1
     assert [p.name for p in cache.iterdir()] == [results[0].name]  # no temporary folder left behind
-    assert (results[0] / "model.safetensors").is_file()
+    assert (results[0] / "config.json").is_file() and not list(results[0].glob("*.safetensors"))
 
 
 def test_unsupported_architecture_is_named(llama_path, tmp_path, cache):
@@ -293,7 +316,7 @@ def test_unsupported_quantization_is_named(llama_path, tmp_path, cache):
     write_gguf(llama_path, tmp_path / "iq.gguf", extra_raw={"blk.2.ffn_down.weight": (iq4, Q.IQ4_NL)})
     with pytest.raises(UnsupportedGGUFQuantizationError, match=r"blk\.2\.ffn_down\.weight is stored as IQ4_NL"):
         sglite.Engine(str(tmp_path / "iq.gguf"))
-    assert not any(cache.iterdir())
+    assert not cache.exists() or not any(cache.iterdir())  # checked before anything is written
 
 
 def test_unknown_tensor_is_named(llama_path, tmp_path, cache):

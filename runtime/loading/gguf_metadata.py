@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from sglite.runtime.loading.gguf_file import GGUFFile
     from transformers import PretrainedConfig
 
 
@@ -64,49 +64,25 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
 """``general.architecture`` -> how to map it."""
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    """A memory-mapped reader of ``path`` (tensors are read lazily).
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The parsed metadata and memory-mapped tensors of ``path``.
 
-    A truncated file, or a tensor of a type this gguf package does not know, raises
-    :class:`GGUFShapeError` / :class:`UnsupportedGGUFQuantizationError` naming the tensor.
+    A truncated or corrupt file raises :class:`GGUFShapeError` naming the tensor (or byte) where it breaks.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-
-    class CheckedReader(GGUFReader):
-        def _build_tensors(self, start_offs: int, fields: list) -> None:
-            size = len(self.data)
-            for entry in fields:
-                _, name_data, _, dims, raw_dtype, offset = entry.parts
-                name = bytes(name_data).decode("utf-8", "replace")
-                try:
-                    qtype = GGMLQuantizationType(int(raw_dtype[0]))
-                except ValueError:
-                    raise UnsupportedGGUFQuantizationError(
-                        f"GGUF tensor {name} has unknown ggml type {int(raw_dtype[0])}; the file is corrupt or newer than sglite"
-                    ) from None
-                block, block_bytes = GGML_QUANT_SIZES[qtype]
-                end = start_offs + int(offset[0]) + int(np.prod(dims)) * block_bytes // block
-                if end > size:
-                    raise GGUFShapeError(
-                        f"GGUF tensor {name} ends at byte {end} but the file has {size} bytes: the file is truncated"
-                    )
-            super()._build_tensors(start_offs, fields)
+    from sglite.runtime.loading.gguf_file import GGUFFile, GGUFFormatError
 
     try:
-        return CheckedReader(os.fspath(path))
-    except UnsupportedGGUFError:
-        raise
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as error:
-        raise GGUFShapeError(f"{os.fspath(path)} is not a readable GGUF file (truncated or corrupt): {error}") from error
+        return GGUFFile(path)
+    except GGUFFormatError as error:
+        raise GGUFShapeError(str(error)) from error
 
 
-def field(reader: GGUFReader, key: str, default: object = None) -> object:
+def field(reader: GGUFFile, key: str, default: object = None) -> object:
     """The value of metadata field ``key`` (a Python scalar, string or list), or ``default``."""
-    entry = reader.fields.get(key)
-    return default if entry is None else entry.contents()
+    return reader.fields.get(key, default)
 
 
-def architecture_of(reader: GGUFReader) -> tuple[str, GGUFArchitecture]:
+def architecture_of(reader: GGUFFile) -> tuple[str, GGUFArchitecture]:
     """``(general.architecture, its mapping)``; raises for a family sglite has no model for."""
     name = str(field(reader, "general.architecture", ""))
     if name not in ARCHITECTURES:
@@ -116,7 +92,7 @@ def architecture_of(reader: GGUFReader) -> tuple[str, GGUFArchitecture]:
     return name, ARCHITECTURES[name]
 
 
-def _rope_parameters(reader: GGUFReader, arch: str) -> dict:
+def _rope_parameters(reader: GGUFFile, arch: str) -> dict:
     theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
     scaling = str(field(reader, f"{arch}.rope.scaling.type", "none"))
     if scaling in ("none", ""):
@@ -126,7 +102,7 @@ def _rope_parameters(reader: GGUFReader, arch: str) -> dict:
     raise UnsupportedGGUFError(f"GGUF RoPE scaling {scaling!r} is not supported (only none and linear)")
 
 
-def hf_config_from_gguf(source: str | os.PathLike | GGUFReader) -> PretrainedConfig:
+def hf_config_from_gguf(source: str | os.PathLike | GGUFFile) -> PretrainedConfig:
     """The Hugging Face config that describes the model in a GGUF file (no tensor is dequantized)."""
     from transformers import AutoConfig
 

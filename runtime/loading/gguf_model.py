@@ -36,7 +36,7 @@ from sglite.runtime.loading.gguf_tensors import check_type, hf_name, hf_tensors,
 from sglite.runtime.models import get_model_class
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader, ReaderTensor
+    from sglite.runtime.loading.gguf_file import GGUFFile as GGUFReader, GGUFTensor as ReaderTensor
     from transformers import PretrainedConfig
 
     from sglite.runtime.kernels.quant_linear import QuantizedTensor

@@ -22,7 +22,7 @@ from sglite.runtime.loading.gguf_metadata import ROPE_FREQS_TENSOR, GGUFArchitec
 
 if TYPE_CHECKING:
     import torch
-    from gguf import GGUFReader, ReaderTensor
+    from sglite.runtime.loading.gguf_file import GGUFFile as GGUFReader, GGUFTensor as ReaderTensor
 
 SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",

@@ -94,12 +94,12 @@ class RotaryEmbedding(nn.Module):
                 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        factors = getattr(config, "rope_freq_factors", None)
-        if factors is not None:
-            # A Llama 3.1+ GGUF stores its scaling as llama.cpp's per-frequency divisors (tensor rope_freqs).
-            if len(factors) * 2 != head_dim:
-                raise ValueError(f"rope_freq_factors has {len(factors)} values, expected head_dim / 2 = {head_dim // 2}")
-            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
+            factors = getattr(config, "rope_freq_factors", None)
+            if factors is not None:
+                # A Llama 3.1+ GGUF stores its scaling as llama.cpp's per-frequency divisors (tensor rope_freqs).
+                if len(factors) * 2 != head_dim:
+                    raise ValueError(f"rope_freq_factors has {len(factors)} values, expected head_dim / 2 = {head_dim // 2}")
+                inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
         if inv_freq.numel() * 2 != head_dim:
             rotary_dim = inv_freq.numel() * 2
             raise ValueError(f"partial rotary embeddings are not supported (rotary dim {rotary_dim} != {head_dim})")
