@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from sglite.runtime.dtypes import dtype_name
 
 
+CPU_KERNEL_LEVELS = ("auto", "avx512", "avx2", "portable")
+"""Values of ``cpu_kernel_level`` (the kernels module checks the CPU has the level at engine start)."""
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 """Batch sizes compiled for; a batch runs in the smallest bucket that holds it."""
 
@@ -63,6 +66,11 @@ class EngineConfig:
     checkpoint's weights in ``dtype``. Decode at small batch reads 2x / 3.2x fewer weight bytes than
     bfloat16; greedy output drifts from float (README, "Speed")."""
 
+    cpu_kernel_level: str = "auto"
+    """Kernels of quantized (GGUF block) linear layers on CPU: ``auto`` picks the fastest this CPU runs
+    (``avx512`` with VNNI, ``avx2`` with FMA/F16C, else ``portable``); naming a lower level forces it (to test or
+    compare it), naming one the CPU lacks is an error at engine start."""
+
     enable_torch_compile: bool = False
     """Capture the decode step with ``torch.compile`` (SGLang's flag): fused C++ (CPU) or Triton (CUDA) kernels and,
     on CPU, frozen weights and autotuned GEMM kernels. Each decode batch size (1, 2, 4, 8, 16, 32) compiles on first
@@ -86,6 +94,8 @@ class EngineConfig:
             raise ValueError(f"grammar_backend must be 'llguidance' or 'outlines', got {self.grammar_backend!r}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization must be 'int8', 'int4' or None, got {self.quantization!r}")
+        if self.cpu_kernel_level not in CPU_KERNEL_LEVELS:
+            raise ValueError(f"cpu_kernel_level must be one of {', '.join(CPU_KERNEL_LEVELS)}, got {self.cpu_kernel_level!r}")
         if self.dtype is not None and self.dtype != "auto":
             object.__setattr__(self, "dtype", dtype_name(self.dtype))  # "bf16" -> "bfloat16", as the loader reads it
 

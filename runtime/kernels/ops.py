@@ -23,6 +23,11 @@ torch.library.define(
 torch.library.define("sglite::silu_and_mul", "(Tensor gate_up) -> Tensor")
 torch.library.define("sglite::rotary", "(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 torch.library.define("sglite::panel_linear", "(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor")
+torch.library.define(
+    "sglite::ggml_quant_matmul", "(Tensor x, Tensor blocks, int qtype, int out_features, int level) -> Tensor"
+)
+torch.library.define("sglite::ggml_dequantize", "(Tensor blocks, Tensor? rows, int qtype, int cols, int level) -> Tensor")
+torch.library.define("sglite::ggml_quantize_ref", "(Tensor x, int qtype, int level) -> Tensor")
 
 
 @torch.library.register_fake("sglite::greedy_pick")
@@ -48,3 +53,19 @@ def _(x, cos, sin):
 @torch.library.register_fake("sglite::panel_linear")
 def _(x, panels, out_features, bias):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("sglite::ggml_quant_matmul")
+def _(x, blocks, qtype, out_features, level):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("sglite::ggml_dequantize")
+def _(blocks, rows, qtype, cols, level):
+    n = blocks.shape[0] if rows is None else rows.numel()
+    return blocks.new_empty(n, cols, dtype=torch.float32)
+
+
+@torch.library.register_fake("sglite::ggml_quantize_ref")
+def _(x, qtype, level):
+    raise NotImplementedError("ggml_quantize_ref makes test data eagerly; it is not traced")
