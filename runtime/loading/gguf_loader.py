@@ -21,9 +21,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sglite.runtime.loading.gguf_metadata import architecture_of, hf_config_from_gguf, open_gguf
 from sglite.runtime.loading.gguf_tokenizer import save_gguf_tokenizer
+
+if TYPE_CHECKING:
+    from sglite.runtime.loading.gguf_file import GGUFFile
 
 CONVERTER_VERSION = 3
 """Bumped when the folder's contents change, so stale cached folders are not reused."""
@@ -107,9 +111,34 @@ def write_gguf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) 
         eos_token_id=getattr(config, "eos_token_id", None),
         pad_token_id=getattr(config, "pad_token_id", None),
     ).save_pretrained(str(out))
-    save_gguf_tokenizer(gguf_path, out, reader)
+    _copy_cached_tokenizer(gguf_path, reader, out)
     (out / GGUF_SOURCE).write_text(json.dumps({"path": str(gguf_path.absolute()), "size": gguf_path.stat().st_size}))
     return out
+
+
+def tokenizer_digest(reader: GGUFFile) -> str:
+    """A fingerprint of a file's ``tokenizer.*`` metadata: files that share it share one converted tokenizer."""
+    fields = {key: value for key, value in reader.fields.items() if key.startswith("tokenizer.")}
+    return hashlib.sha256(json.dumps([CONVERTER_VERSION, fields], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _copy_cached_tokenizer(gguf_path: Path, reader: GGUFFile, out: Path) -> None:
+    """Put the tokenizer files into ``out``, converting them once per distinct tokenizer (several quantizations
+    of one model, or synthetic files reusing a vocabulary, convert it once: transformers' conversion is slow)."""
+    cached = out.parent / f"tokenizer-{tokenizer_digest(reader)}"
+    if not (cached / "tokenizer_config.json").is_file():
+        tmp = out.parent / f".{cached.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            save_gguf_tokenizer(gguf_path, tmp, reader)
+            try:
+                tmp.rename(cached)
+            except OSError:  # another process finished first
+                if not (cached / "tokenizer_config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for item in cached.iterdir():
+        shutil.copy2(item, out / item.name)
 
 
 def gguf_source(model_dir: str | os.PathLike) -> Path | None:
