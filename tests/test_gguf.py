@@ -350,11 +350,18 @@ def test_a_directory_must_hold_exactly_one_gguf(llama_path, tmp_path, cache):
 def test_estimate_reads_gguf_metadata(llama_path, tmp_path, cache, capsys):
     from sglite.runtime.loading.memory import main_estimate
 
-    write_gguf(llama_path, tmp_path / "tiny.gguf")
+    from gguf import GGUFReader
+
+    from sglite.runtime.loading.memory import _human
+
+    write_gguf(llama_path, tmp_path / "tiny.gguf", types=ALL_Q8)
     assert main_estimate([str(tmp_path / "tiny.gguf"), "--context", "1024"]) == 0
     out = capsys.readouterr().out
     params = sum(t.numel() for t in load_file(str(llama_path / "model.safetensors")).values())
-    assert f"{params / 1e3:.2f} K params" in out
+    stored = sum(int(t.n_bytes) for t in GGUFReader(str(tmp_path / "tiny.gguf")).tensors)  # Q8_0 blocks + F32 norms
+    weights_line = next(line for line in out.splitlines() if line.startswith("weights"))
+    assert _human(stored) in weights_line and f"{params / 1e3:.2f} K params as stored" in weights_line
+    assert "Q8_0" in weights_line and stored < params * 1.1  # ~1.06 bytes a weight, not float32's 4
     assert not cache.exists() or not any(cache.iterdir())  # no conversion just to estimate
 
 
