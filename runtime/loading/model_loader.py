@@ -191,8 +191,19 @@ def load_model(
         return load_gguf_model(source, device=device, dtype=dtype)
     device = torch.device(device)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from sglite.runtime.loading.gptq_awq import load_quantized_checkpoint, quantization_settings
+
+    settings = quantization_settings(config)  # GPTQ/AWQ options checked before anything is allocated
     model_class = get_model_class(config)
     files = weight_files(model_dir)
+    if settings is not None:  # 4-bit codes repacked into ggml blocks; never a dense copy
+        if device.type != "cpu":
+            raise ValueError(f"{settings['method']} checkpoints run on CPU only (the ggml kernels); got device {device}")
+        with torch.device("meta"):
+            model = model_class(config)
+        load_quantized_checkpoint(model, files, settings)
+        model.eval().requires_grad_(False)
+        return model, config
     # Build on the meta device: no random init, no second copy of the weights in memory.
     with torch.device("meta"):
         model = model_class(config).to(resolve_dtype(dtype, device))
