@@ -46,6 +46,10 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
 class ModelRunner:
     """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for.
 
+    A GGUF file keeps its quantized blocks (float32 activations) unless ``dtype`` is given, which loads
+    dense dequantized weights; GPTQ/AWQ checkpoints load as ggml blocks (:mod:`sglite.runtime.loading.gguf_model`,
+    :mod:`sglite.runtime.loading.gptq_awq`).
+
     ``quantization`` (``int8`` | ``int4``, CPU only) stores the linear weights quantized (see
     :mod:`sglite.runtime.loading.quantization`). ``num_threads`` fixes the CPU threads of every forward;
     None lets a :class:`~sglite.runtime.kernels.thread_tuner.ThreadTuner` choose per forward size between

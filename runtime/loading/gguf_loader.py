@@ -152,6 +152,19 @@ def gguf_source(model_dir: str | os.PathLike) -> Path | None:
     return source
 
 
+def transformers_source(model_dir: str | os.PathLike) -> tuple[str, dict]:
+    """``(path, from_pretrained kwargs)`` that make transformers load the same model as ``model_dir``: a GGUF's
+    folder holds no weights, so transformers reads the file itself (``gguf_file=``), dequantized.
+
+        >>> transformers_source("/models/llama")
+        ('/models/llama', {})
+    """
+    source = gguf_source(model_dir) if Path(model_dir).is_dir() else None
+    if source is None:
+        return str(model_dir), {}
+    return str(source.parent), {"gguf_file": source.name}
+
+
 def gguf_model_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached folder (config, tokenizer; no weights) for a GGUF file or a directory holding one, written on first use."""
     gguf_path = find_gguf(path)
