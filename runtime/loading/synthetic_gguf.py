@@ -4,7 +4,8 @@ Tests load and decode them with a few layers; ``benchmarks/scale.py`` writes the
 time and memory against llama.cpp on the same file. Quantized tensors are random blocks (random codes,
 a fixed block scale chosen so each weight has standard deviation ``0.5 / sqrt(in_features)``), so
 writing an 8B file costs what writing its bytes costs. The tokenizer metadata is copied from another
-GGUF (the embedded SmolLM2 by default); the embedding keeps the real vocabulary's row count.
+GGUF (the embedded SmolLM2 by default), its vocabulary padded with unreachable tokens to the real model's
+row count.
 
     >>> from sglite.runtime.loading.synthetic_gguf import SHAPES
     >>> shape = SHAPES["llama-3.2-1b"]
@@ -115,13 +116,21 @@ def _value_type(value: object):
     return GGUFValueType.STRING
 
 
-def _copy_tokenizer(writer, tokenizer_from: str | os.PathLike) -> None:
-    """Copy every ``tokenizer.*`` field of another GGUF (token types as int32, as llama.cpp writes them)."""
+def _copy_tokenizer(writer, tokenizer_from: str | os.PathLike, vocab_size: int) -> None:
+    """Copy every ``tokenizer.*`` field of another GGUF (token types as int32, as llama.cpp writes them),
+    the vocabulary padded with unreachable tokens to ``vocab_size`` (llama.cpp wants one token per embedding row)."""
     from gguf import GGUFValueType
 
     from sglite.runtime.loading.gguf_file import GGUFFile
 
-    for key, value in GGUFFile(tokenizer_from).fields.items():
+    fields = dict(GGUFFile(tokenizer_from).fields)
+    missing = vocab_size - len(fields["tokenizer.ggml.tokens"])
+    if missing > 0:
+        fields["tokenizer.ggml.tokens"] = fields["tokenizer.ggml.tokens"] + [f"<unused_{i}>" for i in range(missing)]
+        for key, pad in (("tokenizer.ggml.token_type", 1), ("tokenizer.ggml.scores", 0.0)):
+            if key in fields:
+                fields[key] = fields[key] + [pad] * missing
+    for key, value in fields.items():
         if not key.startswith("tokenizer."):
             continue
         if isinstance(value, list):
@@ -164,7 +173,7 @@ def write_synthetic_gguf(
     writer.add_layer_norm_rms_eps(shape.rms_norm_eps)
     writer.add_vocab_size(shape.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    _copy_tokenizer(writer, tokenizer_from or default_gguf_path())
+    _copy_tokenizer(writer, tokenizer_from or default_gguf_path(), shape.vocab_size)
 
     # (name, [rows, cols] or [n], kind): kind "q" = quantized blocks, "f" = float32 ones, "b" = float32 bias,
     # "r" = rope factors
