@@ -129,6 +129,8 @@ def run_llama_server(path: Path, args) -> dict | None:
     try:
         load = None
         while time.perf_counter() - start < 600:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {server.returncode} before answering (run it by hand to see why)")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
                     if reply.status == 200:
