@@ -510,6 +510,19 @@ def test_truncated_file_names_the_tensor(llama_path, tmp_path, cache):
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def test_unknown_ggml_type_is_named(llama_path, tmp_path, cache):
+    path = tmp_path / "odd.gguf"
+    write_gguf(llama_path, path)
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    type_at = data.index(name) + len(name) + 4 + 2 * 8  # after the name: n_dims (u32), two dims (u64), then the type
+    data[type_at:type_at + 4] = (999).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(GGUFShapeError, match=r"GGUF tensor blk\.0\.ffn_down\.weight has unknown ggml type 999"):
+        sglite.Engine(str(path))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_shape_disagreeing_with_metadata_is_named(llama_path, tmp_path, cache):
     bad = np.zeros((128, 224), dtype=np.float32)  # ffn_down is [hidden 128, intermediate 256]
     write_gguf(llama_path, tmp_path / "bad.gguf", extra_raw={"blk.1.ffn_down.weight": (bad, Q.F32)})
