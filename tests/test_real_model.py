@@ -119,7 +119,7 @@ def test_greedy_parity_with_transformers(real_model_path, runtime, expected_gree
     batched = ours(engine.generate(input_ids=chat_ids, sampling_params=params))
     warm = engine.generate(input_ids=chat_ids, sampling_params=params)
     assert all(out["meta_info"]["cached_tokens"] >= len(ids) - 1 for out, ids in zip(warm, chat_ids))
-    with sgl.Engine(real_model_path, disable_radix_cache=True) as no_cache:
+    with sgl.Engine(real_model_path, dtype="float32", disable_radix_cache=True) as no_cache:
         uncached = ours(no_cache.generate(input_ids=chat_ids, sampling_params=params))
     assert alone == expected
     assert batched == expected

@@ -4,8 +4,8 @@ Tests load and decode them with a few layers; ``benchmarks/scale.py`` writes the
 time and memory against llama.cpp on the same file. Quantized tensors are random blocks (random codes,
 a fixed block scale chosen so each weight has standard deviation ``0.5 / sqrt(in_features)``), so
 writing an 8B file costs what writing its bytes costs. The tokenizer metadata is copied from another
-GGUF (the embedded SmolLM2 by default), its vocabulary padded with unreachable tokens to the real model's
-row count.
+GGUF (the embedded SmolLM2 by default), its vocabulary padded with unreachable tokens (or cut, with the merges
+that stay within it) to the real model's row count: llama.cpp wants one token per embedding row.
 
     >>> from sglite.runtime.loading.synthetic_gguf import SHAPES
     >>> shape = SHAPES["llama-3.2-1b"]
@@ -124,6 +124,16 @@ def _copy_tokenizer(writer, tokenizer_from: str | os.PathLike, vocab_size: int) 
     from sglite.runtime.loading.gguf_file import GGUFFile
 
     fields = dict(GGUFFile(tokenizer_from).fields)
+    tokens = fields["tokenizer.ggml.tokens"]
+    if len(tokens) > vocab_size:  # keep the first vocab_size tokens and the merges that stay within them
+        kept = set(tokens[:vocab_size])
+        fields["tokenizer.ggml.tokens"] = tokens[:vocab_size]
+        for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            if key in fields:
+                fields[key] = fields[key][:vocab_size]
+        fields["tokenizer.ggml.merges"] = [
+            m for m in fields.get("tokenizer.ggml.merges", []) if all(p in kept for p in m.split(" ")) and m.replace(" ", "") in kept
+        ]
     missing = vocab_size - len(fields["tokenizer.ggml.tokens"])
     if missing > 0:
         fields["tokenizer.ggml.tokens"] = fields["tokenizer.ggml.tokens"] + [f"<unused_{i}>" for i in range(missing)]
