@@ -107,7 +107,10 @@ def load_hf(model_dir: str, device: str, dtype: str):
     """The transformers model and tokenizer on the same device and dtype as the engine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    from sglite.runtime.loading.gguf_loader import transformers_source
+
+    path, kwargs = transformers_source(model_dir)  # a GGUF's folder has no weights: transformers reads the file
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs).to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 

@@ -49,7 +49,10 @@ def run_transformers(engine_path: str, bios: list[dict], repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(engine_path)
-    model = AutoModelForCausalLM.from_pretrained(engine_path, dtype=torch.float32).eval()
+    from sglite.runtime.loading.gguf_loader import transformers_source
+
+    path, kwargs = transformers_source(engine_path)  # a GGUF's folder has no weights: transformers reads the file
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "system", "content": EXTRACTION_SYSTEM}, {"role": "user", "content": b["text"]}],
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     bios = load_labelled("labelled_bios")[: args.num]
     total = len(FIELDS) * len(bios)
     with sgl.Runtime(args.model) as runtime:
-        engine_path = runtime.engine.model_path  # a .gguf is read from its converted folder by transformers too
+        engine_path = runtime.engine.model_path  # a .gguf's folder: transformers reads the file it names
         results = {
             "sglite, json_schema constrained": run_sglite(runtime, bios, True, args.repeats),
             "sglite, unconstrained": run_sglite(runtime, bios, False, args.repeats),

@@ -46,6 +46,10 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
 class ModelRunner:
     """The model, its device and dtype; ``forward`` returns float32 logits for the rows asked for.
 
+    A GGUF file keeps its quantized blocks (float32 activations) unless ``dtype`` is given, which loads
+    dense dequantized weights; GPTQ/AWQ checkpoints load as ggml blocks (:mod:`sglite.runtime.loading.gguf_model`,
+    :mod:`sglite.runtime.loading.gptq_awq`).
+
     ``quantization`` (``int8`` | ``int4``, CPU only) stores the linear weights quantized (see
     :mod:`sglite.runtime.loading.quantization`). ``num_threads`` fixes the CPU threads of every forward;
     None lets a :class:`~sglite.runtime.kernels.thread_tuner.ThreadTuner` choose per forward size between
@@ -70,19 +74,21 @@ class ModelRunner:
         packed_linear: str = "auto",
         cpu_kernel_level: str = "auto",
     ) -> None:
-        from sglite.runtime.loading.model_loader import load_model, resolve_dtype
+        from sglite.runtime.loading.model_loader import load_model
         from sglite.runtime.loading.quantization import QuantizationError, check_method, quantize_model
 
         check_method(quantization)
         self.device = pick_device(device)
         if quantization is not None and self.device.type != "cpu":
             raise QuantizationError(f"quantization={quantization!r} runs on CPU only; drop it on {self.device}")
-        self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
             from sglite.runtime.kernels.ggml_kernels import request_kernel_level
 
             request_kernel_level(cpu_kernel_level)  # checked before the load; quantized layers load it
-        self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=self.dtype)
+        if quantization is not None and dtype in (None, "auto"):
+            dtype = "float32"  # int8/int4 quantize dense weights (a GGUF is dequantized first)
+        self.model, self.hf_config = load_model(model_path, device=str(self.device), dtype=dtype)
+        self.dtype = self.model.dtype  # a GGUF keeps its blocks by default, with float32 activations
         self.model.fuse_projections()  # one matmul for q/k/v and one for gate/up, per layer
         self.quantization = quantization
         if quantization is not None:

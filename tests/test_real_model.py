@@ -1,4 +1,4 @@
-"""The real default model (SmolLM2-135M-Instruct): the GGUF conversion against transformers' own GGUF
+"""The real default model (SmolLM2-135M-Instruct): the GGUF's dense path against transformers' own GGUF
 loader, greedy parity with transformers, and quality on the demo's labelled sets.
 
 One engine and one transformers model per module; every test is slow (CI runs them).
@@ -6,7 +6,6 @@ One engine and one transformers model per module; every test is slow (CI runs th
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +37,8 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def runtime(real_model_path):
-    backend = sgl.Runtime(real_model_path)
+    # dtype="float32": the dense path, greedy-identical to transformers (the default keeps the GGUF's blocks)
+    backend = sgl.Runtime(real_model_path, dtype="float32")
     yield backend
     backend.shutdown()
 
@@ -76,14 +76,11 @@ def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
 def test_gguf_weights_equal_transformers_gguf_loader(real_model_path, runtime, hf_model):
     if not is_gguf(real_model_path):
         pytest.skip("real_model_path is not a GGUF file")
-    from safetensors.torch import load_file
+    from sglite.runtime.loading.gguf_model import load_gguf_model
 
-    folder = Path(runtime.engine.model_path)
-    ours = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        ours.update(load_file(str(shard)))
+    ours = load_gguf_model(find_gguf(real_model_path), dtype="float32")[0].state_dict()  # the dense path, unfused
     reference = hf_model.state_dict()
-    assert len(ours) == 272
+    assert len(ours) == 273 and set(ours) <= set(reference)  # 272 tensors in the file, plus the tied head
     worst = max((ours[name].float() - reference[name]).abs().max().item() for name in ours)
     assert worst == 0.0
     config = runtime.engine.model_config
@@ -122,7 +119,7 @@ def test_greedy_parity_with_transformers(real_model_path, runtime, expected_gree
     batched = ours(engine.generate(input_ids=chat_ids, sampling_params=params))
     warm = engine.generate(input_ids=chat_ids, sampling_params=params)
     assert all(out["meta_info"]["cached_tokens"] >= len(ids) - 1 for out, ids in zip(warm, chat_ids))
-    with sgl.Engine(real_model_path, disable_radix_cache=True) as no_cache:
+    with sgl.Engine(real_model_path, dtype="float32", disable_radix_cache=True) as no_cache:
         uncached = ours(no_cache.generate(input_ids=chat_ids, sampling_params=params))
     assert alone == expected
     assert batched == expected

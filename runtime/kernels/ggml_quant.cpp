@@ -5,6 +5,7 @@
 // llama.cpp does), then splits the output features over threads; each thread walks its features in tiles of
 // kTileRows weight rows and, per tile, every activation row, so a tile's blocks are read from memory once
 // and reused from cache by all rows (decode reads each weight byte once; prefill reuses it M times).
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -89,7 +90,11 @@ at::Tensor gemm_over_dequantized_tiles(const at::Tensor& x2, const at::Tensor& w
   const int64_t tile_rows = std::clamp<int64_t>(kGemmTileBytes / (cols * 4) / 8 * 8, 8, 512);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t w_stride = w.stride(0);
+  // the workers run mm_out on the caller's tensors: they take the caller's thread-local state (inference mode
+  // included), or an output made under torch.inference_mode() could not be written from another thread
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, out_features, tile_rows, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor tile = at::empty({tile_rows, cols}, x2.options());
     float* tp = tile.data_ptr<float>();
     for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {

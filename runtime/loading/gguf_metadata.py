@@ -16,8 +16,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from sglite.runtime.loading.gguf_file import GGUFFile
     from transformers import PretrainedConfig
 
 
@@ -31,6 +33,14 @@ class UnsupportedGGUFArchitectureError(UnsupportedGGUFError):
 
 class UnsupportedGGUFQuantizationError(UnsupportedGGUFError):
     """A tensor is stored in a quantization type sglite does not dequantize."""
+
+
+class GGUFShapeError(UnsupportedGGUFError):
+    """The file is truncated or corrupt: a tensor's extent or shape disagrees with the file or its metadata."""
+
+
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+"""Llama 3.1+ files: per-frequency divisors of RoPE's inverse frequencies (llama.cpp's ``freq_factors``)."""
 
 
 @dataclass(frozen=True)
@@ -54,20 +64,25 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
 """``general.architecture`` -> how to map it."""
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    """A memory-mapped reader of ``path`` (tensors are read lazily)."""
-    from gguf import GGUFReader
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The parsed metadata and memory-mapped tensors of ``path``.
 
-    return GGUFReader(os.fspath(path))
+    A truncated or corrupt file raises :class:`GGUFShapeError` naming the tensor (or byte) where it breaks.
+    """
+    from sglite.runtime.loading.gguf_file import GGUFFile, GGUFFormatError
+
+    try:
+        return GGUFFile(path)
+    except GGUFFormatError as error:
+        raise GGUFShapeError(str(error)) from error
 
 
-def field(reader: GGUFReader, key: str, default: object = None) -> object:
+def field(reader: GGUFFile, key: str, default: object = None) -> object:
     """The value of metadata field ``key`` (a Python scalar, string or list), or ``default``."""
-    entry = reader.fields.get(key)
-    return default if entry is None else entry.contents()
+    return reader.fields.get(key, default)
 
 
-def architecture_of(reader: GGUFReader) -> tuple[str, GGUFArchitecture]:
+def architecture_of(reader: GGUFFile) -> tuple[str, GGUFArchitecture]:
     """``(general.architecture, its mapping)``; raises for a family sglite has no model for."""
     name = str(field(reader, "general.architecture", ""))
     if name not in ARCHITECTURES:
@@ -77,7 +92,7 @@ def architecture_of(reader: GGUFReader) -> tuple[str, GGUFArchitecture]:
     return name, ARCHITECTURES[name]
 
 
-def _rope_parameters(reader: GGUFReader, arch: str) -> dict:
+def _rope_parameters(reader: GGUFFile, arch: str) -> dict:
     theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
     scaling = str(field(reader, f"{arch}.rope.scaling.type", "none"))
     if scaling in ("none", ""):
@@ -87,17 +102,13 @@ def _rope_parameters(reader: GGUFReader, arch: str) -> dict:
     raise UnsupportedGGUFError(f"GGUF RoPE scaling {scaling!r} is not supported (only none and linear)")
 
 
-def hf_config_from_gguf(source: str | os.PathLike | GGUFReader) -> PretrainedConfig:
+def hf_config_from_gguf(source: str | os.PathLike | GGUFFile) -> PretrainedConfig:
     """The Hugging Face config that describes the model in a GGUF file (no tensor is dequantized)."""
     from transformers import AutoConfig
 
     reader = source if hasattr(source, "tensors") else open_gguf(source)
     arch, spec = architecture_of(reader)
     tensor_names = {tensor.name for tensor in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise UnsupportedGGUFError(
-            "GGUF tensor rope_freqs.weight (Llama 3.1-style RoPE frequency scaling) is not supported"
-        )
 
     def need(key: str) -> int:
         value = field(reader, f"{arch}.{key}")
@@ -133,6 +144,13 @@ def hf_config_from_gguf(source: str | os.PathLike | GGUFReader) -> PretrainedCon
         dtype="float32",
         **{name: int(value) for name, value in special.items() if value is not None},
     )
+    rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS_TENSOR), None)
+    if rope_freqs is not None:  # Llama 3.1+: llama.cpp divides each inverse frequency by its factor
+        head_dim = options["head_dim"]
+        if int(np.prod(rope_freqs.shape)) != head_dim // 2:
+            raise GGUFShapeError(f"GGUF tensor {ROPE_FREQS_TENSOR} has {int(np.prod(rope_freqs.shape))} values, "
+                                 f"expected head_dim / 2 = {head_dim // 2}")
+        options["rope_freq_factors"] = [float(v) for v in np.asarray(rope_freqs.data, dtype=np.float32).reshape(-1)]
     if spec.model_type != "qwen2":  # Qwen2 always has a q/k/v bias; the others say so in the config
         options["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return AutoConfig.for_model(spec.model_type, **options)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sglite.runtime.loading.gguf_metadata import GGUFArchitecture, UnsupportedGGUFError, UnsupportedGGUFQuantizationError
+from sglite.runtime.loading.gguf_metadata import ROPE_FREQS_TENSOR, GGUFArchitecture, UnsupportedGGUFError, UnsupportedGGUFQuantizationError
 
 if TYPE_CHECKING:
     import torch
-    from gguf import GGUFReader, ReaderTensor
+    from sglite.runtime.loading.gguf_file import GGUFFile as GGUFReader, GGUFTensor as ReaderTensor
 
 SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
@@ -73,16 +73,21 @@ def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(rows.shape)
 
 
-def dequantize(tensor: ReaderTensor) -> np.ndarray:
-    """``tensor`` as float32 in Hugging Face's ``[out, in]`` layout (GGUF lists dims innermost first)."""
-    from gguf import quants
-
+def check_type(tensor: ReaderTensor) -> None:
+    """Raise :class:`UnsupportedGGUFQuantizationError` naming ``tensor`` unless its type is supported."""
     type_name = tensor.tensor_type.name
     if type_name not in SUPPORTED_QUANT_TYPES:
         raise UnsupportedGGUFQuantizationError(
             f"GGUF tensor {tensor.name} is stored as {type_name}, which sglite does not dequantize; "
             f"supported types: {', '.join(SUPPORTED_QUANT_TYPES)}"
         )
+
+
+def dequantize(tensor: ReaderTensor) -> np.ndarray:
+    """``tensor`` as float32 in Hugging Face's ``[out, in]`` layout (GGUF lists dims innermost first)."""
+    from gguf import quants
+
+    check_type(tensor)
     values = quants.dequantize(tensor.data, tensor.tensor_type)
     # A copy: F32/F16 tensors come back as read-only views of the memory-mapped file.
     return np.array(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
@@ -102,6 +107,8 @@ def hf_tensors(
     import torch
 
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS_TENSOR:
+            continue  # read into the config, not a parameter
         name = hf_name(tensor.name)
         values = dequantize(tensor)
         if spec.permuted_qk and ".self_attn.q_proj." in name:

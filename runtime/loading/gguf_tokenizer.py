@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sglite.runtime.loading.gguf_metadata import UnsupportedGGUFError, field, open_gguf
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from sglite.runtime.loading.gguf_file import GGUFFile as GGUFReader
 
 DIGIT_SPLIT_PRE_TYPES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
 """llama.cpp pre-tokenizers that isolate each ``\\p{N}`` character before the GPT-2 split."""

@@ -108,6 +108,8 @@ class MemoryEstimate:
     """Weights + KV + overhead."""
     dtype: str = "bfloat16"
     """The element type all of the above assume."""
+    weight_note: str = ""
+    """How the weights are stored, when not as ``dtype`` (a GGUF file's block types)."""
 
 
 def estimate(
@@ -116,8 +118,13 @@ def estimate(
     batch: int = 1,
     dtype: str | torch.dtype = "bfloat16",
     overhead_fraction: float = DEFAULT_OVERHEAD_FRACTION,
+    stored_weight_bytes: int | None = None,
+    weight_note: str = "",
 ) -> MemoryEstimate:
     """Estimate the memory to serve ``batch`` sequences of ``context`` tokens in ``dtype``.
+
+    ``stored_weight_bytes`` replaces the weights' size at ``dtype`` by the bytes they are kept in (a GGUF
+    file's quantized blocks, which sglite keeps as they are), described by ``weight_note``.
 
         >>> from transformers import LlamaConfig
         >>> est = estimate(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
@@ -128,12 +135,12 @@ def estimate(
     if context <= 0 or batch <= 0:
         raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
     size = dtype_size(dtype)
-    weights = weight_bytes(config, size)
+    weights = weight_bytes(config, size) if stored_weight_bytes is None else stored_weight_bytes
     per_token = kv_bytes_per_token(config, size)
     kv = per_token * context * batch
     overhead = int(overhead_fraction * (weights + kv))
     name = str(dtype).removeprefix("torch.")
-    return MemoryEstimate(weights, per_token, context, batch, kv, overhead, weights + kv + overhead, name)
+    return MemoryEstimate(weights, per_token, context, batch, kv, overhead, weights + kv + overhead, name, weight_note)
 
 
 def max_kv_tokens(
@@ -227,7 +234,7 @@ def format_estimate(est: MemoryEstimate) -> str:
     """A small table of an estimate, for humans."""
     params = est.weight_bytes / DTYPE_BYTES.get(est.dtype, 2)
     rows = [
-        ("weights", _human(est.weight_bytes), f"{_count(params)} params in {est.dtype}"),
+        ("weights", _human(est.weight_bytes), est.weight_note or f"{_count(params)} params in {est.dtype}"),
         ("KV cache / token", _human(est.kv_bytes_per_token), ""),
         ("KV cache", _human(est.kv_bytes), f"{est.context} tokens x {est.batch} sequence(s)"),
         ("overhead", _human(est.overhead_bytes), "activations, allocator slack"),
@@ -257,6 +264,23 @@ def load_config(model: str) -> PretrainedConfig:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def gguf_weight_bytes(model: str, config: PretrainedConfig) -> tuple[int | None, str]:
+    """``(bytes, note)`` of a GGUF file's tensors as stored (what sglite keeps in memory by default), or
+    ``(None, "")`` for any other model."""
+    from collections import Counter
+
+    from sglite.runtime.loading.gguf_loader import find_gguf, is_gguf
+    from sglite.runtime.loading.gguf_metadata import open_gguf
+
+    if not is_gguf(model):
+        return None, ""
+    tensors = open_gguf(find_gguf(model)).tensors
+    stored = sum(t.n_bytes for t in tensors)
+    types = Counter(t.tensor_type.name for t in tensors)
+    kinds = ", ".join(f"{count} {name}" for name, count in types.most_common())
+    return stored, f"{_count(param_count(config))} params as stored in the file ({kinds} tensors)"
+
+
 def _config_dtype(config: PretrainedConfig) -> str:
     """The dtype the checkpoint was saved in, when it is one we size; bfloat16 otherwise."""
     saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).removeprefix("torch.")
@@ -278,7 +302,9 @@ def main_estimate(argv: list[str]) -> int:
     try:
         config = load_config(args.model)
         dtype = _config_dtype(config) if args.dtype == "auto" else args.dtype
-        est = estimate(config, context=args.context, batch=args.batch, dtype=dtype)
+        stored, note = gguf_weight_bytes(args.model, config) if args.dtype == "auto" else (None, "")
+        est = estimate(config, context=args.context, batch=args.batch, dtype=dtype, stored_weight_bytes=stored,
+                       weight_note=note)
     except (FileNotFoundError, ValueError) as error:
         print(f"sglite estimate: error: {error}", file=sys.stderr)
         return 2

@@ -57,8 +57,9 @@ def _looks_like_local_path(name: str) -> bool:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local directory holding ``config.json`` for ``name_or_path``.
 
-    A directory is used as is. A ``.gguf`` file (or a directory holding one and no config.json) is
-    converted once into a cached folder (``runtime/gguf_loader.py``), and that folder is returned.
+    A directory is used as is. For a ``.gguf`` file (or a directory holding one and no config.json) a
+    small cached folder with its config and tokenizer is written once (``runtime/loading/gguf_loader.py``)
+    and returned; the weights stay in the file.
     Anything else is taken as a hub id and looked up in the local HF cache; only when that misses and
     ``HF_HUB_OFFLINE`` is not set is a download attempted.
 
@@ -176,18 +177,37 @@ def load_model(
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Build the native model for a checkpoint and load its safetensors weights.
 
-    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Returns ``(model, hf_config)``;
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. A GGUF file keeps its quantized blocks
+    unless ``dtype`` is given (see :mod:`sglite.runtime.loading.gguf_model`). Returns ``(model, hf_config)``;
     the model is in eval mode with gradients off.
 
         >>> model, config = load_model(build_tiny_model("qwen3"))   # doctest: +SKIP
         >>> model.num_layers, model.num_kv_heads, model.head_dim   # doctest: +SKIP
         (3, 2, 32)
     """
+    from sglite.runtime.loading.gguf_loader import gguf_source
+
     model_dir = resolve_model_path(name_or_path)
+    source = gguf_source(model_dir)
+    if source is not None:  # the weights stay in the GGUF file
+        from sglite.runtime.loading.gguf_model import load_gguf_model
+
+        return load_gguf_model(source, device=device, dtype=dtype)
     device = torch.device(device)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from sglite.runtime.loading.gptq_awq import load_quantized_checkpoint, quantization_settings
+
+    settings = quantization_settings(config)  # GPTQ/AWQ options checked before anything is allocated
     model_class = get_model_class(config)
     files = weight_files(model_dir)
+    if settings is not None:  # 4-bit codes repacked into ggml blocks; never a dense copy
+        if device.type != "cpu":
+            raise ValueError(f"{settings['method']} checkpoints run on CPU only (the ggml kernels); got device {device}")
+        with torch.device("meta"):
+            model = model_class(config)
+        load_quantized_checkpoint(model, files, settings)
+        model.eval().requires_grad_(False)
+        return model, config
     # Build on the meta device: no random init, no second copy of the weights in memory.
     with torch.device("meta"):
         model = model_class(config).to(resolve_dtype(dtype, device))

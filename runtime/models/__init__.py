@@ -56,7 +56,8 @@ def _unsupported_features(config: PretrainedConfig) -> list[str]:
     if getattr(config, "quantization_config", None):
         quant = config.quantization_config
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        problems.append(f"quantized weights ({method}); use an unquantized checkpoint")
+        if str(method).lower() not in ("gptq", "awq"):  # 4-bit GPTQ/AWQ load through runtime/loading/gptq_awq.py
+            problems.append(f"quantized weights ({method}); use an unquantized, GPTQ or AWQ checkpoint")
     rope = rope_parameters_of(config)
     rope_type = rope["rope_type"]
     if rope_type in LENGTH_DEPENDENT_ROPE_TYPES:

@@ -68,7 +68,9 @@ class RotaryEmbedding(nn.Module):
 
     Frequencies come from ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (linear,
     llama3, yarn, ...) so scaled variants match the reference bit for bit; plain RoPE is
-    computed here because transformers 5 no longer registers a ``"default"`` entry.
+    computed here because transformers 5 no longer registers a ``"default"`` entry. A config with
+    ``rope_freq_factors`` (from a GGUF's ``rope_freqs`` tensor) divides each inverse frequency by its
+    factor, as llama.cpp does.
 
         >>> from transformers import LlamaConfig
         >>> rope = RotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4))
@@ -92,6 +94,12 @@ class RotaryEmbedding(nn.Module):
                 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            factors = getattr(config, "rope_freq_factors", None)
+            if factors is not None:
+                # A Llama 3.1+ GGUF stores its scaling as llama.cpp's per-frequency divisors (tensor rope_freqs).
+                if len(factors) * 2 != head_dim:
+                    raise ValueError(f"rope_freq_factors has {len(factors)} values, expected head_dim / 2 = {head_dim // 2}")
+                inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
         if inv_freq.numel() * 2 != head_dim:
             rotary_dim = inv_freq.numel() * 2
             raise ValueError(f"partial rotary embeddings are not supported (rotary dim {rotary_dim} != {head_dim})")
@@ -130,7 +138,9 @@ class GatedMLP(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
-        """Replace gate/up_proj by one ``gate_up_proj`` (one matmul instead of two)."""
+        """Replace gate/up_proj by one ``gate_up_proj`` (one matmul instead of two); quantized ones stay apart."""
+        if not (type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear):
+            return
         self.gate_up_proj = fuse_linears((self.gate_proj, self.up_proj))
         del self.gate_proj, self.up_proj
         self.gate_proj = self.up_proj = None

@@ -69,8 +69,11 @@ class LlamaAttention(nn.Module):
         self.qkv_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
-        """Replace q/k/v_proj by one ``qkv_proj`` (one matmul instead of three per layer)."""
+        """Replace q/k/v_proj by one ``qkv_proj`` (one matmul instead of three per layer). Quantized
+        projections stay apart: concatenating them would copy blocks that are views of the file."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in projections):
+            return
         self.qkv_proj = fuse_linears(projections)
         del self.q_proj, self.k_proj, self.v_proj
         self.q_proj = self.k_proj = self.v_proj = None
@@ -239,11 +242,12 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype (the final norm's: a quantized embedding has no float weight)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def forward(self, batch: ForwardBatch, pool: KVSlotPool, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states ``[T, hidden_size]`` of every new token in ``batch``, or
