@@ -7,10 +7,12 @@ per step, a bitmask of allowed tokens in ~10 µs for a 49k vocabulary. Per reque
 additive 0/-inf bias, cached by the mask's bytes, so applying it is one ``add_``, as on the
 outlines-core path. ``compute_ff_tokens`` drives jump-forward.
 
-Nothing is dropped silently: in strict mode (the default) any warning llguidance reports about
-a schema (an unimplemented keyword, ``oneOf`` it could only approximate, an unknown format) is
-a ``ConstraintError`` naming the keyword and its JSON pointer; ``lenient`` accepts the schema and
-returns the same messages as warnings.
+A JSON schema is first rewritten into what the grammar enforces exactly (``schema_rewrite``:
+formats as patterns, ECMA patterns as Rust regexes, exclusive ``oneOf`` as ``anyOf``,
+dependencies, ``not``). Nothing is dropped silently: what is still relaxed (a keyword
+llguidance does not implement, an overlapping ``oneOf``, a lookaround) is named in one warning,
+and every finished output is validated against the full schema (``output_check``). With
+``strict`` any relaxation is a ``ConstraintError`` naming the keyword and its JSON pointer.
 
     >>> backend = GuidanceBackend(tokenizer, vocab_size, eos_token_ids={2})       # doctest: +SKIP
     >>> proc = backend.processor(ConstraintSpec.from_params(regex=r"[0-9]{3}"))  # doctest: +SKIP
@@ -31,7 +33,10 @@ from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_schema import normalize_schema
 from sglite.constraints.limits import ConstraintLimits
 from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, normalize_regex
-from sglite.constraints.schema_keywords import close_objects, describe
+from sglite.constraints.output_check import SchemaChecker
+from sglite.constraints.schema_keywords import describe
+from sglite.constraints.schema_refs import check_local_refs, check_recursion_terminates, embed_remote_refs
+from sglite.constraints.schema_rewrite import PreparedSchema, prepare_schema
 from sglite.constraints.spec import ConstraintSpec
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,12 @@ class CompiledGrammar:
     prototype: object  # llguidance.LLMatcher
     warnings: tuple[str, ...]
     size_bytes: int
+    checker: SchemaChecker | None = None
+    """JSON schema: validates finished outputs against the full schema."""
+    relaxed: tuple[str, ...] = ()
+    """JSON schema: the keywords relaxed (checked on the output only), one entry per place."""
+    enforced: tuple[tuple[str, int], ...] = ()
+    """JSON schema: keywords rewritten into an enforceable form, with counts."""
 
 
 class GuidanceBackend:
@@ -97,8 +108,8 @@ class GuidanceBackend:
                 self._grammars.put(spec.digest, compiled, compiled.size_bytes)
         return compiled
 
-    def _grammar(self, spec: ConstraintSpec) -> tuple[str, object]:
-        """(llguidance grammar text, the parsed schema or None) of ``spec``."""
+    def _grammar(self, spec: ConstraintSpec, copy_root: bool = False) -> tuple[str, PreparedSchema | None]:
+        """(llguidance grammar text, the prepared schema or None) of ``spec``."""
         matcher = self._llguidance.LLMatcher
         if spec.kind == "json_schema":
             if len(spec.source) > self.limits.max_schema_chars:
@@ -111,15 +122,24 @@ class GuidanceBackend:
                 raise ConstraintError("json_schema is `false`: no document is valid, so nothing can be generated")
             if schema is True:
                 schema = {}
-            generated = close_objects(schema)
+            schema = embed_remote_refs(schema)
+            check_local_refs(schema)
+            check_recursion_terminates(schema)
+            prepared = prepare_schema(schema, copy_root)
+            if spec.strict and prepared.relaxed:
+                raise ConstraintError(
+                    f"json_schema: {prepared.relaxed[0]} cannot be enforced exactly; change the schema, or drop "
+                    "strict to generate with it relaxed (the finished output is then checked: schema_valid)"
+                )
             layout = spec.json_layout
-            options: dict = {"lenient": spec.lenient, "coerce_one_of": spec.lenient}
+            relax = not spec.strict
+            options: dict = {"lenient": relax, "coerce_one_of": relax}
             if layout.is_flexible:
                 options.update(whitespace_flexible=True, whitespace_pattern=layout.whitespace_pattern)
             else:
                 options.update(whitespace_flexible=False, item_separator=layout.item_separator,
                                key_separator=layout.key_separator)
-            return matcher.grammar_from_json_schema(generated, overrides=options), schema
+            return matcher.grammar_from_json_schema(prepared.schema, overrides=options), prepared
         if spec.kind == "ebnf":
             text = spec.source
             if "::=" in text:  # GBNF / xgrammar EBNF (SGLang's ebnf): convert to Lark
@@ -143,23 +163,33 @@ class GuidanceBackend:
         return matcher.grammar_from_regex(regex), None
 
     def _compile(self, spec: ConstraintSpec) -> CompiledGrammar:
-        grammar, schema = self._grammar(spec)
+        grammar, prepared = self._grammar(spec)
+        schema = prepared.schema if prepared is not None else None
         # One compile, in Rust with the GIL released, bounded by the parser limits; it never raises.
         prototype = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
+        if prototype.is_error() and "circular references with sibling keys" in prototype.get_error() \
+                and spec.kind == "json_schema":  # the other shape of a recursive root (schema_rewrite)
+            grammar, prepared = self._grammar(spec, copy_root=True)
+            prototype = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
         if prototype.is_error():
             raise self._error(spec, schema, prototype.get_error())
         messages = list(prototype.get_grammar_warnings())
-        if messages and spec.kind == "json_schema" and not spec.lenient:
+        if messages and spec.kind == "json_schema" and spec.strict:
             raise ConstraintError(
                 f"json_schema: {describe(schema, messages[0])} cannot be enforced exactly; change the schema, "
-                "or pass lenient=True to generate with it relaxed (each relaxation is reported as a warning)"
+                "or drop strict to generate with it relaxed (the finished output is then checked: schema_valid)"
             )
-        warnings = tuple(f"json_schema relaxed: {describe(schema, m)}" for m in messages)
+        relaxed = tuple(str(r) for r in prepared.relaxed) + tuple(describe(schema, m) for m in messages) \
+            if prepared is not None else ()
+        warnings = (f"json_schema relaxed (the finished output is checked against the full schema): "
+                    f"{'; '.join(relaxed)}",) if relaxed else ()
         # The first mask builds the lexer states of the start (0.1 s for a 10k-value enum); copies share
         # them, so build them here, in the caller's thread, instead of in the step loop.
         prototype.compute_bitmask()
         # The Rust-side size is not observable; charge the grammar text several times over plus a floor.
-        return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024)
+        checker = SchemaChecker(prepared.original) if prepared is not None else None
+        return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024, checker=checker,
+                               relaxed=relaxed, enforced=tuple(sorted(prepared.enforced.items())) if prepared else ())
 
     def _error(self, spec: ConstraintSpec, schema, message: str) -> ConstraintError:
         first = message.strip().splitlines()[0] if message.strip() else message
@@ -205,6 +235,7 @@ class GuidanceLogitsProcessor:
         self.backend = backend
         self.matcher = compiled.prototype.deep_copy()
         self.warnings = compiled.warnings
+        self.checker = compiled.checker
         self.jump_forward = jump_forward
         self.jump_forward_tokens = 0
         self.violation: str | None = None
