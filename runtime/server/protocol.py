@@ -339,6 +339,10 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    schema_valid: bool | None = Field(None, exclude_if=lambda v: v is None)
+    """``json_schema`` response format only: the output validates against the full schema."""
+    schema_error: str | None = Field(None, exclude_if=lambda v: v is None)
+    """When ``schema_valid`` is false: the failing keyword, its JSON pointer in the schema, and why."""
 
 
 def _now() -> int:
@@ -368,6 +372,9 @@ class ChatChunkChoice(_Response):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    schema_valid: bool | None = Field(None, exclude_if=lambda v: v is None)
+    """On the finishing chunk of a ``json_schema`` response format (see ``ChatChoice``)."""
+    schema_error: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletionChunk(_Response):
