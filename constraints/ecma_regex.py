@@ -28,6 +28,16 @@ _NAMED_GROUP = re.compile(r"(?<!\\)\(\?<([A-Za-z_][A-Za-z0-9_]*)>")
 _CONTROL = re.compile(r"(?<!\\)\\c([A-Za-z])")
 
 
+def ecma_compiles(pattern: str) -> bool:
+    """Whether ``pattern`` is a well-formed regex (checked with Python's engine, named groups adapted):
+    a pattern that is, yet fails in Rust's engine, is relaxed rather than refused."""
+    try:
+        re.compile(_NAMED_GROUP.sub(r"(?P<\1>", pattern))
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
 def to_rust(pattern: str) -> str | None:
     """``pattern`` (ECMA-262, as JSON Schema specifies) as a Rust regex, or ``None`` when it uses a
     lookaround or a backreference (no automaton can enforce those token by token)."""

@@ -32,6 +32,7 @@ from sglite.constraints.compiler import regex_for_choices
 from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_schema import normalize_schema
 from sglite.constraints.limits import ConstraintLimits
+from sglite.constraints.ecma_regex import ecma_compiles
 from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, normalize_regex
 from sglite.constraints.output_check import SchemaChecker
 from sglite.constraints.schema_keywords import describe
@@ -40,6 +41,11 @@ from sglite.constraints.schema_rewrite import PreparedSchema, prepare_schema
 from sglite.constraints.spec import ConstraintSpec
 
 logger = logging.getLogger(__name__)
+
+MAX_COMPILE_ATTEMPTS = 4
+"""Compiles of one schema: the first, then after reshaping a recursive root or relaxing a pattern."""
+MAX_PATTERNS_CHECKED = 500
+"""Patterns checked one by one to name the one that broke a compile."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ class GuidanceBackend:
                 self._grammars.put(spec.digest, compiled, compiled.size_bytes)
         return compiled
 
-    def _grammar(self, spec: ConstraintSpec, copy_root: bool = False) -> tuple[str, PreparedSchema | None]:
+    def _grammar(self, spec: ConstraintSpec, copy_root: bool = False,
+                 unsupported: frozenset[str] = frozenset()) -> tuple[str, PreparedSchema | None]:
         """(llguidance grammar text, the prepared schema or None) of ``spec``."""
         matcher = self._llguidance.LLMatcher
         if spec.kind == "json_schema":
@@ -125,7 +132,7 @@ class GuidanceBackend:
             schema = embed_remote_refs(schema)
             check_local_refs(schema)
             check_recursion_terminates(schema)
-            prepared = prepare_schema(schema, copy_root)
+            prepared = prepare_schema(schema, copy_root, unsupported)
             if spec.strict and prepared.relaxed:
                 raise ConstraintError(
                     f"json_schema: {prepared.relaxed[0]} cannot be enforced exactly; change the schema, or drop "
@@ -163,14 +170,29 @@ class GuidanceBackend:
         return matcher.grammar_from_regex(regex), None
 
     def _compile(self, spec: ConstraintSpec) -> CompiledGrammar:
-        grammar, prepared = self._grammar(spec)
-        schema = prepared.schema if prepared is not None else None
-        # One compile, in Rust with the GIL released, bounded by the parser limits; it never raises.
-        prototype = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
-        if prototype.is_error() and "circular references with sibling keys" in prototype.get_error() \
-                and spec.kind == "json_schema":  # the other shape of a recursive root (schema_rewrite)
-            grammar, prepared = self._grammar(spec, copy_root=True)
+        copy_root, unsupported = False, frozenset()
+        for _ in range(MAX_COMPILE_ATTEMPTS):
+            grammar, prepared = self._grammar(spec, copy_root, unsupported)
+            # One compile, in Rust with the GIL released, bounded by the parser limits; it never raises.
             prototype = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=self._parser_limits)
+            if prepared is None or not prototype.is_error():
+                break
+            error = prototype.get_error()
+            if "circular references with sibling keys" in error and not copy_root:
+                copy_root = True  # the other shape of a recursive root (schema_rewrite)
+                continue
+            if "regex" not in error and "lookaround" not in error:
+                break
+            bad = self._bad_pattern(prepared)
+            if bad is None:
+                break
+            keyword, pointer, original, why = bad
+            if ecma_compiles(original) and original not in unsupported:
+                unsupported |= {original}  # a valid regex Rust's engine rejects: relax it, check the output
+                continue
+            raise ConstraintError(f"json_schema: {keyword!r} at {pointer or '(root)'}: the regex {original!r} "
+                                  f"does not compile: {why}")
+        schema = prepared.schema if prepared is not None else None
         if prototype.is_error():
             raise self._error(spec, schema, prototype.get_error())
         messages = list(prototype.get_grammar_warnings())
@@ -190,6 +212,18 @@ class GuidanceBackend:
         checker = SchemaChecker(prepared.original) if prepared is not None else None
         return CompiledGrammar(grammar, prototype, warnings, size_bytes=8 * len(grammar) + 64 * 1024, checker=checker,
                                relaxed=relaxed, enforced=tuple(sorted(prepared.enforced.items())) if prepared else ())
+
+    def _bad_pattern(self, prepared: PreparedSchema) -> tuple[str, str, str, str] | None:
+        """``(keyword, pointer, regex, why)`` of the first pattern llguidance cannot parse (the slow path:
+        ~1 ms a pattern, taken only after a compile failed on a regex)."""
+        matcher = self._llguidance.LLMatcher
+        for keyword, pointer, original, translated in prepared.patterns[:MAX_PATTERNS_CHECKED]:
+            problem = matcher.validate_grammar(matcher.grammar_from_regex(translated))
+            if problem:
+                why = next((line.strip()[len("error:"):].strip() for line in problem.splitlines()
+                            if line.strip().startswith("error:")), problem.splitlines()[0])
+                return keyword, pointer, original, why
+        return None
 
     def _error(self, spec: ConstraintSpec, schema, message: str) -> ConstraintError:
         first = message.strip().splitlines()[0] if message.strip() else message

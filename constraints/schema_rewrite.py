@@ -75,20 +75,23 @@ class PreparedSchema:
     """The schema as given (remote refs embedded): what the finished output is checked against."""
     relaxed: tuple[Relaxation, ...] = ()
     enforced: dict[str, int] = field(default_factory=dict)
+    patterns: tuple[tuple[str, str, str, str], ...] = ()
+    """``(keyword, JSON pointer, ECMA regex, Rust regex)`` of each pattern handed to the grammar."""
 
 
-def prepare_schema(schema: Any, copy_root: bool = False) -> PreparedSchema:
+def prepare_schema(schema: Any, copy_root: bool = False, unsupported: frozenset[str] = frozenset()) -> PreparedSchema:
     """``schema`` (validated, refs checked) rewritten for the grammar; see the module docstring.
 
     A recursive root is moved under ``$defs``, or with ``copy_root`` copied there (llguidance
-    accepts one or the other shape depending on where the cycle's sibling keywords sit)."""
+    accepts one or the other shape depending on where the cycle's sibling keywords sit). Patterns in
+    ``unsupported`` (valid regexes the grammar's engine rejects) are relaxed."""
     if not isinstance(schema, dict):
         return PreparedSchema(schema, schema)
     closed = close_objects(schema)
-    rewriter = _Rewriter(closed)
+    rewriter = _Rewriter(closed, unsupported)
     out = rewriter.walk(_lift_recursive_root(closed, copy_root), "")
     rewriter.walk_ref_targets(out)
-    return PreparedSchema(out, schema, tuple(rewriter.relaxed), dict(rewriter.enforced))
+    return PreparedSchema(out, schema, tuple(rewriter.relaxed), dict(rewriter.enforced), tuple(rewriter.patterns))
 
 
 def _lift_recursive_root(schema: dict, copy_root: bool) -> dict:
@@ -151,8 +154,10 @@ def _type_of(value: Any) -> set[str]:
 
 
 class _Rewriter:
-    def __init__(self, root: dict) -> None:
+    def __init__(self, root: dict, unsupported: frozenset[str] = frozenset()) -> None:
         self.root = root
+        self.unsupported = unsupported
+        self.patterns: list[tuple[str, str, str, str]] = []
         self.relaxed: list[Relaxation] = []
         self.enforced: collections.Counter[str] = collections.Counter()
         self.visited: set[str] = set()
@@ -209,11 +214,12 @@ class _Rewriter:
         if isinstance(node.get("format"), str):
             self.rewrite_format(node, pointer)
         if "pattern" in node:
-            translated = to_rust(node["pattern"])
+            translated = self.translate(node["pattern"])
             if translated is None:
                 del node["pattern"]
                 self.relax("pattern", pointer, "a lookaround or backreference has no automaton")
             else:
+                self.patterns.append(("pattern", pointer, node["pattern"], translated))
                 node["pattern"] = translated
         for bound in _BOUNDS:
             value = node.get(bound)
@@ -257,11 +263,16 @@ class _Rewriter:
         reason = "not a regular language" if name not in PATTERN_FORMATS else "combined with a pattern"
         self.relax("format", pointer, f"format {name!r}: {reason}")
 
+    def translate(self, pattern: Any) -> str | None:
+        return None if pattern in self.unsupported else to_rust(pattern)
+
     def rewrite_pattern_properties(self, node: dict, pointer: str) -> None:
         kept = {}
         for regex, child in node["patternProperties"].items():
-            translated = to_rust(regex)
+            translated = self.translate(regex)
             if translated is not None:
+                self.patterns.append(("patternProperties", f"{pointer}/patternProperties/{escape_pointer(regex)}",
+                                      regex, translated))
                 kept[translated] = child
             elif node.get("additionalProperties") is not False:
                 # Without it, matching keys fall to additionalProperties: looser unless that is false.

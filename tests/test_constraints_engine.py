@@ -153,6 +153,6 @@ def test_server_takes_ebnf_and_refuses_unenforceable_keywords_with_400(engine):
         schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                           response_format={"type": "json_schema",
-                                                            "json_schema": {"name": "x", "schema": schema}})
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "x", "schema": schema, "strict": True}})
         assert info.value.status_code == 400 and "uniqueItems" in str(info.value) and "/properties/tags" in str(info.value)
