@@ -8,7 +8,7 @@ cannot be fetched (the server never goes to the network for a request) and is re
 
     >>> schema = {"properties": {"n": {"$ref": "http://json-schema.org/draft-04/schema#/definitions/positiveInteger"}}}
     >>> embed_remote_refs(schema)["properties"]["n"]
-    {'$ref': '#/$defs/sglite_remote0/definitions/positiveInteger'}
+    {'$ref': '#/$defs/sglite_remote0'}
     >>> check_local_refs({"$ref": "#/definitions/missing"})
     Traceback (most recent call last):
     ...
@@ -42,51 +42,46 @@ def _base_uri(schema: Any) -> str:
     return base.split("#")[0] if isinstance(base, str) else ""
 
 
-def _rewrite_refs(node: Any, old_prefix: str, new_prefix: str) -> Any:
-    """A copy of ``node`` whose ``$ref``s starting with ``old_prefix`` start with ``new_prefix`` instead."""
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith(old_prefix):
-                out[key] = new_prefix + value[len(old_prefix):]
-            elif key in ("$id", "id", "$schema") and isinstance(value, str):
-                continue  # an embedded document must not change the base URI of the refs above
-            else:
-                out[key] = _rewrite_refs(value, old_prefix, new_prefix)
-        return out
-    if isinstance(node, list):
-        return [_rewrite_refs(item, old_prefix, new_prefix) for item in node]
-    return node
-
-
 def embed_remote_refs(schema: Any) -> Any:
-    """``schema`` with refs into the JSON Schema meta-schemas embedded under ``$defs`` (a copy if any)."""
+    """``schema`` with refs into the JSON Schema meta-schemas embedded under ``$defs`` (a copy if any):
+    each referenced fragment once, with the refs inside it embedded the same way."""
     if not isinstance(schema, dict):
         return schema
     base = _base_uri(schema)
-    documents: dict[str, str] = {}
+    embedded: dict[tuple[str, str], str] = {}
+    defs: dict[str, Any] = {}
 
-    def walk(node: Any) -> Any:
+    def embed(document: str, fragment: str) -> str:
+        key = (document, fragment)
+        if key not in embedded:
+            embedded[key] = name = f"{EMBEDDED_PREFIX}{len(embedded)}"
+            try:
+                target = resolve_pointer(_meta_schemas()[document], fragment)
+            except KeyError:
+                raise ConstraintError(f"json_schema: '$ref' {document}#{fragment} does not exist in that meta-schema") from None
+            defs[name] = walk(target, document)
+        return f"#/$defs/{embedded[key]}"
+
+    def walk(node: Any, document: str | None) -> Any:
         if isinstance(node, dict):
-            out = {key: walk(value) for key, value in node.items()}
+            out = {key: walk(value, document) for key, value in node.items()
+                   if not (document and key in ("$id", "id", "$schema"))}
             ref = out.get("$ref")
-            if isinstance(ref, str) and not ref.startswith("#"):
-                document, _, fragment = ref.partition("#")
-                if document != base and document.rstrip("#") in _meta_schemas():
-                    name = documents.setdefault(document, f"{EMBEDDED_PREFIX}{len(documents)}")
-                    out["$ref"] = f"#/$defs/{name}{fragment}"
+            if isinstance(ref, str):
+                target_document, _, fragment = ref.partition("#")
+                if not target_document and document:  # a ref inside an embedded meta-schema
+                    out["$ref"] = embed(document, fragment)
+                elif target_document and target_document != base and target_document.rstrip("#") in _meta_schemas():
+                    out["$ref"] = embed(target_document.rstrip("#"), fragment)
             return out
         if isinstance(node, list):
-            return [walk(item) for item in node]
+            return [walk(item, document) for item in node]
         return node
 
-    out = walk(schema)
-    if not documents:
+    out = walk(schema, None)
+    if not defs:
         return schema
-    defs = dict(out.get("$defs", {})) if isinstance(out.get("$defs"), dict) else {}
-    for document, name in documents.items():
-        defs[name] = _rewrite_refs(_meta_schemas()[document.rstrip("#")], "#", f"#/$defs/{name}")
-    out["$defs"] = defs
+    out["$defs"] = {**(out.get("$defs") if isinstance(out.get("$defs"), dict) else {}), **defs}
     return out
 
 
