@@ -106,11 +106,12 @@ def resolve_pointer(schema: Any, fragment: str) -> Any:
 def check_local_refs(schema: Any) -> None:
     """Raise ``ConstraintError`` naming the first ``$ref`` that resolves nowhere (keyword and pointer)."""
     base = _base_uri(schema)
-    anchors = {node.get("$anchor") for _, node in subschemas(schema) if isinstance(node.get("$anchor"), str)}
-    anchors |= {node[key][1:] for _, node in subschemas(schema) for key in ("id", "$id")
+    nodes = list(all_nodes(schema))
+    anchors = {node.get("$anchor") for _, node in nodes if isinstance(node.get("$anchor"), str)}
+    anchors |= {node[key][1:] for _, node in nodes for key in ("id", "$id")
                 if isinstance(node.get(key), str) and node[key].startswith("#")}  # draft-04/06 plain-name ids
-    ids = {node.get("$id", node.get("id")) for _, node in subschemas(schema)}
-    for pointer, node in all_nodes(schema):
+    ids = {node[key] for _, node in nodes for key in ("$id", "id") if isinstance(node.get(key), str)}
+    for pointer, node in nodes:
         ref = node.get("$ref")
         if not isinstance(ref, str):
             continue

@@ -164,25 +164,23 @@ class _Rewriter:
 
     def walk_ref_targets(self, root: dict) -> None:
         """Rewrite, in place, the schemas ``$ref``s reach outside schema positions (``#/definitions/a/full``)."""
-        pending = True
-        while pending:
-            pending = False
-            for _, node in list(all_nodes(root)):
-                ref = node.get("$ref")
-                if not (isinstance(ref, str) and ref.startswith("#/")) or ref[1:] in self.visited:
-                    continue
-                parent_pointer, _, last = ref[1:].rpartition("/")
-                try:
-                    parent = resolve_pointer(root, parent_pointer)
-                    key = unquote(last).replace("~1", "/").replace("~0", "~")
-                    target = parent[int(key) if isinstance(parent, list) else key]
-                except (KeyError, IndexError, ValueError, TypeError):
-                    self.visited.add(ref[1:])
-                    continue
-                replaced = self.walk(target, ref[1:])
-                parent[int(key) if isinstance(parent, list) else key] = replaced
+        queue = [node["$ref"] for _, node in all_nodes(root) if isinstance(node.get("$ref"), str)]
+        while queue:
+            ref = queue.pop()
+            if not ref.startswith("#/") or ref[1:] in self.visited:
+                continue
+            parent_pointer, _, last = ref[1:].rpartition("/")
+            try:
+                parent = resolve_pointer(root, parent_pointer)
+                key = unquote(last).replace("~1", "/").replace("~0", "~")
+                target = parent[int(key) if isinstance(parent, list) else key]
+            except (KeyError, IndexError, ValueError, TypeError):
                 self.visited.add(ref[1:])
-                pending = True
+                continue
+            replaced = self.walk(target, ref[1:])
+            parent[int(key) if isinstance(parent, list) else key] = replaced
+            self.visited.add(ref[1:])
+            queue.extend(node["$ref"] for _, node in all_nodes(replaced) if isinstance(node.get("$ref"), str))
 
     def relax(self, keyword: str, pointer: str, reason: str) -> None:
         self.relaxed.append(Relaxation(keyword, pointer, reason))
