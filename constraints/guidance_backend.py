@@ -33,6 +33,7 @@ from sglite.constraints.errors import ConstraintError
 from sglite.constraints.json_schema import normalize_schema
 from sglite.constraints.limits import ConstraintLimits
 from sglite.constraints.ecma_regex import ecma_compiles
+from sglite.constraints.json_indent import IndentedProcessor, TokenTable
 from sglite.constraints.regex_syntax import check_groups_balanced, diagnose_regex, normalize_regex
 from sglite.constraints.output_check import SchemaChecker
 from sglite.constraints.schema_keywords import describe
@@ -93,6 +94,7 @@ class GuidanceBackend:
         self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.executor = llguidance.LLExecutor()  # computes a batch's masks on Rust threads
+        self._token_table: TokenTable | None = None
 
     # ---- compile ------------------------------------------------------------------------------
 
@@ -238,9 +240,21 @@ class GuidanceBackend:
 
     # ---- per request --------------------------------------------------------------------------
 
-    def processor(self, spec: ConstraintSpec, jump_forward: bool = True) -> GuidanceLogitsProcessor:
+    def processor(self, spec: ConstraintSpec, jump_forward: bool = True) -> GuidanceLogitsProcessor | IndentedProcessor:
         compiled = self.compile(spec)
-        return GuidanceLogitsProcessor(self, compiled, jump_forward=jump_forward)
+        indent = spec.json_layout.indent if spec.kind == "json_schema" else None
+        if indent is None:
+            return GuidanceLogitsProcessor(self, compiled, jump_forward=jump_forward)
+        # The grammar's own jump-forward would write canonical text where the layout owes a newline.
+        inner = GuidanceLogitsProcessor(self, compiled, jump_forward=False)
+        return IndentedProcessor(inner, self.token_table(), indent, jump_forward=jump_forward)
+
+    def token_table(self) -> TokenTable:
+        """Token texts and whitespace tokens for indented layouts (built on first use, ~0.1 s)."""
+        with self._lock:
+            if self._token_table is None:
+                self._token_table = TokenTable(self.lltokenizer, self.mask_words)
+            return self._token_table
 
     def bias(self, mask: np.ndarray, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The cached ``[width]`` 0/-inf row of a bitmask (ids past the mask are forbidden)."""

@@ -128,6 +128,8 @@ class OutlinesBackend:
             return regex_for_choices(spec.choices, max_bytes=self.limits.max_regex_size), []
         if spec.kind == "ebnf":
             raise ConstraintError("ebnf grammars need grammar_backend='llguidance' (the outlines backend is regex-only)")
+        if spec.json_layout.indent is not None:
+            raise ConstraintError("json_layout indent2/indent4 needs grammar_backend='llguidance'")
         if len(spec.source) > self.limits.max_schema_chars:
             raise ConstraintError(f"json_schema is {len(spec.source):,} characters, over the limit of "
                                   f"{self.limits.max_schema_chars:,}")

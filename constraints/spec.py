@@ -46,7 +46,7 @@ class ConstraintSpec:
         layout = self.json_layout
         object.__setattr__(self, "digest", digest(
             self.kind, self.source, layout.item_separator, layout.key_separator,
-            layout.whitespace_pattern or "", "strict" if self.strict else "checked",
+            layout.whitespace_pattern or "", str(layout.indent), "strict" if self.strict else "checked",
         ))
 
     @classmethod
