@@ -218,6 +218,7 @@ class _Rewriter:
                 self.relax("pattern", pointer, "a lookaround or backreference has no automaton")
             else:
                 self.patterns.append(("pattern", pointer, node["pattern"], translated))
+                self.enforced["pattern"] += translated != node["pattern"]
                 node["pattern"] = translated
         for bound in _BOUNDS:
             value = node.get(bound)
@@ -271,6 +272,7 @@ class _Rewriter:
             if translated is not None:
                 self.patterns.append(("patternProperties", f"{pointer}/patternProperties/{escape_pointer(regex)}",
                                       regex, translated))
+                self.enforced["patternProperties"] += translated != regex
                 kept[translated] = child
             elif node.get("additionalProperties") is not False:
                 # Without it, matching keys fall to additionalProperties: looser unless that is false.
