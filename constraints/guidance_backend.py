@@ -194,7 +194,7 @@ class GuidanceBackend:
                 continue
             raise ConstraintError(f"json_schema: {keyword!r} at {pointer or '(root)'}: the regex {original!r} "
                                   f"does not compile: {why}")
-        schema = prepared.schema if prepared is not None else None
+        schema = prepared.original if prepared is not None else None  # pointers the user can find
         if prototype.is_error():
             raise self._error(spec, schema, prototype.get_error())
         messages = list(prototype.get_grammar_warnings())

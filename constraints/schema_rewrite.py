@@ -183,6 +183,9 @@ class _Rewriter:
             queue.extend(node["$ref"] for _, node in all_nodes(replaced) if isinstance(node.get("$ref"), str))
 
     def relax(self, keyword: str, pointer: str, reason: str) -> None:
+        lifted = f"/$defs/{ROOT_NAME}"
+        if pointer == lifted or pointer.startswith(lifted + "/"):
+            pointer = pointer[len(lifted):]  # the user's root, not its copy
         self.relaxed.append(Relaxation(keyword, pointer, reason))
 
     # ---- structure ----------------------------------------------------------------------------
@@ -304,6 +307,12 @@ class _Rewriter:
             self.enforced["not"] += 1
             return node
         absent = self.absent_keys(negated)
+        if absent is not None or self.all_absent_keys(negated) is not None:
+            # `required` holds for every non-object, so its negation admits objects only.
+            current = _types(node)
+            if current is not None and "object" not in current:
+                return False
+            node["type"] = "object"
         if absent is not None:
             alternatives = [{"properties": {key: False}} for key in sorted(absent)]
             if len(alternatives) == 1:

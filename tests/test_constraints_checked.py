@@ -65,6 +65,8 @@ ENFORCED = {  # schema, a valid document, an invalid one (each invalid only thro
     "not type": ({"type": ["string", "integer"], "not": {"type": "string"}}, "7", '"s"'),
     "not required": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                       "not": {"required": ["b"]}}, '{"a": 1}', '{"a": 1, "b": 2}'),
+    "not required admits objects only": ({"type": ["object", "string"], "properties": {"a": {"type": "integer"}},
+                                          "not": {"required": ["a"]}}, "{}", '"s"'),
     "not {}": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"not": {}}}},
                '{"a": 1}', '{"b": 1}'),
     "remote meta-schema ref": ({"$ref": "http://json-schema.org/draft-04/schema#/definitions/positiveInteger"},
