@@ -159,32 +159,24 @@ def layout_mask(state: LayoutState, table: TokenTable, mask: np.ndarray, eos_ids
     bits = mask.view(np.uint8)
     target = state.newline_target()
     if state.mode == PENDING:
-        mask[:] = 0
+        mask[:] = 0  # only the owed whitespace, added below
     else:
         # Opened or closing, every token matters; otherwise only those with a character the layout reads.
         sensitive = mask.copy() if state.mode in (OPENED, CLOSING) else \
             mask & (table.in_string_words if state.in_string else table.outside_words)
-        flat = np.unpackbits(sensitive.view(np.uint8), bitorder="little")
-        closer_allowed, other_allowed = False, False
-        closer = CLOSERS.get(state.stack[-1]) if state.stack else None
-        for token in np.nonzero(flat)[0].tolist():
-            if token in eos_ids or token >= len(table.texts):
-                continue
-            text = table.texts[token]
-            if closer is not None and text.startswith(closer):
-                closer_allowed = True
-            if state.advance(text) is None:
+        candidates = [t for t in np.nonzero(np.unpackbits(sensitive.view(np.uint8), bitorder="little"))[0].tolist()
+                      if t not in eos_ids and t < len(table.texts)]
+        closer = CLOSERS[state.stack[-1]] if state.stack else None
+        grammar_closes = closer is not None and any(table.texts[t].startswith(closer) for t in candidates)
+        grammar_continues = any(not table.texts[t].startswith(closer or "\0") for t in candidates)
+        for token in candidates:
+            if state.advance(table.texts[token]) is None:
                 bits[token // 8] &= ~(1 << (token % 8)) & 0xFF
-        if state.mode == OPENED:
-            other_allowed = bool(np.any(mask & ~sensitive)) or any(
-                not table.texts[t].startswith(closer) for t in np.nonzero(flat)[0].tolist() if t < len(table.texts))
-            if not other_allowed:
-                target = None  # only the empty container is possible
-        elif state.mode == NORMAL and not closer_allowed:
-            target = None  # the grammar cannot close the container yet: no newline
+        if (state.mode == OPENED and not grammar_continues) or (state.mode == NORMAL and not grammar_closes):
+            target = None  # a newline would open a member the grammar cannot start, or close what it cannot
     if target:
         for text, token in table.whitespace.items():
-            if target.startswith(text) and (state.mode != NORMAL or text.startswith("\n")):
+            if target.startswith(text) and (state.mode == PENDING or text.startswith("\n")):
                 bits[token // 8] |= 1 << (token % 8)
 
 
