@@ -1,15 +1,22 @@
-"""JSON Schema coverage of each grammar backend on real schemas (JSONSchemaBench sample), side by side.
+"""JSON Schema coverage on real schemas (JSONSchemaBench sample): what runs by default, what is enforced, what it costs.
 
-For every schema and backend: compiled strictly, compiled only in lenient mode (each relaxation
-reported), refused (with the reason), or timed out; compile time median / p95 (cold: each
-schema once, a fresh backend whose one-time vocabulary build is reported separately). Then for
-up to ``--sample`` compiled schemas, 3 samples each at temperature 1 through the engine on the
-real default model, validated with ``jsonschema``: valid / truncated (hit max_new_tokens) / invalid.
+Four tables, each on the llguidance backend (the default) and the real default model's tokenizer:
 
-    python benchmarks/schema_coverage.py [--model PATH] [--schemas FILE] [--sample 60] [--timeout 10]
+1. Per subset: schemas that run by default (compiled; relaxed keywords checked on the output),
+   of those fully enforced in the grammar (``strict=True`` compiles too), refused (with the
+   reason), timed out.
+2. Per keyword: schemas using it, enforced in the grammar vs relaxed and checked after.
+3. Compile time p50/p95/max (cold: each schema once on a fresh backend) and the per-token mask
+   cost (a random walk through each grammar on the real vocabulary: bitmask + logit bias).
+4. Through the engine on the real model (``--sample`` schemas, temperature 1): outputs reported
+   valid / invalid / truncated, and outputs reported valid that an independent ``jsonschema``
+   validation rejects (must be 0); then constrained vs unconstrained decode throughput at batch
+   1 and 8 (same engine, jump-forward off so every token is sampled).
 
-Each backend compiles in a child process (forked after the vocabulary is built) so a compile
-that runs away is killed at ``--timeout`` and memory-capped at ``--memory-gb``.
+    python benchmarks/schema_coverage.py [--model PATH] [--schemas FILE] [--sample 40] [--timeout 10]
+
+Compiles run in a child process (forked before any engine thread exists) killed at ``--timeout``
+and memory-capped at ``--memory-gb``.
 """
 
 from __future__ import annotations
@@ -19,16 +26,19 @@ import collections
 import json
 import multiprocessing as mp
 import os
+import platform
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from _common import default_model_dir
-
-BACKENDS = ("llguidance", "outlines")
+KEYWORDS = ("format", "pattern", "patternProperties", "oneOf", "anyOf", "allOf", "not", "dependencies",
+            "dependentRequired", "dependentSchemas", "if", "uniqueItems", "propertyNames", "contains",
+            "minProperties", "maxProperties", "multipleOf", "$ref", "minimum", "maximum")
 
 
 def default_schemas() -> Path:
@@ -36,47 +46,81 @@ def default_schemas() -> Path:
     return Path(__file__).resolve().parents[2] / "shared/jsonschemabench/dev_sample.jsonl"
 
 
+def cpu_line() -> str:
+    model, flags = platform.processor() or "unknown CPU", []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    isa = [f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c"))]
+    return f"{model}; ISA {' '.join(isa) or 'unknown'}; {os.cpu_count()} CPUs"
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    if model.endswith(".gguf"):
+        from sglite.runtime.loading.gguf_tokenizer import save_gguf_tokenizer
+
+        out = tempfile.mkdtemp(prefix="schema-coverage-tok-")
+        save_gguf_tokenizer(model, out)
+        return AutoTokenizer.from_pretrained(out)
+    return AutoTokenizer.from_pretrained(model)
+
+
+def keywords_used(schema) -> set[str]:
+    text = json.dumps(schema)
+    return {k for k in KEYWORDS if f'"{k}":' in text}
+
+
 def _worker(backend, conn, memory_gb: float) -> None:
-    from sglite.constraints import ConstraintError, backend_processor
+    from sglite.constraints import ConstraintError, ConstraintSpec
 
     limit = int(memory_gb * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.simplefilter("ignore")
+    # Warm-up: the first compile imports the validators and builds the format checker, once per process.
+    backend.compile(ConstraintSpec.from_params(json_schema={"properties": {"t": {"format": "date-time"}}}))
     while True:
         schema = conn.recv()
         if schema is None:
             return
-        outcome = None
-        for lenient in (False, True):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        try:
+            compiled = backend.compile(ConstraintSpec.from_params(json_schema=schema))
+            ms = (time.perf_counter() - start) * 1e3
+            relaxed = sorted({k for entry in compiled.relaxed for k in re.findall(r"'([$\w]+)' at", entry)})
             try:
-                proc = backend_processor(backend, json_schema=schema, lenient=lenient)
-                ms = (time.perf_counter() - start) * 1e3
-                outcome = ("lenient" if lenient else "strict", "; ".join(proc.warnings)[:300], ms)
-                break
-            except ConstraintError as exc:
-                ms = (time.perf_counter() - start) * 1e3
-                outcome = ("refused", str(exc)[:300], ms)
-            except MemoryError:
-                outcome = ("refused", "out of memory (--memory-gb)", (time.perf_counter() - start) * 1e3)
-                break
-        conn.send(outcome)
+                backend.compile(ConstraintSpec.from_params(json_schema=schema, strict=True))
+                status = "enforced"
+            except ConstraintError:
+                status = "checked"
+            conn.send((status, relaxed, dict(compiled.enforced), ms, ""))
+        except ConstraintError as exc:
+            conn.send(("refused", [], {}, (time.perf_counter() - start) * 1e3, str(exc)[:200]))
+        except MemoryError:
+            conn.send(("refused", [], {}, (time.perf_counter() - start) * 1e3, "out of memory (--memory-gb)"))
 
 
 class Compiler:
-    """One backend in a child process; restarted (from the same parent state) after a timeout."""
+    """The backend in a child process; restarted (from the same parent state) after a timeout."""
 
     def __init__(self, backend, timeout: float, memory_gb: float) -> None:
         self.backend, self.timeout, self.memory_gb = backend, timeout, memory_gb
         self._start()
 
     def _start(self) -> None:
-        self.conn, child = mp.get_context("fork").Pipe()
-        self.proc = mp.get_context("fork").Process(target=_worker, args=(self.backend, child, self.memory_gb),
-                                                   daemon=True)
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(self.backend, child, self.memory_gb), daemon=True)
         self.proc.start()
 
-    def compile(self, schema) -> tuple[str, str, float]:
+    def compile(self, schema):
         self.conn.send(schema)
         if self.conn.poll(self.timeout):
             try:
@@ -86,7 +130,7 @@ class Compiler:
         self.proc.kill()
         self.proc.join()
         self._start()
-        return ("timeout", f"over {self.timeout:.0f} s or killed", self.timeout * 1e3)
+        return ("timeout", [], {}, self.timeout * 1e3, f"over {self.timeout:.0f} s or killed")
 
     def close(self) -> None:
         self.conn.send(None)
@@ -100,107 +144,195 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def sample_outputs(model: str, backend_name: str, schemas: list[dict], samples: int, max_new_tokens: int,
-                   max_total_tokens: int):
-    import jsonschema
-    import sglite
+def mask_cost(backend, outputs: list[tuple[dict, list[int]]], vocab: int) -> tuple[list[float], list[float]]:
+    """Microseconds per masked token, replaying the engine's outputs through fresh processors:
+    (first replay of each output, second replay), the second being what a grammar's later requests pay."""
+    import torch
 
-    counts = collections.Counter()
-    with sglite.Engine(model, grammar_backend=backend_name, max_total_tokens=max_total_tokens,
-                       max_running_requests=32) as engine:
-        prompts, params = [], []
-        for i, schema in enumerate(schemas):
-            for k in range(samples):
-                prompts.append([{"role": "user", "content": "Reply with one JSON document."}])
-                params.append({"json_schema": schema, "temperature": 1.0, "seed": 1000 * i + k,
-                               "max_new_tokens": max_new_tokens})
-        texts = [engine.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outs = engine.generate(texts, params)
-        for out, param in zip(outs, params):
-            if out["meta_info"]["finish_reason"]["type"] == "length":
-                counts["truncated"] += 1
-                continue
-            try:
-                validator = jsonschema.validators.validator_for(param["json_schema"], jsonschema.Draft202012Validator)
-                validator(param["json_schema"]).validate(json.loads(out["text"]))
-                counts["valid"] += 1
-            except (ValueError, jsonschema.ValidationError):
-                counts["invalid"] += 1
-    return counts
+    from sglite.constraints import ConstraintSpec
+
+    rounds: tuple[list[float], list[float]] = ([], [])
+    logits = torch.zeros(vocab)
+    for per_token in rounds:
+        for schema, token_ids in outputs:
+            proc = backend.processor(ConstraintSpec.from_params(json_schema=schema), jump_forward=False)
+            for token in token_ids:
+                if proc.is_finished():
+                    break
+                start = time.perf_counter()
+                proc.mask_logits(logits)
+                per_token.append((time.perf_counter() - start) * 1e6)
+                logits.zero_()
+                proc.accept_token(token)
+    return rounds
+
+
+def independent_valid(schema, text: str) -> bool:
+    import jsonschema
+
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return False
+    cls = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=jsonschema.FormatChecker()).is_valid(document)
+
+
+def sample_outputs(engine, schemas: list, max_new_tokens: int) -> tuple[collections.Counter, list]:
+    counts: collections.Counter = collections.Counter()
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with one JSON document."}],
+                                                  tokenize=False, add_generation_prompt=True)
+    params = [{"json_schema": s, "temperature": 1.0, "seed": i, "max_new_tokens": max_new_tokens}
+              for i, s in enumerate(schemas)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = engine.generate([prompt] * len(params), params)
+    for out, param in zip(outs, params):
+        meta = out["meta_info"]
+        truth = independent_valid(param["json_schema"], out["text"])
+        if meta["finish_reason"]["type"] == "length":
+            counts["truncated"] += 1
+        counts["reported valid" if meta["schema_valid"] else "reported invalid"] += 1
+        if meta["schema_valid"] and not truth:
+            counts["reported valid, not valid"] += 1
+        if not meta["schema_valid"] and truth:
+            counts["reported invalid, valid"] += 1
+    return counts, [(param["json_schema"], out["output_ids"]) for out, param in zip(outs, params)]
+
+
+THROUGHPUT_SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 200}
+"""Long enough that every constrained request runs to max_new_tokens, like the unconstrained ones."""
+
+
+def throughput(engine, batch: int, tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(unconstrained, constrained) tokens/s, alternating run by run so both see the same machine load."""
+    prompt = "Write a list of city names as JSON:"
+    runs = {False: [], True: []}
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        for constrained in (False, True):
+            extra = {"json_schema": THROUGHPUT_SCHEMA} if constrained else {"ignore_eos": True}
+            params = [{"max_new_tokens": tokens, "temperature": 0.0, **extra} for _ in range(batch)]
+            start = time.perf_counter()
+            outs = engine.generate([f"{prompt} #{i}" for i in range(batch)], params)
+            elapsed = time.perf_counter() - start
+            if repeat:
+                runs[constrained].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / elapsed)
+    return runs[False], runs[True]
 
 
 def main() -> None:
+    from sglite.runtime.loading.default_model import default_model_path
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: $SGLITE_MODEL, else the embedded default model)")
+    parser.add_argument("--model", default=None, help="default: the packaged SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--schemas", default=str(default_schemas()))
-    parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--memory-gb", type=float, default=4.0)
-    parser.add_argument("--sample", type=int, default=60, help="schemas sampled through the engine (0: none)")
+    parser.add_argument("--sample", type=int, default=40, help="schemas sampled through the engine (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--max-total-tokens", type=int, default=16384, help="KV pool of the sampling engine")
+    parser.add_argument("--throughput-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput table")
     args = parser.parse_args()
-    args.model = args.model or default_model_dir()
+    model = args.model or default_model_path()
+    if args.throughput_only:
+        return throughput_table(model, args)
 
-    from transformers import AutoTokenizer
+    import torch
 
     from sglite.constraints import make_backend
 
     rows = [json.loads(line) for line in open(args.schemas)]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    print(f"# {' '.join(sys.argv)}\n# {len(rows)} schemas from {args.schemas}; tokenizer {args.model} "
-          f"({len(tokenizer)} tokens); CPU, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    results: dict[str, list[tuple[str, str, float]]] = {}
-    for name in args.backends.split(","):
-        start = time.perf_counter()
-        backend = make_backend(name, tokenizer, len(tokenizer), {tokenizer.eos_token_id})
-        print(f"# {name}: one-time vocabulary build {time.perf_counter() - start:.2f} s (not in compile times)")
-        compiler = Compiler(backend, args.timeout, args.memory_gb)
-        results[name] = [compiler.compile(row["schema"]) for row in rows]
-        compiler.close()
+    tokenizer = load_tokenizer(model)
+    print(f"# {' '.join(sys.argv)}\n# CPU: {cpu_line()}\n# torch threads {torch.get_num_threads()}, float32; "
+          f"{len(rows)} schemas from {args.schemas}; model {os.path.basename(model)} ({len(tokenizer)} tokens)")
+    start = time.perf_counter()
+    backend = make_backend("llguidance", tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    print(f"# llguidance: one-time vocabulary build {time.perf_counter() - start:.2f} s (not in compile times)")
+    compiler = Compiler(backend, args.timeout, args.memory_gb)
+    results = [compiler.compile(row["schema"]) for row in rows]
+    compiler.close()
 
-    names = list(results)
-    print("\n## Compile coverage per subset (strict / lenient-with-warnings / refused / timeout)")
-    print("| subset | n | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
+    print("\n## Runs by default, per subset (llguidance)")
+    print("| subset | n | runs by default | fully enforced | relaxed + checked | refused | timeout |")
+    print("|---|---|---|---|---|---|---|")
     subsets = sorted({row["subset"] for row in rows})
     for subset in subsets + ["all"]:
         idx = [i for i, row in enumerate(rows) if subset == "all" or row["subset"] == subset]
-        cells = []
-        for name in names:
-            c = collections.Counter(results[name][i][0] for i in idx)
-            cells.append(f"{c['strict']} / {c['lenient']} / {c['refused']} / {c['timeout']}")
-        print(f"| {subset} | {len(idx)} | " + " | ".join(cells) + " |")
-    print("\n## Compile time, compiled schemas (ms)")
-    print("| backend | compiled | median | p95 | max |")
+        c = collections.Counter(results[i][0] for i in idx)
+        runs = c["enforced"] + c["checked"]
+        print(f"| {subset} | {len(idx)} | {runs} ({100 * runs / len(idx):.1f}%) | {c['enforced']} | {c['checked']} | "
+              f"{c['refused']} | {c['timeout']} |")
+
+    print("\n## Per keyword: schemas using it, enforced in the grammar vs relaxed and checked on the output")
+    print("| keyword | schemas | enforced | checked after | rewritten (places) |")
     print("|---|---|---|---|---|")
-    for name in names:
-        ms = [r[2] for r in results[name] if r[0] in ("strict", "lenient")]
-        print(f"| {name} | {len(ms)}/{len(rows)} ({100 * len(ms) / len(rows):.0f}%) | {statistics.median(ms):.1f} | "
-              f"{pct(ms, 0.95):.1f} | {max(ms):.1f} |")
-    print("\n## Most common refusal reasons")
-    for name in names:
-        reasons = collections.Counter(r[1].split(":")[0][:70] if r[0] != "refused" else
-                                      (r[1].split("(")[0][:90]) for r in results[name] if r[0] in ("refused", "timeout"))
-        for reason, count in reasons.most_common(6):
-            print(f"- {name}: {count} x {reason}")
-    if args.sample:
-        print(f"\n## Sampled through the engine on {os.path.basename(args.model)} (3 samples per schema, temperature 1, "
-              f"max_new_tokens {args.max_new_tokens}, strict; valid = jsonschema validation of a finished output)")
-        print("| backend | schemas | valid | truncated | invalid |")
-        print("|---|---|---|---|---|")
-        both = [i for i in range(len(rows)) if all(results[n][i][0] == "strict" for n in names)][: args.sample]
-        for name in names:
-            own = [i for i in range(len(rows)) if results[name][i][0] == "strict" and i not in both]
-            sets = {f"first {len(both)} all backends compile strictly": both}
-            if own and len(names) > 1:
-                sets[f"{len(own[: args.sample // 2])} more only {name} compiles strictly"] = own[: args.sample // 2]
-            for label, chosen in sets.items():
-                counts = sample_outputs(args.model, name, [rows[i]["schema"] for i in chosen], 3, args.max_new_tokens,
-                                        args.max_total_tokens)
-                print(f"| {name} | {label} | {counts['valid']} | {counts['truncated']} | {counts['invalid']} |")
+    for keyword in KEYWORDS:
+        using = [i for i, row in enumerate(rows) if keyword in keywords_used(row["schema"])
+                 and results[i][0] in ("enforced", "checked")]
+        if not using:
+            continue
+        checked = sum(1 for i in using if keyword in results[i][1])
+        rewritten = sum(results[i][2].get(keyword, 0) for i in using)
+        print(f"| {keyword} | {len(using)} | {len(using) - checked} | {checked} | {rewritten} |")
+
+    refusals = [(rows[i]["file"], r[4]) for i, r in enumerate(results) if r[0] in ("refused", "timeout")]
+    if refusals:
+        print("\n## Refused")
+        for name, reason in refusals:
+            print(f"- {name}: {reason}")
+
+    ms = [r[3] for r in results if r[0] in ("enforced", "checked")]
+    print("\n## Compile time (ms; each schema once, cold, after one warm-up compile of a tiny schema)")
+    print("| compiled | p50 | p95 | max |")
+    print("|---|---|---|---|")
+    print(f"| {len(ms)}/{len(rows)} | {statistics.median(ms):.1f} | {pct(ms, 0.95):.1f} | {max(ms):.1f} |")
+    if not args.sample:
+        return
+
+    import sglite
+
+    with sglite.Engine(model, max_total_tokens=32768, max_running_requests=16, jump_forward=False) as engine:
+        chosen = [rows[i]["schema"] for i, r in enumerate(results) if r[0] in ("enforced", "checked")]
+        step = max(1, len(chosen) // args.sample)
+        counts, outputs = sample_outputs(engine, chosen[::step][: args.sample], args.max_new_tokens)
+        print(f"\n## Outputs through the engine ({os.path.basename(model)}, temperature 1, max_new_tokens "
+              f"{args.max_new_tokens}; truth = jsonschema with its FormatChecker)")
+        print("| schemas | reported valid | reported invalid | of which truncated | reported valid, not valid | "
+              "reported invalid, valid |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {sum(counts[k] for k in ('reported valid', 'reported invalid'))} | {counts['reported valid']} | "
+              f"{counts['reported invalid']} | {counts['truncated']} | {counts['reported valid, not valid']} | "
+              f"{counts['reported invalid, valid']} |")
+        first, again = mask_cost(backend, outputs, len(tokenizer))
+        print("\n## Per-token mask cost (µs: bitmask + cached 0/-inf bias add), replaying those outputs")
+        print("| replay | p50 | p95 | tokens |")
+        print("|---|---|---|---|")
+        for label, costs in (("first (lexer states built)", first), ("again (steady state)", again)):
+            print(f"| {label} | {statistics.median(costs):.0f} | {pct(costs, 0.95):.0f} | {len(costs)} |")
+        throughput_rows(engine, args)
+
+
+def throughput_rows(engine, args) -> None:
+    print(f"\n## Decode throughput, constrained vs unconstrained (tokens/s, {args.throughput_tokens} new tokens, "
+          f"greedy, jump-forward off, {args.repeats} alternating repetitions after a warm-up)")
+    print("| batch | unconstrained min / median | constrained min / median | ratio (median) |")
+    print("|---|---|---|---|")
+    for batch in (1, 8):
+        free, masked = throughput(engine, batch, args.throughput_tokens, args.repeats)
+        print(f"| {batch} | {min(free):.1f} / {statistics.median(free):.1f} | {min(masked):.1f} / "
+              f"{statistics.median(masked):.1f} | {statistics.median(masked) / statistics.median(free):.2f}x |")
+
+
+def throughput_table(model: str, args) -> None:
+    import torch
+
+    import sglite
+
+    print(f"# {' '.join(sys.argv)}\n# CPU: {cpu_line()}\n# torch threads {torch.get_num_threads()}, float32")
+    with sglite.Engine(model, max_total_tokens=32768, max_running_requests=16, jump_forward=False) as engine:
+        throughput_rows(engine, args)
+
 
 if __name__ == "__main__":
     main()

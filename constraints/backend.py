@@ -57,7 +57,7 @@ def make_backend(name: str, tokenizer, vocab_size: int, eos_token_ids: Iterable[
 
 def backend_processor(backend: GrammarBackend, *, jump_forward: bool = True, **params: Any):
     """A fresh per-request processor for ``regex`` / ``json_schema`` / ``choices`` / ``ebnf`` (plus
-    ``json_layout``, ``whitespace_pattern``, ``lenient``); relaxations are warned (``ConstraintWarning``)
+    ``json_layout``, ``whitespace_pattern``, ``strict``); relaxations are warned (``ConstraintWarning``)
     and logged, so the caller sees them."""
     try:
         spec = ConstraintSpec.from_params(**params)
@@ -108,7 +108,7 @@ def build_logits_processor(
     ebnf: str | None = None,
     whitespace_pattern: str | None = None,
     json_layout: Any = None,
-    lenient: bool = False,
+    strict: bool = False,
     jump_forward: bool = True,
     eos_token_ids: Iterable[int] | None = None,
     backend: str | GrammarBackend = "llguidance",
@@ -126,4 +126,4 @@ def build_logits_processor(
         backend = make_backend(backend, tokenizer, vocab_size, eos_token_ids)
     return backend_processor(backend, jump_forward=jump_forward, regex=regex, json_schema=json_schema,
                              choices=choices, ebnf=ebnf, whitespace_pattern=whitespace_pattern,
-                             json_layout=json_layout, lenient=lenient)
+                             json_layout=json_layout, strict=strict)

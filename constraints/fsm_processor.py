@@ -16,6 +16,7 @@ import torch
 
 from sglite.constraints.compiler import CompiledFSM
 from sglite.constraints.jump_forward import plan_jump_forward
+from sglite.constraints.output_check import SchemaChecker
 
 
 class FSMLogitsProcessor:
@@ -37,7 +38,9 @@ class FSMLogitsProcessor:
         """Set (and the processor finished) if a token outside the mask was accepted."""
         self._eos_accepted = False
         self.warnings: tuple[str, ...] = ()
-        """Relaxations the backend took to compile this constraint (lenient mode)."""
+        """Relaxations the backend took to compile this constraint (their keywords are checked on the output)."""
+        self.checker: SchemaChecker | None = None
+        """JSON schema: validates the finished output against the full schema (``schema_valid``)."""
 
     @property
     def regex(self) -> str:

@@ -4,11 +4,12 @@ A model writes JSON the way it saw it in training, mostly as ``json.dumps`` does
 ``{"name": "Raj", "age": 52}``. Forcing another layout (compact ``{"name":"Raj","age":52}``)
 puts the model on text it rarely saw, and its next tokens go astray (on SmolLM2-135M the
 compact layout turned a bio's age 52 into 25). So the default is ``json.dumps``'s
-separators; ``compact`` and bounded ``flexible`` whitespace (which lets the model
-pretty-print) are opt-in.
+separators; ``compact``, bounded ``flexible`` whitespace (which lets the model
+pretty-print) and the exact ``indent2``/``indent4`` layouts of ``json.dumps(obj, indent=n)``
+(``json_indent``) are opt-in.
 
     >>> JsonLayout.parse("compact")
-    JsonLayout(item_separator=',', key_separator=':', whitespace_pattern=None)
+    JsonLayout(item_separator=',', key_separator=':', whitespace_pattern=None, indent=None)
     >>> JsonLayout.parse(None) == SPACED
     True
     >>> FLEXIBLE.whitespace_pattern
@@ -34,12 +35,17 @@ class JsonLayout:
     whitespace_pattern: str | None = None
     """When set, flexible layout: this regex (keep it bounded) may occur between any two JSON
     tokens, and the separators are bare ``,`` and ``:`` (Outlines' ``whitespace_pattern``)."""
+    indent: int | None = None
+    """When set, ``json.dumps(obj, indent=indent)``'s layout exactly (llguidance backend; ``json_indent``)."""
 
     def __post_init__(self) -> None:
         for name, mark in (("item_separator", ","), ("key_separator", ":")):
             value = getattr(self, name)
             if not isinstance(value, str) or value.strip(" \t\n") != mark:
                 raise ConstraintError(f"json layout: {name} must be {mark!r} with optional spaces/newlines, got {value!r}")
+        if self.indent is not None and (self.indent not in (2, 4) or self.item_separator != ","
+                                        or self.key_separator != ": " or self.whitespace_pattern is not None):
+            raise ConstraintError("json layout: indent must be 2 or 4, with item_separator ',' and key_separator ': '")
         if self.whitespace_pattern is not None:
             if not isinstance(self.whitespace_pattern, str):
                 raise ConstraintError("json layout: whitespace_pattern must be a regex string")
@@ -50,7 +56,7 @@ class JsonLayout:
 
     @classmethod
     def parse(cls, spec: str | JsonLayout | None) -> JsonLayout:
-        """``None`` or ``"spaced"`` (default), ``"compact"``, ``"flexible"``, or a ``JsonLayout``."""
+        """``None`` or ``"spaced"`` (default), ``"compact"``, ``"flexible"``, ``"indent2"``, ``"indent4"``, or a ``JsonLayout``."""
         if spec is None:
             return SPACED
         if isinstance(spec, JsonLayout):
@@ -73,7 +79,12 @@ COMPACT = JsonLayout(item_separator=",", key_separator=":")
 """``{"a":1,"b":[1,2]}``: fewest tokens."""
 FLEXIBLE = JsonLayout(item_separator=",", key_separator=":", whitespace_pattern=r"[\n\t ]{0,20}")
 """Up to 20 spaces, tabs or newlines between any two JSON tokens (enough to pretty-print)."""
-LAYOUTS: dict[str, JsonLayout] = {"spaced": SPACED, "compact": COMPACT, "flexible": FLEXIBLE}
+INDENT2 = JsonLayout(item_separator=",", key_separator=": ", indent=2)
+"""``json.dumps(obj, indent=2)``: one member per line, nested two spaces deeper (llguidance backend)."""
+INDENT4 = JsonLayout(item_separator=",", key_separator=": ", indent=4)
+"""``json.dumps(obj, indent=4)``."""
+LAYOUTS: dict[str, JsonLayout] = {"spaced": SPACED, "compact": COMPACT, "flexible": FLEXIBLE,
+                                  "indent2": INDENT2, "indent4": INDENT4}
 
 
 def apply_layout(regex: str, marker: str, layout: JsonLayout) -> str:

@@ -2,14 +2,15 @@
 
 Selectable with ``grammar_backend="outlines"``. A regex DFA cannot express much of JSON Schema,
 and outlines-core's schema -> regex step ignores several keywords, so ``audit_schema`` refuses
-(or, with ``lenient``, reports as relaxed) every keyword this route would not enforce, and
-refuses outright the shapes it would turn into invalid JSON or an unbounded compile.
+(by default: reports as relaxed, the finished output being checked against the full schema)
+every keyword this route would not enforce, and refuses outright the shapes it would turn into
+invalid JSON or an unbounded compile.
 
-    >>> audit_schema({"type": "integer", "multipleOf": 7}, lenient=False)
+    >>> audit_schema({"type": "integer", "multipleOf": 7}, strict=True)
     Traceback (most recent call last):
     ...
-    sglite.constraints.errors.ConstraintError: json_schema: 'multipleOf' at (root) is not enforced by the outlines backend; use grammar_backend='llguidance', remove it, or pass lenient=True
-    >>> audit_schema({"type": "integer", "multipleOf": 7}, lenient=True)
+    sglite.constraints.errors.ConstraintError: json_schema: 'multipleOf' at (root) is not enforced by the outlines backend; use grammar_backend='llguidance', remove it, or drop strict
+    >>> audit_schema({"type": "integer", "multipleOf": 7}, strict=False)
     ["json_schema relaxed: 'multipleOf' at (root) is ignored by the outlines backend"]
 """
 
@@ -23,6 +24,7 @@ from sglite.constraints.errors import ConstraintError
 from sglite.constraints.fsm_processor import FSMLogitsProcessor
 from sglite.constraints.json_schema import normalize_schema, schema_to_regex
 from sglite.constraints.limits import ConstraintLimits
+from sglite.constraints.output_check import SchemaChecker
 from sglite.constraints.schema_keywords import subschemas
 from sglite.constraints.spec import ConstraintSpec
 from sglite.constraints.vocabulary import get_vocabulary
@@ -37,16 +39,16 @@ IGNORED_KEYWORDS = (
 _UNSAFE_PATTERN = re.compile(r"(?<!\\)\.|\[\^|\\[SWDsw]|\\p\{|\\P\{")
 
 
-def audit_schema(schema, lenient: bool) -> list[str]:
-    """Warnings for what the outlines route relaxes (lenient), or ``ConstraintError`` for the first problem."""
+def audit_schema(schema, strict: bool) -> list[str]:
+    """Warnings for what the outlines route relaxes, or (``strict``) ``ConstraintError`` for the first one."""
     warnings: list[str] = []
 
     def relax(keyword: str, pointer: str, why: str = "is ignored by the outlines backend") -> None:
         where = f"{keyword!r} at {pointer or '(root)'}"
-        if not lenient:
+        if strict:
             raise ConstraintError(
                 f"json_schema: {where} is not enforced by the outlines backend; use grammar_backend='llguidance', "
-                "remove it, or pass lenient=True"
+                "remove it, or drop strict"
             )
         warnings.append(f"json_schema relaxed: {where} {why}")
 
@@ -107,10 +109,10 @@ class OutlinesBackend:
         self.caches = FSMCaches(self.limits.compiled_cache_bytes, self.limits.bias_cache_bytes,
                                 self.limits.max_regex_size, self.limits.max_regex_length)
         self._schema_regexes: ByteLRU[str] = ByteLRU(self.limits.schema_cache_bytes)
-        self._audits: ByteLRU[list[str]] = ByteLRU(self.limits.schema_cache_bytes)
+        self._audits: ByteLRU[tuple[list[str], SchemaChecker]] = ByteLRU(self.limits.schema_cache_bytes)
 
     def regex(self, spec: ConstraintSpec) -> tuple[str, list[str]]:
-        """The regex of ``spec`` and the relaxations (lenient) it took."""
+        """The regex of ``spec`` and the relaxations it took."""
         if spec.kind == "regex":
             # Estimating a regex's automaton is Python work that grows with its text (~1 s for 10k characters
             # on a busy 2-core machine), and holds the GIL the step loop needs; past 2 characters per
@@ -126,23 +128,34 @@ class OutlinesBackend:
             return regex_for_choices(spec.choices, max_bytes=self.limits.max_regex_size), []
         if spec.kind == "ebnf":
             raise ConstraintError("ebnf grammars need grammar_backend='llguidance' (the outlines backend is regex-only)")
+        if spec.json_layout.indent is not None:
+            raise ConstraintError("json_layout indent2/indent4 needs grammar_backend='llguidance'")
         if len(spec.source) > self.limits.max_schema_chars:
             raise ConstraintError(f"json_schema is {len(spec.source):,} characters, over the limit of "
                                   f"{self.limits.max_schema_chars:,}")
-        warnings = self._audits.get(spec.digest)
-        if warnings is None:
+        audit = self._audits.get(spec.digest)
+        if audit is None:
             schema = normalize_schema(spec.source)
-            warnings = audit_schema(schema, spec.lenient) if isinstance(schema, dict) else []
-            self._audits.put(spec.digest, warnings, 64 + sum(len(w) for w in warnings))
+            warnings = audit_schema(schema, spec.strict) if isinstance(schema, dict) else []
+            audit = (warnings, SchemaChecker(schema))
+            self._audits.put(spec.digest, audit, 4 * len(spec.source) + 64 + sum(len(w) for w in warnings))
+        warnings = audit[0]
         regex = schema_to_regex(spec.source, json_layout=spec.json_layout, cache=self._schema_regexes,
                                 max_regex_size=self.limits.max_regex_size)
         return regex, warnings
+
+    def checker(self, spec: ConstraintSpec) -> SchemaChecker | None:
+        """The validator of a JSON-schema ``spec``'s finished output (built by ``regex``); None for other kinds."""
+        audit = self._audits.get(spec.digest) if spec.kind == "json_schema" else None
+        return audit[1] if audit is not None else (SchemaChecker(normalize_schema(spec.source))
+                                                   if spec.kind == "json_schema" else None)
 
     def processor(self, spec: ConstraintSpec, jump_forward: bool = True) -> FSMLogitsProcessor:
         regex, warnings = self.regex(spec)
         fsm = compile_fsm(regex, self.vocabulary, self.caches)
         proc = FSMLogitsProcessor(fsm, self.tokenizer, self.vocab_size, jump_forward=jump_forward)
         proc.warnings = tuple(warnings)
+        proc.checker = self.checker(spec)
         return proc
 
     def cache_info(self) -> dict[str, dict[str, int]]:

@@ -25,7 +25,8 @@ SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties", "depend
 _KEY_LIST = re.compile(r"Unimplemented keys: (\[[^\]]*\])")
 
 
-def _escape(name: str) -> str:
+def escape_pointer(name: str) -> str:
+    """One JSON-pointer segment: ``~`` -> ``~0``, ``/`` -> ``~1``."""
     return str(name).replace("~", "~0").replace("/", "~1")
 
 
@@ -44,7 +45,24 @@ def subschemas(node: Any, pointer: str = "") -> Iterator[tuple[str, dict]]:
     for key in SCHEMA_MAP:
         if isinstance(node.get(key), dict):
             for name, child in node[key].items():
-                yield from subschemas(child, f"{pointer}/{key}/{_escape(name)}")
+                yield from subschemas(child, f"{pointer}/{key}/{escape_pointer(name)}")
+
+
+DATA_KEYWORDS = ("enum", "const", "default", "examples", "example")
+"""Keywords whose values are JSON data, never schemas."""
+
+
+def all_nodes(node: Any, pointer: str = "") -> Iterator[tuple[str, dict]]:
+    """``(JSON pointer, object)`` of every JSON object in ``node`` outside data keywords: unlike
+    ``subschemas`` it also reaches schemas a ``$ref`` finds in plain containers (``#/definitions/a/full``)."""
+    if isinstance(node, dict):
+        yield pointer, node
+        for key, value in node.items():
+            if key not in DATA_KEYWORDS and isinstance(value, (dict, list)):
+                yield from all_nodes(value, f"{pointer}/{escape_pointer(key)}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from all_nodes(value, f"{pointer}/{i}")
 
 
 def keyword_pointers(schema: Any, keyword: str) -> list[str]:
@@ -121,7 +139,7 @@ def close_objects(schema: Any) -> Any:
                 out[key] = [walk(child, f"{pointer}/{key}/{i}") for i, child in enumerate(out[key])]
         for key in SCHEMA_MAP:
             if isinstance(out.get(key), dict):
-                out[key] = {name: walk(child, f"{pointer}/{key}/{_escape(name)}") for name, child in out[key].items()}
+                out[key] = {name: walk(child, f"{pointer}/{key}/{escape_pointer(name)}") for name, child in out[key].items()}
         properties = out.get("properties")
         required = out.get("required") if isinstance(out.get("required"), list) else []
         if (isinstance(properties, dict) and not any(k in out for k in (

@@ -34,9 +34,10 @@ class ConstraintSpec:
     """The regex, the schema's JSON text (property order kept), the choices as a JSON list, or the grammar."""
     json_layout: JsonLayout = SPACED
     """Whitespace of JSON-schema output (see ``json_layout``)."""
-    lenient: bool = False
-    """JSON schema only: approximate what cannot be enforced exactly (``oneOf`` as ``anyOf``, unsupported
-    keywords ignored), reporting each relaxation as a warning, instead of refusing the schema."""
+    strict: bool = False
+    """JSON schema only: refuse a schema with a keyword the grammar cannot enforce exactly. By default
+    such a keyword is relaxed (one ``ConstraintWarning``) and the finished output is validated against
+    the full schema (``schema_valid`` in the request's meta info)."""
     digest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class ConstraintSpec:
         layout = self.json_layout
         object.__setattr__(self, "digest", digest(
             self.kind, self.source, layout.item_separator, layout.key_separator,
-            layout.whitespace_pattern or "", "lenient" if self.lenient else "strict",
+            layout.whitespace_pattern or "", str(layout.indent), "strict" if self.strict else "checked",
         ))
 
     @classmethod
@@ -58,7 +59,7 @@ class ConstraintSpec:
         ebnf: str | None = None,
         json_layout: str | JsonLayout | None = None,
         whitespace_pattern: str | None = None,
-        lenient: bool = False,
+        strict: bool = False,
     ) -> ConstraintSpec:
         """Exactly one of ``regex``, ``json_schema`` (dict, JSON text or pydantic class), ``choices``, ``ebnf``."""
         given = [name for name, value in (("regex", regex), ("json_schema", json_schema), ("choices", choices),
@@ -71,13 +72,13 @@ class ConstraintSpec:
             for name, value in (("whitespace_pattern", whitespace_pattern), ("json_layout", json_layout)):
                 if value is not None:
                     raise ConstraintError(f"{name} only applies to json_schema")
-            if lenient:
-                raise ConstraintError("lenient only applies to json_schema")
+            if strict:
+                raise ConstraintError("strict only applies to json_schema")
         layout = JsonLayout.parse(json_layout)
         if whitespace_pattern is not None:
             layout = JsonLayout(item_separator=",", key_separator=":", whitespace_pattern=whitespace_pattern)
-        if not isinstance(lenient, bool):
-            raise ConstraintError(f"lenient must be a bool, got {lenient!r}")
+        if not isinstance(strict, bool):
+            raise ConstraintError(f"strict must be a bool, got {strict!r}")
         if regex is not None:
             if not isinstance(regex, str):
                 raise ConstraintError(f"regex must be a string, got {type(regex).__name__}")
@@ -89,7 +90,7 @@ class ConstraintSpec:
         if choices is not None:
             check_choices(choices)
             return cls("choices", json.dumps(list(choices)))
-        return cls("json_schema", schema_text(json_schema), layout, lenient)
+        return cls("json_schema", schema_text(json_schema), layout, strict)
 
     @property
     def choices(self) -> list[str]:

@@ -206,7 +206,7 @@ class InputProcessor:
             choices=sp.choices,
             ebnf=sp.ebnf,
             json_layout=sp.json_layout,
-            lenient=sp.lenient,
+            strict=sp.strict,
         )
 
     def _generator(self, sp: SamplingParams) -> torch.Generator:

@@ -14,7 +14,9 @@ class LogitsProcessor(Protocol):
     Each step: ``mask_logits`` on the request's logits row, then the sampled token goes to
     ``accept_token``; then ``forced_tokens`` may return tokens to append without sampling
     (jump-forward), over which the processor has already advanced. ``is_finished`` ends the
-    request (finish reason ``stop``) when the constraint can go no further.
+    request (finish reason ``stop``) when the constraint can go no further. A JSON-schema processor
+    may carry a ``checker`` (``constraints.output_check.SchemaChecker``): the finished request's
+    meta info then reports ``schema_valid`` and, when false, ``schema_error``.
     """
 
     def mask_logits(self, logits: torch.Tensor) -> None:

@@ -61,6 +61,8 @@ class Request:
     input_top_logprobs: list[list[tuple[float, int, None]] | None] = field(default_factory=list)
     """The alternatives at each position of ``input_token_logprobs`` (None for the first), when ``top_logprobs_num``."""
     jump_forward_tokens: int = 0
+    schema_check: tuple[bool, str | None] | None = None
+    """JSON schema: (valid, error) of the finished output against the full schema, computed once."""
     pending_forced: list[int] = field(default_factory=list)
     """Tokens forced by the constraint, appended to the output and awaiting their forward pass."""
     created: float = field(default_factory=time.perf_counter)
@@ -107,6 +109,14 @@ class Request:
             "jump_forward_tokens": self.jump_forward_tokens,
             "e2e_latency": time.perf_counter() - self.created,
         }
+        checker = getattr(self.processor, "checker", None)
+        if checker is not None and self.finished and self.error is None:
+            if self.schema_check is None:
+                verdict = checker.check(self.text)
+                self.schema_check = (verdict.valid, verdict.error)
+            info["schema_valid"], error = self.schema_check
+            if error is not None:
+                info["schema_error"] = error
         if self.params.return_logprob or self.params.top_logprobs_num:
             # SGLang's keys are all present when logprobs are asked for (empty lists when none apply).
             input_since, output_since = logprobs_since

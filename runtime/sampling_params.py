@@ -80,9 +80,11 @@ class SamplingParams:
     ebnf: str | None = None
     """Constrain the output to a context-free grammar: Lark syntax, or GBNF/EBNF with ``::=`` rules."""
     json_layout: str | None = None
-    """Whitespace of ``json_schema`` output: ``spaced`` (default, as ``json.dumps``), ``compact`` or ``flexible``."""
-    lenient: bool = False
-    """JSON schema: relax keywords the backend cannot enforce (each reported as a warning) instead of refusing."""
+    """Whitespace of ``json_schema`` output: ``spaced`` (default, as ``json.dumps``), ``compact``, ``flexible``,
+    ``indent2`` or ``indent4`` (``json.dumps(obj, indent=n)``)."""
+    strict: bool = False
+    """JSON schema: refuse (400) a schema with a keyword the grammar cannot enforce exactly. By default it is
+    relaxed (one warning) and the finished output is validated: ``meta_info["schema_valid"]``/``schema_error``."""
     n: int = 1
     """Samples per prompt (SGLang's parallel sampling): the prompt is prefilled once, then each sample
     decodes from the cached prompt; ``generate`` answers a list of ``n`` results per prompt."""
@@ -140,7 +142,8 @@ class SamplingParams:
             _check_int(self, "stream_interval", low=1)
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise ValueError(f"sampling parameter 'custom_params' must be an object, got {self.custom_params!r}")
-        for name in ("ignore_eos", "skip_special_tokens", "return_logprob", "no_stop_trim", "spaces_between_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "return_logprob", "no_stop_trim", "spaces_between_special_tokens",
+                     "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sampling parameter '{name}' must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None:

@@ -234,7 +234,9 @@ class OpenAIServing:
                 else None
             )
             choices.append(
-                ChatChoice(index=index, message=AssistantMessage(content=out["text"]), logprobs=logprobs, finish_reason=finish_reason(meta))
+                ChatChoice(index=index, message=AssistantMessage(content=out["text"]), logprobs=logprobs,
+                           finish_reason=finish_reason(meta), schema_valid=meta.get("schema_valid"),
+                           schema_error=meta.get("schema_error"))
             )
             self.metrics.e2e_latency.observe(time.perf_counter() - arrival)
         usage = usage_of([out["meta_info"] for out in outputs], req.n)
@@ -255,7 +257,10 @@ class OpenAIServing:
                 logprobs = chat_logprobs(self.strings, update.token_logprobs, update.top_logprobs)
             if update.text or logprobs is not None or update.finish_reason is not None:
                 delta = ChatDelta(content=update.text) if update.text else ChatDelta()
-                return event([ChatChunkChoice(index=update.index, delta=delta, logprobs=logprobs, finish_reason=update.finish_reason)])
+                verdict = ({"schema_valid": update.meta_info.get("schema_valid"),
+                            "schema_error": update.meta_info.get("schema_error")} if update.finish_reason else {})
+                return event([ChatChunkChoice(index=update.index, delta=delta, logprobs=logprobs,
+                                              finish_reason=update.finish_reason, **verdict)])
             return None
 
         for index in range(len(calls)):

@@ -199,7 +199,8 @@ class JsonSchemaFormat(_StrictModel):
     name: str = Field(min_length=1, max_length=256)
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
-    """Accepted; output is always constrained to the schema."""
+    """``true``: refuse (400, as OpenAI does) a schema with a keyword the grammar cannot enforce exactly.
+    Otherwise such a keyword is relaxed and the choice reports ``schema_valid`` (and ``schema_error``)."""
     description: str | None = None
 
 
@@ -249,7 +250,8 @@ class ChatCompletionRequest(SamplingRequest):
             return {"json_schema": JSON_OBJECT_SCHEMA}
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise ValueError("response_format of type 'json_schema' needs json_schema.schema")
-        return {"json_schema": fmt.json_schema.schema_}
+        strict = {"strict": True} if fmt.json_schema.strict else {}
+        return {"json_schema": fmt.json_schema.schema_, **strict}
 
 
 # --------------------------------------------------------------------------- completions
@@ -339,6 +341,10 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    schema_valid: bool | None = Field(None, exclude_if=lambda v: v is None)
+    """``json_schema`` response format only: the output validates against the full schema."""
+    schema_error: str | None = Field(None, exclude_if=lambda v: v is None)
+    """When ``schema_valid`` is false: the failing keyword, its JSON pointer in the schema, and why."""
 
 
 def _now() -> int:
@@ -368,6 +374,9 @@ class ChatChunkChoice(_Response):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    schema_valid: bool | None = Field(None, exclude_if=lambda v: v is None)
+    """On the finishing chunk of a ``json_schema`` response format (see ``ChatChoice``)."""
+    schema_error: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletionChunk(_Response):
