@@ -34,3 +34,10 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         torch.bfloat16
     """
     return getattr(torch, dtype_name(dtype))
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" -> float32 on CPU, bfloat16 on CUDA; a name like "bfloat16" -> torch dtype."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(dtype)

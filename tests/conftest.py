@@ -84,3 +84,21 @@ def runtime(llama_path):
     backend = sgl.Runtime(llama_path)
     yield backend
     backend.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path):
+    """An engine on the tiny checkpoint, shared by one test module (a module may define its own ``engine``)."""
+    import sglite
+
+    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """``engine`` served over HTTP in a thread of this process; the base URL."""
+    from sglite.runtime.server.testing import serve_in_thread
+
+    with serve_in_thread(engine) as url:
+        yield url

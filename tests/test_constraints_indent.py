@@ -13,7 +13,7 @@ import pytest
 import sglite
 from sglite.constraints import ConstraintError, backend_processor, make_backend
 from sglite.constraints.json_indent import LayoutState
-from sglite.constraints.simulate import simulate_decode
+from constraint_simulation import simulate_decode
 
 VOCAB = 2048
 WORD = {"type": "string", "pattern": "^[a-z]{1,6}$"}

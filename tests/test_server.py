@@ -10,23 +10,10 @@ import jsonschema
 import openai
 import pytest
 
-import sglite
 from sglite.runtime.server import ServerConfig
 from sglite.runtime.server.testing import serve_in_thread
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve_in_thread(engine) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

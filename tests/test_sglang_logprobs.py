@@ -13,24 +13,10 @@ import httpx
 import pytest
 import torch
 
-import sglite
 from sglite.runtime.server.native_protocol import METADATA_FIELDS, NATIVE_UNSUPPORTED
-from sglite.runtime.server.testing import serve_in_thread
 
 GREEDY = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
 PROMPT = "one two three four five six"
-
-
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve_in_thread(engine) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,8 @@ import httpx
 import pytest
 
 import sglite
-from sglite.runtime.server.testing import serve_in_thread
 
 PARAMS = {"max_new_tokens": 6, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve_in_thread(engine) as url:
-        yield url
 
 
 def generate(server: str, **body) -> httpx.Response:

@@ -5,7 +5,6 @@
 // llama.cpp does), then splits the output features over threads; each thread walks its features in tiles of
 // kTileRows weight rows and, per tile, every activation row, so a tile's blocks are read from memory once
 // and reused from cache by all rows (decode reads each weight byte once; prefill reuses it M times).
-#include <ATen/ThreadLocalState.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -90,18 +89,19 @@ at::Tensor gemm_over_dequantized_tiles(const at::Tensor& x2, const at::Tensor& w
   const int64_t tile_rows = std::clamp<int64_t>(kGemmTileBytes / (cols * 4) / 8 * 8, 8, 512);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t w_stride = w.stride(0);
-  // the workers run mm_out on the caller's tensors: they take the caller's thread-local state (inference mode
-  // included), or an output made under torch.inference_mode() could not be written from another thread
-  const at::ThreadLocalState caller_state;
+  // the workers write their products into `out` through its pointer: a worker thread does not share the
+  // caller's inference mode, and an in-place op on an output made under torch.inference_mode() would be refused
+  float* op = out.data_ptr<float>();
+  const int64_t m_rows = x2.size(0);
   at::parallel_for(0, out_features, tile_rows, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor tile = at::empty({tile_rows, cols}, x2.options());
     float* tp = tile.data_ptr<float>();
     for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
       const int64_t n = std::min(end, r0 + tile_rows) - r0;
       for (int64_t r = 0; r < n; ++r) k.dequantize(wp + (r0 + r) * w_stride, tp + r * cols, cols);
-      at::Tensor out_tile = out.narrow(1, r0, n);
-      at::mm_out(out_tile, x2, tile.narrow(0, 0, n).t());
+      const at::Tensor product = at::mm(x2, tile.narrow(0, 0, n).t()).contiguous();
+      const float* pp = product.data_ptr<float>();
+      for (int64_t i = 0; i < m_rows; ++i) std::memcpy(op + i * out_features + r0, pp + i * n, n * sizeof(float));
     }
   });
   return out;
@@ -242,14 +242,17 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   const int64_t m_rows = x2.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
+  // Prefill first: float32 GEMM over dequantized tiles of the plain blocks is exact in the activations, where
+  // the packed gemm quantizes them to 8 bits (a prompt's logits then match the dense model's, as for every
+  // format without a packed layout); decode rows take the packed kernels.
+  if (m_rows >= kGemmMinRows) {
+    at::Tensor out = gemm_over_dequantized_tiles(x2, w, k, out_features).view(shape);
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
   if (packed.has_value() && packed->numel()) {
     TORCH_CHECK(k.packed_rows && packed->sizes() == w.sizes() && packed->is_contiguous(),
                 "packed weights do not match this level's packed layout (repack them with ggml_repack)");
     at::Tensor out = packed_matmul(x2, *packed, k, out_features).view(shape);
-    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
-  }
-  if (m_rows >= kGemmMinRows) {
-    at::Tensor out = gemm_over_dequantized_tiles(x2, w, k, out_features).view(shape);
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
   }
   const int64_t xq_row_bytes = cols / k.vd_block_size * k.vd_block_bytes;

@@ -180,7 +180,7 @@ def load_gguf_model(
 ) -> tuple[LlamaForCausalLM, PretrainedConfig]:
     """The native model of a GGUF file: quantized blocks kept (``dtype`` None or ``"auto"`` on CPU) or
     dequantized into dense ``dtype`` weights. Returns ``(model, hf_config)`` in eval mode."""
-    from sglite.runtime.loading.model_loader import resolve_dtype
+    from sglite.runtime.dtypes import resolve_dtype
 
     reader = reader if reader is not None else open_gguf(path)
     _, spec = architecture_of(reader)

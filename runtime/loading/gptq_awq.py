@@ -125,7 +125,7 @@ def load_quantized_checkpoint(model: nn.Module, files: list[Path], settings: dic
     from safetensors import safe_open
 
     from sglite.runtime.kernels.quant_linear import QuantizedTensor, QuantLinear
-    from sglite.runtime.loading.model_loader import IGNORED_WEIGHT_SUFFIXES, WeightMismatchError
+    from sglite.runtime.loading.weight_names import IGNORED_WEIGHT_SUFFIXES, WeightMismatchError
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {name: handle for handle in handles for name in handle.keys()}

@@ -14,22 +14,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from sglite.runtime.dtypes import torch_dtype
+from sglite.runtime.dtypes import resolve_dtype  # noqa: F401 - re-exported (the loader's callers import it here)
+from sglite.runtime.loading.weight_names import IGNORED_WEIGHT_SUFFIXES, WeightMismatchError  # noqa: F401 - re-exported
 from sglite.runtime.models import get_model_class
 
 # What a download fetches: config, weights, tokenizer and chat template; never *.bin/*.pt/*.gguf.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Old checkpoints saved RoPE tables as weights; we recompute them.
-IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local model directory nor a checkpoint in the Hugging Face cache."""
-
-
-class WeightMismatchError(ValueError):
-    """The checkpoint's tensors do not match the architecture its config describes."""
 
 
 def _env_flag(name: str) -> bool:
@@ -100,13 +95,6 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(repo_id=name, cache_dir=cache_dir, allow_patterns=HUB_ALLOW_PATTERNS))
     except Exception as failed:  # network, auth, unknown repo: all mean "not available"
         raise ModelNotFoundError(f"{hint}; the download failed: {failed}") from failed
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto" -> float32 on CPU, bfloat16 on CUDA; a name like "bfloat16" -> torch dtype."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch_dtype(dtype)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
