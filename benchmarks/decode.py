@@ -98,7 +98,10 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
 def transformers_runner(model: str, dtype: torch.dtype, pad_id: int) -> Runner:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()  # a checkpoint folder, never a .gguf
+    from sglite.runtime.loading.gguf_loader import transformers_source
+
+    path, kwargs = transformers_source(model)  # a GGUF's folder holds no weights: transformers reads the file
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]], n: int) -> None:
@@ -277,8 +280,11 @@ def quality_table(model: str, formats: list[tuple[str, dict]], tokenizer, new_to
 
 
 def format_options(name: str) -> dict:
-    """Engine options of a ``--formats`` entry: ``bfloat16``, ``int4``, ``int4+compile``, ..."""
+    """Engine options of a ``--formats`` entry: ``default`` (no options: a GGUF in its own blocks), ``bfloat16``,
+    ``int4``, ``int4+compile``, ..."""
     weights, _, extra = name.partition("+")
+    if weights == "default":
+        return {"enable_torch_compile": True} if extra == "compile" else {}
     if extra not in ("", "compile"):
         raise SystemExit(f"unknown format suffix {extra!r} in {name!r} (only +compile)")
     options = {"quantization": weights, "dtype": "bfloat16"} if weights in ("int8", "int4") else {"dtype": weights}
@@ -298,8 +304,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument(
         "--formats",
-        default="bfloat16,int4,bfloat16+compile,int4+compile",
-        help="sglite columns: bfloat16, float32, int8, int4, each optionally +compile (enable_torch_compile)",
+        default="default,float32,bfloat16",
+        help="sglite columns: default (no options), bfloat16, float32, int8, int4, each optionally +compile",
     )
     parser.add_argument("--no-quality", action="store_true", help="skip the quality table")
     parser.add_argument("--llama-bench", default=None, help="llama-bench binary (default: ../shared/tools/build_llama_cpp.sh's build)")
@@ -316,7 +322,7 @@ def main() -> None:
     tokenizer = engines[0].tokenizer
     # transformers reads the dense checkpoint sglite loaded (a GGUF is converted once to safetensors): its own
     # GGUF loader would keep the weights packed and dequantize in every matmul, which is not its dense speed
-    runners.append(transformers_runner(engines[0].model_path, torch.bfloat16, tokenizer.pad_token_id or 0))
+    runners.append(transformers_runner(engines[0].model_path, torch.float32, tokenizer.pad_token_id or 0))
     cpp = llama_cpp_runner(args.gguf or default_gguf(), args.threads)
     if cpp is not None:
         runners.append(cpp)
