@@ -320,8 +320,7 @@ def main() -> None:
         runners.append(runner)
         engines.append(engine)
     tokenizer = engines[0].tokenizer
-    # transformers reads the dense checkpoint sglite loaded (a GGUF is converted once to safetensors): its own
-    # GGUF loader would keep the weights packed and dequantize in every matmul, which is not its dense speed
+    # transformers reads the same weights, dequantized to a dense float32 model (from a GGUF: the file itself)
     runners.append(transformers_runner(engines[0].model_path, torch.float32, tokenizer.pad_token_id or 0))
     cpp = llama_cpp_runner(args.gguf or default_gguf(), args.threads)
     if cpp is not None:
