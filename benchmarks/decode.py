@@ -84,13 +84,16 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one batch-1 decode step reads: every linear layer (the output head included,
     tied or not) and the norms; of the embedding, one row (ignored)."""
     from sglite.runtime.kernels.packed_linear import PackedLinear
+    from sglite.runtime.kernels.quant_linear import QuantEmbedding, QuantLinear
     from sglite.runtime.loading.quantization import QuantizedLinear
 
     total = 0
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, PackedLinear)):
             total += module.kernel_bytes()
-        elif not isinstance(module, torch.nn.Embedding):
+        elif isinstance(module, QuantLinear):  # ggml blocks (a tied head reads the embedding's blocks)
+            total += module.weight_bytes
+        elif not isinstance(module, (torch.nn.Embedding, QuantEmbedding)):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total
 
