@@ -204,8 +204,16 @@ SGLANG_INTERNAL_FIELDS = ("stop_strs", "stop_regex_strs", "stop_str_max_len", "s
 
 
 def _sglang_aliases(params: dict[str, Any]) -> dict[str, Any]:
-    """SGLang spellings mapped to ours; SGLang-only fields refused by name when they would change the output."""
+    """SGLang spellings (and sglite's earlier ``lenient``) mapped to ours; SGLang-only fields refused by name when
+    they would change the output."""
     params = dict(params)
+    lenient = params.pop("lenient", None)  # sglite's earlier switch: lenient=false was the refusing default
+    if lenient is not None:
+        if not isinstance(lenient, bool):
+            raise ValueError(f"sampling parameter 'lenient' must be a bool, got {lenient!r}")
+        if params.get("strict") is not None and params["strict"] == lenient:
+            raise ValueError("give one of 'strict' or 'lenient' (its earlier opposite), not both with one meaning")
+        params["strict"] = not lenient
     sampling_seed = params.pop("sampling_seed", None)
     if sampling_seed is not None:
         if params.get("seed") not in (None, sampling_seed):

@@ -140,3 +140,14 @@ def test_greedy_rows_pick_argmax_with_ties_to_the_lowest_id(dtype):
     want = logits.float().nan_to_num(nan=float("-inf")).argmax(-1)
     got = sample(logits.clone(), [SamplingParams(temperature=0.0)] * 6, [None] * 6)
     assert got.tolist() == want.tolist() and int(got[2]) == 17
+
+
+def test_lenient_is_the_earlier_spelling_of_not_strict():
+    """Clients of the earlier release sent ``lenient``; it maps onto ``strict`` rather than becoming a 400."""
+    assert SamplingParams.from_dict({"lenient": False}).strict is True
+    assert SamplingParams.from_dict({"lenient": True}).strict is False
+    assert SamplingParams.from_dict({"lenient": True, "strict": False}).strict is False
+    with pytest.raises(ValueError, match="'lenient' must be a bool"):
+        SamplingParams.from_dict({"lenient": "yes"})
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams.from_dict({"lenient": True, "strict": True})
