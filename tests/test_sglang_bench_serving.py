@@ -15,7 +15,9 @@ from sglite.runtime.server.testing import serve_subprocess
 
 # sglang.benchmark.serving imports sglang.srt.configs, which imports torchvision: PyPI's torchvision wheels are
 # built for CUDA torch and fail to load beside the CPU one, so the compat extra leaves it out and this module
-# runs where a matching torchvision is installed. tests/test_sglang_logprobs.py posts bench_serving's exact body.
+# runs where a matching torchvision is installed. Past torchvision (tried with a stand-in module) the client's
+# imports reach SGLang's kernel packages (tvm_ffi, ...), so it needs SGLang's full install, not the --no-deps
+# frontend. tests/test_sglang_logprobs.py posts bench_serving's exact request body instead.
 pytest.importorskip("sglang.benchmark.serving", reason="needs sglang==0.5.23, datasets and a torchvision matching torch")
 
 PROMPTS = 4
