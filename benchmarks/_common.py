@@ -58,6 +58,21 @@ def cpu_description() -> str:
     return f"{model} ({' '.join(f for f in wanted if f in flags) or 'no AVX'})"
 
 
+def llama_cpp_tool(name: str, path: str | os.PathLike | None = None) -> Path | None:
+    """A llama.cpp tool (``llama-bench``, ``llama-server``, ``llama-quantize``) built natively for this CPU: ``path``
+    when given, else the one ``../shared/tools/build_llama_cpp.sh`` builds (cached after the first build); None
+    where neither exists."""
+    if path:
+        return Path(path)
+    script = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "build_llama_cpp.sh"
+    if not script.exists():
+        return None
+    import subprocess
+
+    folder = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
+    return Path(folder) / name
+
+
 def header(title: str, device: str, dtype: str, repeat: int, extra: str = "") -> str:
     """The lines every table starts with: the command, and what it ran on."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

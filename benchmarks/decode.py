@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import sglite
+from _common import cpu_description, llama_cpp_tool
 
 QUESTIONS = [
     "Write a short poem about the sea.", "What is the capital of France?", "List three uses of a paperclip.",
@@ -143,19 +144,6 @@ def llama_cpp_runner(gguf: str | None, threads: int) -> Runner | None:
     return Runner(f"llama.cpp {Path(gguf).stem.split('.')[-1]}", generate, Path(gguf).stat().st_size, max_batch=1)
 
 
-def llama_bench_binary(path: str | None) -> Path | None:
-    """``llama-bench`` built natively for this CPU: ``--llama-bench PATH``, else the shared build script's (cached) build."""
-    if path:
-        return Path(path)
-    script = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "build_llama_cpp.sh"
-    if not script.exists():
-        return None
-    import subprocess
-
-    folder = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
-    return Path(folder) / "llama-bench"
-
-
 def llama_bench_runner(binary: Path | None, gguf: str | None, threads: int, args) -> Runner | None:
     """The native llama.cpp column: ``llama-bench`` runs its own repetitions (``tg`` = decode, ``pp`` = prefill)."""
     if binary is None or not binary.exists() or gguf is None:
@@ -227,8 +215,6 @@ def speed_table(runners: list[Runner], tokenizer, args) -> None:
 
     bandwidth = read_bandwidth()
     width = max(len(r.name) for r in runners) + 2
-    from _common import cpu_description
-
     print(f"\nCPU: {cpu_description()}")
     print(f"tok/s, median (best) of {args.reps}; {args.new_tokens} new tokens; torch threads {args.threads}; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -329,7 +315,7 @@ def main() -> None:
     if cpp is not None:
         runners.append(cpp)
     if not args.no_llama_bench:
-        native = llama_bench_runner(llama_bench_binary(args.llama_bench), args.gguf or default_gguf(), args.threads, args)
+        native = llama_bench_runner(llama_cpp_tool("llama-bench", args.llama_bench), args.gguf or default_gguf(), args.threads, args)
         if native is not None:
             runners.append(native)
     try:

@@ -15,15 +15,15 @@ positions that differ with both picks.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from _common import cpu_description
+from _common import cpu_description, llama_cpp_tool
+
+from sglite.runtime.server.testing import free_port, wait_healthy
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -38,20 +38,6 @@ TEXT = (
     "holds more text than every library of that century together, and the question of who may read what "
     "has moved from the printing shop to the network."
 )
-
-
-def llama_server_binary(path: str | None) -> Path:
-    if path:
-        return Path(path)
-    script = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "build_llama_cpp.sh"
-    folder = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
-    return Path(folder) / "llama-server"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def sglite_argmax(gguf: str, ids: list[int], threads: int) -> dict[str, list[int]]:
@@ -78,16 +64,7 @@ def llama_cpp_argmax(binary: Path, gguf: str, ids: list[int], threads: int, extr
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit("llama-server did not start within 120 s")
+        wait_healthy(server, url, 120.0, name="llama-server")
         picks = []
         with httpx.Client(timeout=60) as client:
             for j in range(1, len(ids)):
@@ -117,7 +94,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_model_dir(gguf))
     ids = tokenizer.encode(TEXT, add_special_tokens=False)[: args.tokens]
     ours = sglite_argmax(gguf, ids, args.threads)
-    theirs = llama_cpp_argmax(llama_server_binary(args.llama_server), gguf, ids, args.threads, args.llama_server_args.split())
+    theirs = llama_cpp_argmax(llama_cpp_tool("llama-server", args.llama_server), gguf, ids, args.threads, args.llama_server_args.split())
     print(f"# CPU: {cpu_description()}; threads {args.threads}; {Path(gguf).name}; {len(theirs)} positions; "
           f"llama-server {args.llama_server_args or '(defaults)'}")
     print("| sglite, against llama.cpp per prefix | argmax agrees | share |")

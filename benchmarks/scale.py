@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-DEFAULT_LLAMA_BIN = Path.home() / ".cache" / "llama-cpp-0.3.36" / "build" / "bin"
+from _common import cpu_description, llama_cpp_tool
+from sglite.runtime.server.testing import free_port
+
 
 SGLITE_PROBE = r"""
 import json, sys, time
@@ -62,22 +63,6 @@ def status(field):
             return int(line.split()[1]) * 1024
 print(json.dumps({"load_s": load + (t0 - start), "import_s": t0 - start, "engine_s": load, "peak_rss": status("VmHWM:"), "prefill": prefill, "decode": decode}))
 """
-
-
-def cpu_description() -> str:
-    """``model name`` and the SIMD flags that decide which kernels run."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return f"{model}; ISA: {' '.join(f for f in wanted if f in flags) or 'none of ' + ','.join(wanted)}"
 
 
 def make_file(shape: str, qtype: str, workdir: Path, llama_bin: Path) -> Path:
@@ -111,18 +96,12 @@ def run_sglite(path: Path, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_llama_server(path: Path, args) -> dict | None:
     """``llama-server`` start time until ``/health`` is ok, and its peak RSS after a short completion."""
     binary = args.llama_bin / "llama-server"
     if not binary.is_file():
         return None
-    port = _free_port()
+    port = free_port()
     start = time.perf_counter()
     server = subprocess.Popen([str(binary), "-m", str(path), "--port", str(port), "-t", str(args.threads), "-c",
                                str(args.prompt_tokens + args.gen_tokens + 64), "-np", "1"],
@@ -185,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sglite" / "scale")
-    parser.add_argument("--llama-bin", type=Path, default=DEFAULT_LLAMA_BIN)
+    parser.add_argument("--llama-bin", type=Path, default=None, help="folder of llama.cpp's tools (default: ../shared/tools/build_llama_cpp.sh's build)")
     args = parser.parse_args(argv)
+    if args.llama_bin is None:
+        tool = llama_cpp_tool("llama-server")
+        args.llama_bin = tool.parent if tool is not None else Path("llama.cpp-not-built")
 
     import torch
 

@@ -32,15 +32,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
+
+from sglite.runtime.server.testing import free_port, wait_healthy
 
 API_KEY = "sk-soak"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -151,20 +151,6 @@ def start_server(model: str, port: int, max_total_tokens: int) -> subprocess.Pop
         "--header-timeout", "3", "--body-timeout", "2", "--graceful-shutdown-timeout", "1",
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited during startup: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not come up")
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, gaps: list[float] | None = None, drop_after: int | None = None) -> tuple[int, list[dict]]:
@@ -354,14 +340,12 @@ async def sigterm_under_load(proc: subprocess.Popen, url: str, report: Report, s
 
 
 async def soak(args: argparse.Namespace, model: str) -> Report:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(model, port, args.max_total_tokens)
     report = Report()
     try:
-        await asyncio.to_thread(wait_ready, proc, url)
+        await asyncio.to_thread(wait_healthy, proc, url, 180.0)
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(model).vocab_size

@@ -56,6 +56,33 @@ def serve_in_thread(
         sock.close()
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(proc, url: str, timeout: float, name: str = "server") -> None:
+    """Return once ``url``'s ``/health`` answers 200; raise if ``proc`` (a ``subprocess.Popen``) exits first
+    (with the tail of its stderr, where it was piped) or after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            stderr = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else f"exit code {proc.returncode}"
+            raise RuntimeError(f"{name} exited during startup: {stderr}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not start within {timeout} s")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serve_subprocess(serve_args: list[str], *, startup_timeout: float = 300.0) -> Iterator[str]:
     """``python -m sglite serve *serve_args`` in a subprocess on a free loopback port; yield its base URL
@@ -69,27 +96,12 @@ def serve_subprocess(serve_args: list[str], *, startup_timeout: float = 300.0) -
     import subprocess
     import sys
 
-    import httpx
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "sglite", "serve", *serve_args, "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglite serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sglite serve did not start within {startup_timeout} s")
-            time.sleep(0.2)
+        wait_healthy(proc, url, startup_timeout, name="sglite serve")
         yield url
     finally:
         proc.terminate()
