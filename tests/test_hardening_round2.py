@@ -15,7 +15,6 @@ import socket
 import httpx
 import pytest
 
-import sglite
 from sglite.runtime.input_processor import ContextLengthError
 from sglite.runtime.server import ServerConfig
 from sglite.runtime.server.testing import serve_in_thread
@@ -24,12 +23,6 @@ NESTED = "(" * 5000 + "a" + ")" * 5000  # RecursionError in Python's re parser
 HUGE_REPEAT = "a{4294967296}"  # OverflowError in Python's re parser
 DEEP_SCHEMA = '{"type":"array","items":' * 3000 + '{"type":"string"}' + "}" * 3000  # RecursionError in json.loads
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

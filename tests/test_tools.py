@@ -45,12 +45,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def engine(llama_path):
-    with sglite.Engine(str(llama_path), max_total_tokens=8192) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
 def client(engine):
     with serve_in_thread(engine) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
